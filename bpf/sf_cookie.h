@@ -1,0 +1,122 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* SipHash-2-4 over fixed-size messages, and the synfleet cookie built on it.
+ * The Python reference is synfleet.cookie; tests compare the two bit for bit.
+ */
+#ifndef SF_COOKIE_H
+#define SF_COOKIE_H
+
+#include "synfleet.h"
+
+#define SF_ROTL64(x, b) (__u64)(((x) << (b)) | ((x) >> (64 - (b))))
+
+#define SF_SIPROUND(v0, v1, v2, v3)                                            \
+	do {                                                                   \
+		v0 += v1; v1 = SF_ROTL64(v1, 13); v1 ^= v0; v0 = SF_ROTL64(v0, 32); \
+		v2 += v3; v3 = SF_ROTL64(v3, 16); v3 ^= v2;                    \
+		v0 += v3; v3 = SF_ROTL64(v3, 21); v3 ^= v0;                    \
+		v2 += v1; v1 = SF_ROTL64(v1, 17); v1 ^= v2; v2 = SF_ROTL64(v2, 32); \
+	} while (0)
+
+struct siphash_state {
+	__u64 v0, v1, v2, v3;
+};
+
+static __always_inline void siphash_init(struct siphash_state *s, __u64 k0, __u64 k1)
+{
+	s->v0 = 0x736f6d6570736575ULL ^ k0;
+	s->v1 = 0x646f72616e646f6dULL ^ k1;
+	s->v2 = 0x6c7967656e657261ULL ^ k0;
+	s->v3 = 0x7465646279746573ULL ^ k1;
+}
+
+static __always_inline void siphash_word(struct siphash_state *s, __u64 m)
+{
+	__u64 v0 = s->v0, v1 = s->v1, v2 = s->v2, v3 = s->v3;
+
+	v3 ^= m;
+	SF_SIPROUND(v0, v1, v2, v3);
+	SF_SIPROUND(v0, v1, v2, v3);
+	v0 ^= m;
+	s->v0 = v0; s->v1 = v1; s->v2 = v2; s->v3 = v3;
+}
+
+/* Finalisation for a message of `len` bytes, len a multiple of 8. */
+static __always_inline __u64 siphash_final(struct siphash_state *s, __u64 len)
+{
+	__u64 v0, v1, v2, v3;
+
+	siphash_word(s, len << 56);
+	v0 = s->v0; v1 = s->v1; v2 = s->v2 ^ 0xff; v3 = s->v3;
+	SF_SIPROUND(v0, v1, v2, v3);
+	SF_SIPROUND(v0, v1, v2, v3);
+	SF_SIPROUND(v0, v1, v2, v3);
+	SF_SIPROUND(v0, v1, v2, v3);
+	return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* The 4-tuple as SipHash words, byte-for-byte the packet's own network-order
+ * fields read little-endian (the BPF target is little-endian). */
+struct cookie_tuple {
+	__u64 addr[4];   /* v4: addr[0] = saddr|daddr; v6: saddr (2 words), daddr (2 words) */
+	__u32 ports;     /* sport|dport as on the wire */
+	__u8 family;
+};
+
+/* Last word of the message: salt epoch (low 32 bits) and the attribute bits. */
+static __always_inline __u64 cookie_tail_word(__u64 epoch, __u32 attrs)
+{
+	return (epoch & 0xffffffffULL) | ((__u64)(attrs & SF_COOKIE_ATTR_MASK) << 32);
+}
+
+static __always_inline __u32 cookie_hash(const struct cookie_tuple *t, __be32 client_isn,
+					 const struct sf_salt *salt, __u32 attrs)
+{
+	struct siphash_state s;
+	__u64 len;
+
+	siphash_init(&s, salt->k0, salt->k1);
+	siphash_word(&s, t->addr[0]);
+	if (t->family == SF_FAMILY_IPV6) {
+		siphash_word(&s, t->addr[1]);
+		siphash_word(&s, t->addr[2]);
+		siphash_word(&s, t->addr[3]);
+		len = 48;
+	} else {
+		len = 24;
+	}
+	siphash_word(&s, (__u64)t->ports | ((__u64)client_isn << 32));
+	siphash_word(&s, cookie_tail_word(salt->epoch, attrs));
+	return (__u32)(siphash_final(&s, len) >> 32);
+}
+
+/* attrs: the low 10 bits; the salt's epoch supplies the epoch bits. */
+static __always_inline __u32 cookie_make(const struct cookie_tuple *t, __be32 client_isn,
+					 const struct sf_salt *salt, __u32 attrs)
+{
+	attrs &= ~(SF_COOKIE_EPOCH_MASK << SF_COOKIE_EPOCH_SHIFT);
+	attrs |= (__u32)(salt->epoch & SF_COOKIE_EPOCH_MASK) << SF_COOKIE_EPOCH_SHIFT;
+	return (cookie_hash(t, client_isn, salt, attrs) & SF_COOKIE_HASH_MASK) | attrs;
+}
+
+static __always_inline __u32 cookie_epoch_bits(__u32 cookie)
+{
+	return (cookie >> SF_COOKIE_EPOCH_SHIFT) & SF_COOKIE_EPOCH_MASK;
+}
+
+/* A salt may validate while the current epoch is its own, the next (previous
+ * cookies stay good one more epoch) or the one before it (a peer proxy whose
+ * clock runs ahead). */
+static __always_inline bool salt_in_window(const struct sf_salt *salt, __u64 now_epoch)
+{
+	return salt->valid && salt->epoch + 1 >= now_epoch && salt->epoch <= now_epoch + 1;
+}
+
+static __always_inline bool cookie_check(const struct cookie_tuple *t, __be32 client_isn,
+					 const struct sf_salt *salt, __u32 cookie)
+{
+	__u32 attrs = cookie & SF_COOKIE_ATTR_MASK;
+
+	return ((cookie_hash(t, client_isn, salt, attrs) ^ cookie) & SF_COOKIE_HASH_MASK) == 0;
+}
+
+#endif /* SF_COOKIE_H */

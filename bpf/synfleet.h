@@ -1,0 +1,141 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* On-wire formats and map layouts shared by the proxy and backend programs
+ * and mirrored, field for field, by synfleet.dataplane.layout in Python.
+ * Every struct here is part of the agent <-> data plane ABI: change both sides
+ * together and bump SF_ABI_VERSION.
+ */
+#ifndef SYNFLEET_H
+#define SYNFLEET_H
+
+#define SF_ABI_VERSION 1
+
+#define SF_MAX_POLICIES 1024
+#define SF_MAX_SERVICES 65536
+#define SF_MAX_BACKENDS 4096
+#define SF_MAX_PROXIES 4096
+/* Maglev table size per policy: a prime well above 100x a typical backend count. */
+#define SF_RING_SIZE 4099
+#define SF_SALT_SLOTS 4
+
+#define SF_FAMILY_IPV4 4
+#define SF_FAMILY_IPV6 6
+
+/* ---- encapsulation: outer IP / UDP / sf_encap_hdr / inner IP packet ---- */
+#define SF_ENCAP_VERSION 1
+#define SF_ENCAP_F_VALIDATED 0x01
+
+struct sf_encap_hdr {
+	__u8 version;
+	__u8 flags;
+	__be16 policy_id;
+};
+
+#define SF_ENCAP_HDR_LEN 4
+#define SF_UDP_HDR_LEN 8
+#define SF_ENCAP_OVERHEAD_V4 (20 + SF_UDP_HDR_LEN + SF_ENCAP_HDR_LEN)
+#define SF_ENCAP_OVERHEAD_V6 (40 + SF_UDP_HDR_LEN + SF_ENCAP_HDR_LEN)
+/* UDP source ports carry the flow hash in this range (RFC 7510 style). */
+#define SF_ENCAP_SPORT_BASE 49152
+#define SF_ENCAP_SPORT_SPAN 16384
+
+/* ---- cookie: the 32-bit ISN of the proxy's SYN+ACK ----
+ *  31                  10 9   8 7   6  5     4     3      0
+ * +----------------------+-----+-----+-----+------+--------+
+ * |   SipHash bits (22)  |epoch| MSS | ECN | SACK | WScale |
+ * +----------------------+-----+-----+-----+------+--------+
+ * The low 10 bits ("attribute bits") are hashed too, so a flipped bit anywhere
+ * fails validation. WScale 15 means the client sent no window scale option.
+ * docs/cookie.md has the hash input and the epoch rule.
+ */
+#define SF_COOKIE_WSCALE_MASK 0x0fu
+#define SF_COOKIE_WSCALE_NONE 0x0fu
+#define SF_COOKIE_SACK 0x10u
+#define SF_COOKIE_ECN 0x20u
+#define SF_COOKIE_MSS_SHIFT 6
+#define SF_COOKIE_MSS_MASK 0x3u
+#define SF_COOKIE_EPOCH_SHIFT 8
+#define SF_COOKIE_EPOCH_MASK 0x3u
+#define SF_COOKIE_ATTR_MASK 0x3ffu
+#define SF_COOKIE_HASH_MASK 0xfffffc00u
+#define SF_MAX_WSCALE 14
+
+/* ---- maps ---- */
+
+/* Key of `services` (address + TCP port) and of the address-only maps
+ * `protected_addrs` and `allowed_proxies` (port 0), and a `backends` entry. */
+struct sf_endpoint {
+	__u8 family;
+	__u8 pad;
+	__be16 port;
+	__u8 addr[16]; /* IPv4 in the first 4 bytes, the rest zero */
+};
+
+struct sf_service {
+	__u32 policy_id;
+};
+
+#define SF_POLICY_ACTIVE 0x01
+#define SF_POLICY_ENFORCE 0x02
+#define SF_POLICY_TIMESTAMPS 0x04
+#define SF_POLICY_ECN 0x08
+#define SF_POLICY_SACK 0x10
+
+struct sf_policy {
+	__u16 mss_v4[4];   /* client MSS table, ascending; index goes in the cookie */
+	__u16 mss_v6[4];
+	__u16 adv_mss_v4;  /* MSS the proxy advertises, encapsulation already taken off */
+	__u16 adv_mss_v6;
+	__u8 wscale;       /* window scale advertised for the server (attrs.rcv_wscale) */
+	__u8 flags;        /* SF_POLICY_* */
+	__u16 pad;
+};
+
+struct sf_salt {
+	__u64 epoch;
+	__u64 k0;          /* SipHash key, little-endian halves of the 16 key bytes */
+	__u64 k1;
+	__u32 valid;
+	__u32 pad;
+};
+
+struct sf_config {
+	__u64 rotation_ns;  /* salt epoch length; epoch = TAI ns / rotation_ns */
+	__be16 encap_port;  /* UDP destination port of the encapsulation */
+	__u16 pad0;
+	__be32 node_addr_v4; /* outer source address of encapsulated packets */
+	__u8 node_addr_v6[16];
+};
+
+#define SF_BACKEND_NONE 0xffffffffu
+
+/* Counters, one per-CPU array slot each; names mirrored in Python. */
+enum sf_counter {
+	/* proxy */
+	SF_CTR_SYN_ANSWERED,
+	SF_CTR_COOKIE_VALID,
+	SF_CTR_COOKIE_REJECTED,
+	SF_CTR_COOKIE_STALE,
+	SF_CTR_FORWARDED,
+	SF_CTR_SALT_MISSING,
+	SF_CTR_NO_BACKEND,
+	SF_CTR_ROUTE_FAILED,
+	SF_CTR_ENCAP_FAILED,
+	SF_CTR_MALFORMED,
+	SF_CTR_FRAGMENT,
+	SF_CTR_IP_OPTIONS,
+	SF_CTR_EXT_HEADER,
+	SF_CTR_NO_POLICY,
+	/* backend */
+	SF_CTR_DECAPSULATED,
+	SF_CTR_REQSK_CREATED,
+	SF_CTR_REQSK_FAILED,
+	SF_CTR_ACK_UNVALIDATED,
+	SF_CTR_BYPASS_SYN,
+	SF_CTR_BYPASS_ACK,
+	SF_CTR_UNKNOWN_SOURCE,
+	SF_CTR_BAD_ENCAP,
+	SF_CTR_MONITOR_PASSED,
+	SF_CTR_MAX,
+};
+
+#endif /* SYNFLEET_H */
