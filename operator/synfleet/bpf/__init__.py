@@ -1,0 +1,20 @@
+"""The libbpf ctypes binding and the compiled data-plane objects."""
+
+from synfleet.bpf.libbpf import (
+    BPF_TC_EGRESS,
+    BPF_TC_INGRESS,
+    BpfError,
+    BpfObject,
+    Map,
+    Program,
+    TcHook,
+    TestRun,
+    TypedMap,
+    possible_cpus,
+)
+from synfleet.bpf.objects import object_path
+
+__all__ = [
+    "BPF_TC_EGRESS", "BPF_TC_INGRESS", "BpfError", "BpfObject", "Map", "Program", "TcHook",
+    "TestRun", "TypedMap", "object_path", "possible_cpus",
+]

@@ -1,0 +1,17 @@
+"""Where the compiled BPF objects live: inside the package, built by `make -C bpf`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OBJECTS_DIR = Path(__file__).resolve().parent / "objects"
+
+
+def object_path(program: str) -> Path:
+    """Path of `proxy` or `backend`'s object; a clear error if it was never built."""
+    path = OBJECTS_DIR / f"{program}.bpf.o"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: build the data plane with `make -C bpf` "
+            "(scripts/setup.sh does it)")
+    return path

@@ -1,0 +1,20 @@
+"""Pure-Python reference of the synfleet SYN cookie (the BPF code's twin)."""
+
+from synfleet.cookie.cookie import (
+    HASH_BITS,
+    WSCALE_NONE,
+    CookieAttributes,
+    FourTuple,
+    cookie_check,
+    cookie_make,
+    cookie_message,
+    epoch_bits,
+    mss_index,
+    salt_in_window,
+)
+from synfleet.cookie.siphash import siphash24
+
+__all__ = [
+    "HASH_BITS", "WSCALE_NONE", "CookieAttributes", "FourTuple", "cookie_check", "cookie_make",
+    "cookie_message", "epoch_bits", "mss_index", "salt_in_window", "siphash24",
+]

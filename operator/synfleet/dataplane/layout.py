@@ -1,0 +1,119 @@
+"""ctypes mirrors of bpf/synfleet.h. Tests check every size against the objects' BTF."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+
+ENCAP_VERSION = 1
+ENCAP_F_VALIDATED = 0x01
+ENCAP_HDR_LEN = 4
+ENCAP_OVERHEAD = {4: 20 + 8 + ENCAP_HDR_LEN, 6: 40 + 8 + ENCAP_HDR_LEN}
+ENCAP_SPORT_BASE = 49152
+ENCAP_SPORT_SPAN = 16384
+
+MAX_POLICIES = 1024
+MAX_BACKENDS = 4096
+RING_SIZE = 4099
+SALT_SLOTS = 4
+BACKEND_NONE = 0xFFFFFFFF
+
+POLICY_ACTIVE = 0x01
+POLICY_ENFORCE = 0x02
+POLICY_TIMESTAMPS = 0x04
+POLICY_ECN = 0x08
+POLICY_SACK = 0x10
+
+
+class Counter(enum.IntEnum):
+    """enum sf_counter, in order."""
+
+    SYN_ANSWERED = 0
+    COOKIE_VALID = enum.auto()
+    COOKIE_REJECTED = enum.auto()
+    COOKIE_STALE = enum.auto()
+    FORWARDED = enum.auto()
+    SALT_MISSING = enum.auto()
+    NO_BACKEND = enum.auto()
+    ROUTE_FAILED = enum.auto()
+    ENCAP_FAILED = enum.auto()
+    MALFORMED = enum.auto()
+    FRAGMENT = enum.auto()
+    EXT_HEADER = enum.auto()
+    NO_POLICY = enum.auto()
+    DECAPSULATED = enum.auto()
+    REQSK_CREATED = enum.auto()
+    REQSK_FAILED = enum.auto()
+    ACK_UNVALIDATED = enum.auto()
+    BYPASS_SYN = enum.auto()
+    BYPASS_ACK = enum.auto()
+    UNKNOWN_SOURCE = enum.auto()
+    BAD_ENCAP = enum.auto()
+    MONITOR_PASSED = enum.auto()
+
+
+class Endpoint(ctypes.Structure):
+    """struct sf_endpoint: key of services / protected_addrs / allowed_proxies, a backend."""
+
+    _fields_ = [("family", ctypes.c_uint8), ("pad", ctypes.c_uint8),
+                ("port_be", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
+
+    @classmethod
+    def of(cls, address: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+           port: int = 0) -> "Endpoint":
+        ip = ipaddress.ip_address(address)
+        ep = cls(family=ip.version, port_be=int.from_bytes(port.to_bytes(2, "big"), "little"))
+        ctypes.memmove(ep.addr, ip.packed, len(ip.packed))
+        return ep
+
+    @property
+    def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        raw = bytes(self.addr)
+        return ipaddress.ip_address(raw[:4] if self.family == 4 else raw)
+
+    @property
+    def port(self) -> int:
+        return int.from_bytes(self.port_be.to_bytes(2, "little"), "big")
+
+
+class Service(ctypes.Structure):
+    _fields_ = [("policy_id", ctypes.c_uint32)]
+
+
+class Policy(ctypes.Structure):
+    _fields_ = [("mss_v4", ctypes.c_uint16 * 4), ("mss_v6", ctypes.c_uint16 * 4),
+                ("adv_mss_v4", ctypes.c_uint16), ("adv_mss_v6", ctypes.c_uint16),
+                ("wscale", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
+
+
+class Salt(ctypes.Structure):
+    _fields_ = [("epoch", ctypes.c_uint64), ("k0", ctypes.c_uint64), ("k1", ctypes.c_uint64),
+                ("valid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+    @classmethod
+    def of(cls, epoch: int, key: bytes) -> "Salt":
+        if len(key) != 16:
+            raise ValueError(f"a salt is 16 bytes, got {len(key)}")
+        return cls(epoch=epoch, k0=int.from_bytes(key[:8], "little"),
+                   k1=int.from_bytes(key[8:], "little"), valid=1)
+
+
+class NodeConfig(ctypes.Structure):
+    """struct sf_config."""
+
+    _fields_ = [("rotation_ns", ctypes.c_uint64), ("encap_port_be", ctypes.c_uint16),
+                ("pad0", ctypes.c_uint16), ("node_addr_v4", ctypes.c_uint8 * 4),
+                ("node_addr_v6", ctypes.c_uint8 * 16)]
+
+
+class EncapHeader(ctypes.BigEndianStructure):
+    _pack_ = 1
+    _fields_ = [("version", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("policy_id", ctypes.c_uint16)]
+
+
+# struct name in BTF -> mirror, for the layout test
+BTF_MIRRORS = {
+    "sf_endpoint": Endpoint, "sf_service": Service, "sf_policy": Policy, "sf_salt": Salt,
+    "sf_config": NodeConfig,
+}

@@ -1,0 +1,1 @@
+"""Network-namespace test beds for tests, benchmarks and the demo."""

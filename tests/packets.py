@@ -1,0 +1,48 @@
+"""Packet builders and independent checks (scapy's own header code)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+CLIENT_MAC, PROXY_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+
+
+def ip_layer(saddr, daddr, **kw):
+    if ipaddress.ip_address(str(saddr)).version == 4:
+        return IP(src=str(saddr), dst=str(daddr), **kw)
+    return IPv6(src=str(saddr), dst=str(daddr), **{k: v for k, v in kw.items() if k != "flags"})
+
+
+def tcp_frame(saddr, daddr, sport, dport, flags="S", seq=1000, ack=0, options=(), payload=b"",
+              **ip_kw) -> bytes:
+    pkt = Ether(src=CLIENT_MAC, dst=PROXY_MAC) / ip_layer(saddr, daddr, **ip_kw) / TCP(
+        sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, options=list(options))
+    if payload:
+        pkt = pkt / Raw(payload)
+    return bytes(pkt)
+
+
+def checksums_valid(frame: bytes) -> bool:
+    """Rebuild the IP and TCP/UDP checksums with scapy and compare."""
+    pkt = Ether(frame)
+    fresh = pkt.copy()
+    l3 = fresh.getlayer(IP) or fresh.getlayer(IPv6)
+    if l3.version == 4:
+        del l3.chksum
+    for proto in (TCP, UDP):
+        layer = fresh.getlayer(proto)
+        if layer is not None and not (proto is UDP and pkt[UDP].chksum == 0):
+            del layer.chksum
+    return bytes(Ether(bytes(fresh))) == frame
+
+
+def tcp_options(frame: bytes) -> dict:
+    """Options of the frame's TCP header as a dict, NOPs/EOL dropped."""
+    return {k: v for k, v in Ether(frame)[TCP].options if k not in ("NOP", "EOL")}
