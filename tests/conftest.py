@@ -64,6 +64,9 @@ def unit_netns():
     require_bpf()
     ns = NetNS(unique_name("sf-unit"))
     try:
+        # A proxy forwards: bpf_fib_lookup() answers FWD_DISABLED otherwise.
+        ns.sysctl("net.ipv4.conf.all.forwarding", 1)
+        ns.sysctl("net.ipv6.conf.all.forwarding", 1)
         ns.ip("link", "add", "sf0", "type", "veth", "peer", "sf1")
         ns.ip("link", "set", "sf0", "up")
         ns.ip("link", "set", "sf1", "up")

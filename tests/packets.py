@@ -14,7 +14,11 @@ CLIENT_MAC, PROXY_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 
 
-def ip_layer(saddr, daddr, **kw):
+def ip_layer(saddr, daddr, ip_options=(), ip_flags=None, **kw):
+    if ip_options:
+        kw["options"] = list(ip_options)
+    if ip_flags:
+        kw["flags"] = ip_flags
     if ipaddress.ip_address(str(saddr)).version == 4:
         return IP(src=str(saddr), dst=str(daddr), **kw)
     return IPv6(src=str(saddr), dst=str(daddr), **{k: v for k, v in kw.items() if k != "flags"})

@@ -1,0 +1,163 @@
+"""Proxy handshake-ACK validation and encapsulation, through BPF_PROG_TEST_RUN."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from conftest import (
+    BACKEND_V4, BACKEND_V6, ENCAP_PORT, PORT_FULL, POLICY_FULL, PROXY_V4, PROXY_V6, addr_pair,
+    tai_epoch,
+)
+from packets import TC_ACT_OK, TC_ACT_REDIRECT, checksums_valid, tcp_frame
+from synfleet.cookie import CookieAttributes, FourTuple, cookie_make
+from synfleet.dataplane.flow import encap_source_port, maglev_table, ring_slot
+from synfleet.dataplane.layout import ENCAP_F_VALIDATED, Counter
+
+ATTRS = CookieAttributes(mss_index=3, wscale=7, sack=True, ecn=False)
+
+
+def handshake_ack(family, sport, isn, cookie, payload=b""):
+    client, service = addr_pair(family)
+    return tcp_frame(client, service, sport, PORT_FULL, flags="A", seq=isn + 1,
+                     ack=(cookie + 1) % 2**32, payload=payload)
+
+
+def decode_encap(frame: bytes) -> dict:
+    """The documented encapsulation, parsed independently of the BPF code."""
+    outer = Ether(frame)
+    l3 = outer[IP] if outer.type == 0x0800 else outer[IPv6]
+    udp = outer[UDP]
+    sf = bytes(udp.payload)[:4]
+    return dict(outer=l3, udp=udp, version=sf[0], flags=sf[1],
+                policy_id=struct.unpack("!H", sf[2:4])[0], inner=bytes(udp.payload)[4:])
+
+
+def validated(proxy, frame) -> bool:
+    run = proxy.program.test_run(frame)
+    assert run.retval == TC_ACT_REDIRECT
+    return decode_encap(run.data)["flags"] == ENCAP_F_VALIDATED
+
+
+@settings(max_examples=300, deadline=None)
+@given(family=st.sampled_from([4, 6]), sport=st.integers(1, 65535),
+       isn=st.integers(0, 2**32 - 2), bit=st.integers(0, 31))
+def test_fresh_cookie_validates_and_any_flipped_bit_is_rejected(proxy, salts, family, sport, isn, bit):
+    client, service = addr_pair(family)
+    epoch = tai_epoch()
+    cookie = cookie_make(salts[epoch], epoch, FourTuple(client, service, sport, PORT_FULL), isn, ATTRS)
+
+    assert validated(proxy, handshake_ack(family, sport, isn, cookie))
+    assert not validated(proxy, handshake_ack(family, sport, isn, cookie ^ (1 << bit)))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_previous_and_next_epoch_cookies_validate(proxy, salts, family):
+    client, service = addr_pair(family)
+    t = FourTuple(client, service, 40000, PORT_FULL)
+    for epoch in (tai_epoch() - 1, tai_epoch() + 1):
+        assert validated(proxy, handshake_ack(family, 40000, 77, cookie_make(salts[epoch], epoch, t, 77, ATTRS)))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_cookie_from_another_salt_is_rejected_and_counted(proxy, family):
+    client, service = addr_pair(family)
+    epoch = tai_epoch()
+    cookie = cookie_make(secrets.token_bytes(16), epoch, FourTuple(client, service, 40001, PORT_FULL), 5, ATTRS)
+    before = proxy.counter_values()[Counter.COOKIE_REJECTED]
+    assert not validated(proxy, handshake_ack(family, 40001, 5, cookie))
+    assert proxy.counter_values()[Counter.COOKIE_REJECTED] == before + 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_cookie_for_another_four_tuple_is_rejected(proxy, salts, family):
+    client, service = addr_pair(family)
+    epoch = tai_epoch()
+    cookie = cookie_make(salts[epoch], epoch, FourTuple(client, service, 40002, PORT_FULL), 9, ATTRS)
+    assert not validated(proxy, handshake_ack(family, 40003, 9, cookie))   # other source port
+    assert not validated(proxy, handshake_ack(family, 40002, 10, cookie))  # other client ISN
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_cookie_older_than_two_epochs_is_rejected_as_stale(proxy, salts, family):
+    client, service = addr_pair(family)
+    now = tai_epoch()
+    old_salt = secrets.token_bytes(16)
+    proxy.set_salts({now - 2: old_salt, now - 1: salts[now - 1], now: salts[now], now + 1: salts[now + 1]})
+    try:
+        cookie = cookie_make(old_salt, now - 2, FourTuple(client, service, 40004, PORT_FULL), 3, ATTRS)
+        before = proxy.counter_values()[Counter.COOKIE_STALE]
+        assert not validated(proxy, handshake_ack(family, 40004, 3, cookie))
+        assert proxy.counter_values()[Counter.COOKIE_STALE] == before + 1
+    finally:
+        proxy.set_salts(salts)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_encapsulation_bytes_are_exactly_as_documented(proxy, salts, family):
+    client, service = addr_pair(family)
+    sport, isn, epoch = 45678, 123456, tai_epoch()
+    t = FourTuple(client, service, sport, PORT_FULL)
+    frame = handshake_ack(family, sport, isn, cookie_make(salts[epoch], epoch, t, isn, ATTRS),
+                          payload=b"GET / HTTP/1.1\r\n")
+
+    run = proxy.program.test_run(frame)
+
+    assert run.retval == TC_ACT_REDIRECT
+    e = decode_encap(run.data)
+    backend = [BACKEND_V4, BACKEND_V6][maglev_table([BACKEND_V4, BACKEND_V6])[ring_slot(t)]]
+    outer_family = ipaddress.ip_address(backend).version
+    assert e["outer"].version == outer_family
+    assert e["outer"].dst == backend
+    assert e["outer"].src == (PROXY_V4 if outer_family == 4 else PROXY_V6)
+    if outer_family == 4:
+        assert e["outer"].flags == "DF" and e["outer"].ttl == 64 and e["outer"].proto == socket.IPPROTO_UDP
+    else:
+        assert e["outer"].hlim == 64 and e["outer"].nh == socket.IPPROTO_UDP
+    assert (e["udp"].sport, e["udp"].dport) == (encap_source_port(t), ENCAP_PORT)
+    assert e["udp"].len == 8 + 4 + len(frame) - 14
+    assert e["udp"].chksum == 0
+    assert (e["version"], e["flags"], e["policy_id"]) == (1, ENCAP_F_VALIDATED, POLICY_FULL.policy_id)
+    assert e["inner"] == frame[14:]
+    assert checksums_valid(run.data)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_established_traffic_is_encapsulated_without_the_flag(proxy, family):
+    client, service = addr_pair(family)
+    for flags in ("PA", "FA", "R", "RA"):
+        run = proxy.program.test_run(tcp_frame(client, service, 50000, PORT_FULL, flags=flags,
+                                               seq=99, ack=12345, payload=b"data"))
+        assert run.retval == TC_ACT_REDIRECT
+        assert decode_encap(run.data)["flags"] == 0
+
+
+def test_one_flow_always_picks_the_same_backend_and_flows_spread(proxy):
+    client, service = addr_pair(4)
+    seen = {}
+    for sport in range(20000, 20200):
+        outs = {decode_encap(proxy.program.test_run(tcp_frame(client, service, sport, PORT_FULL,
+                                                              flags="A", seq=1, ack=2)).data)["outer"].dst
+                for _ in range(2)}
+        assert len(outs) == 1
+        seen[sport] = outs.pop()
+    counts = {b: list(seen.values()).count(b) for b in (BACKEND_V4, BACKEND_V6)}
+    assert min(counts.values()) > 60, counts
+
+
+def test_traffic_to_unprotected_ports_and_other_protocols_is_untouched(proxy):
+    client, service = addr_pair(4)
+    frame = tcp_frame(client, service, 1234, 443, flags="S")
+    run = proxy.program.test_run(frame)
+    assert (run.retval, run.data) == (TC_ACT_OK, frame)
+    arp = bytes.fromhex("ffffffffffff020000000001" "0806") + bytes(28)
+    assert proxy.program.test_run(arp).retval == TC_ACT_OK
