@@ -72,7 +72,10 @@ static __always_inline bool addr_protected(__u8 family, const void *daddr)
 {
 	struct sf_endpoint key = { .family = family };
 
-	__builtin_memcpy(key.addr, daddr, family == SF_FAMILY_IPV4 ? 4 : 16);
+	if (family == SF_FAMILY_IPV4)
+		__builtin_memcpy(key.addr, daddr, 4);
+	else
+		__builtin_memcpy(key.addr, daddr, 16);
 	return bpf_map_lookup_elem(&protected_addrs, &key) != NULL;
 }
 
