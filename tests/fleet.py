@@ -1,0 +1,170 @@
+"""Helpers for the namespace end-to-end tests: a live fleet and packet captures."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from synfleet.dataplane.programs import BackendDataplane, PolicySpec, ProxyDataplane, node_config
+from synfleet.testbed.netns import NetNS
+from synfleet.testbed.topology import V4, V6, Topology
+
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by Python 3.11
+SERVICE_PORT = 8080
+ENCAP_PORT = 6080
+POLICIES = {4: PolicySpec(policy_id=1), 6: PolicySpec(policy_id=2)}
+
+
+class Capture:
+    """Every frame seen on an interface (both directions), from a thread."""
+
+    def __init__(self, ns: NetNS, ifname: str) -> None:
+        with ns.entered():
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+            self.sock.bind((ifname, 0))
+        self.sock.settimeout(0.1)
+        self.frames: list[tuple[int, bytes]] = []   # (pkttype, frame)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            self.frames.append((addr[2], data))
+
+    def stop(self) -> list[tuple[int, bytes]]:
+        time.sleep(0.2)
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+        return self.frames
+
+
+@dataclass
+class Fleet:
+    topo: Topology
+    proxy: ProxyDataplane
+    backend: BackendDataplane
+    salts: dict[int, bytes]
+
+    @classmethod
+    def start(cls, salts: dict[int, bytes], rotation_s: int) -> "Fleet":
+        topo = Topology()
+        try:
+            with topo.proxy.entered():
+                proxy = ProxyDataplane()
+                proxy.set_config(node_config(rotation_s, ENCAP_PORT, V4.proxy, V6.proxy))
+                proxy.set_salts(salts)
+                for fam, a in ((4, V4), (6, V6)):
+                    proxy.set_policy(POLICIES[fam])
+                    proxy.add_service(a.service, SERVICE_PORT, POLICIES[fam].policy_id)
+                    proxy.set_backends(POLICIES[fam].policy_id, [a.backend])
+                proxy.attach("p0")
+            with topo.backend.entered():
+                backend = BackendDataplane()
+                backend.set_config(node_config(rotation_s, ENCAP_PORT, V4.backend, V6.backend))
+                for fam, a in ((4, V4), (6, V6)):
+                    backend.set_policy(POLICIES[fam])
+                    backend.add_service(a.service, SERVICE_PORT, POLICIES[fam].policy_id)
+                    backend.allow_proxy(a.proxy)
+                backend.attach("b0")
+        except BaseException:
+            topo.delete()
+            raise
+        return cls(topo, proxy, backend, salts)
+
+    def stop(self) -> None:
+        self.proxy.close()
+        self.backend.close()
+        self.topo.delete()
+
+
+def pattern(n: int, seed: bytes) -> bytes:
+    out = bytearray()
+    block = seed
+    while len(out) < n:
+        block = hashlib.sha256(block).digest()
+        out += block
+    return bytes(out[:n])
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(1 << 16, n - len(buf)))
+        if not chunk:
+            raise ConnectionError(f"peer closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+class EchoServer:
+    """Reads `size` bytes, answers with `size` bytes of its own, then holds the
+    connection until told to close (so `ss` can look at it)."""
+
+    def __init__(self, ns: NetNS, address: str, size: int) -> None:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with ns.entered():
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((address, SERVICE_PORT))
+            self.sock.listen(64)
+        self.size = size
+        self.received: list[bytes] = []
+        self.options: dict = {}
+        self.release = threading.Event()
+        self.errors: list[BaseException] = []
+        self.sock.settimeout(15)
+        self._thread = threading.Thread(target=self._serve_one, daemon=True)
+        self._thread.start()
+
+    def _serve_one(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+            with conn:
+                conn.settimeout(15)
+                self.received.append(recv_exact(conn, self.size))
+                conn.sendall(pattern(self.size, b"server"))
+                self.options = tcp_info_options(conn)
+                self.release.wait(15)
+        except BaseException as e:  # reported by the test
+            self.errors.append(e)
+
+    def close(self) -> None:
+        self.release.set()
+        self._thread.join(20)
+        self.sock.close()
+
+
+def ss_info(ns: NetNS, filter_expr: str) -> str:
+    return ns.run("ss", "-tinH", "state", "established", filter_expr)
+
+
+def ss_fields(info: str) -> dict:
+    """What `ss -ti` prints of window scale and MSS. (iproute2 6.1's ss leaves
+    out the ts/sack/ecn words on this kernel even on loopback; those come from
+    TCP_INFO, the same kernel record, in tcp_info_options().)"""
+    return {
+        "wscale": tuple(map(int, m.groups())) if (m := re.search(r"wscale:(\d+),(\d+)", info)) else None,
+        "mss": int(re.search(r"\smss:(\d+)", info).group(1)),
+    }
+
+
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
+
+
+def tcp_info_options(sock: socket.socket) -> dict:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    opts, scales = info[5], info[6]
+    return {"ts": bool(opts & TCPI_OPT_TIMESTAMPS), "sack": bool(opts & TCPI_OPT_SACK),
+            "ecn": bool(opts & TCPI_OPT_ECN),
+            "wscale": (scales & 0xF, scales >> 4) if opts & TCPI_OPT_WSCALE else None}

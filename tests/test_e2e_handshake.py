@@ -1,0 +1,110 @@
+"""Real TCP through proxy and backend in network namespaces."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+
+import pytest
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from conftest import require_bpf, tai_epoch
+from fleet import (
+    ENCAP_PORT, POLICIES, SERVICE_PORT, Capture, EchoServer, Fleet, pattern, recv_exact, ss_fields,
+    ss_info, tcp_info_options,
+)
+from synfleet.cookie import FourTuple, cookie_check
+from synfleet.dataplane.layout import Counter
+from synfleet.testbed.topology import V4, V6
+import secrets
+import ipaddress
+
+ROTATION_S = 3600
+SIZE = 1 << 20
+TOGGLES = list(itertools.product([True, False], repeat=4))  # wscale, sack, ts, ecn
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    require_bpf()
+    e = tai_epoch(ROTATION_S)
+    f = Fleet.start({e + d: secrets.token_bytes(16) for d in (-1, 0, 1)}, ROTATION_S)
+    yield f
+    f.stop()
+
+
+def syn_frames(frames, want_flags):
+    for _, raw in frames:
+        pkt = Ether(raw)
+        if pkt.haslayer(UDP) and pkt[UDP].dport == ENCAP_PORT:
+            inner = bytes(pkt[UDP].payload)[4:]
+            from scapy.layers.inet import IP
+            from scapy.layers.inet6 import IPv6
+            pkt = (IP if inner[0] >> 4 == 4 else IPv6)(inner)
+        if pkt.haslayer(TCP) and want_flags(pkt[TCP].flags):
+            yield pkt[TCP]
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("wscale,sack,ts,ecn", TOGGLES,
+                         ids=["-".join(n for n, on in zip(("ws", "sack", "ts", "ecn"), t) if on) or "none"
+                              for t in TOGGLES])
+def test_client_completes_handshake_and_moves_a_mebibyte_each_way(fleet, family, wscale, sack, ts, ecn):
+    a = V4 if family == 4 else V6
+    for key, on in (("tcp_window_scaling", wscale), ("tcp_sack", sack), ("tcp_timestamps", ts),
+                    ("tcp_ecn", ecn)):
+        fleet.topo.client.sysctl(f"net.ipv4.{key}", int(on))
+    before = fleet.backend.counter_values()
+    server = EchoServer(fleet.topo.backend, a.service, SIZE)
+    client_cap = Capture(fleet.topo.client, "c0")
+    backend_cap = Capture(fleet.topo.backend, "b0")
+    try:
+        with fleet.topo.client.entered():
+            sock = socket.create_connection((a.service, SERVICE_PORT), timeout=10)
+        with sock:
+            sock.sendall(pattern(SIZE, b"client"))
+            assert recv_exact(sock, SIZE) == pattern(SIZE, b"server")
+            client_opts = tcp_info_options(sock)
+            client_info = ss_info(fleet.topo.client, f"dport = :{SERVICE_PORT}")
+            server_info = ss_info(fleet.topo.backend, f"sport = :{SERVICE_PORT}")
+            local_port = sock.getsockname()[1]
+    finally:
+        server.close()
+        client_frames = client_cap.stop()
+        backend_frames = backend_cap.stop()
+    assert not server.errors, server.errors
+    assert server.received == [pattern(SIZE, b"client")]
+
+    # Both ends agree on what the client asked for.
+    for opts in (client_opts, server.options):
+        assert (opts["ts"], opts["sack"], opts["ecn"]) == (ts, sack, ecn), opts
+        assert (opts["wscale"] is not None) == wscale, opts
+    client_ss, server_ss = ss_fields(client_info), ss_fields(server_info)
+    assert client_ss["wscale"] == client_opts["wscale"] and server_ss["wscale"] == server.options["wscale"]
+    policy = POLICIES[family]
+    if wscale:
+        assert client_ss["wscale"][0] == policy.wscale
+        assert server_ss["wscale"][1] == policy.wscale
+        assert server_ss["wscale"][0] == client_ss["wscale"][1]
+    table = policy.mss_v4 if family == 4 else policy.mss_v6
+    syn = next(syn_frames(client_frames, lambda f: "S" in f and "A" not in f))
+    client_mss = dict(syn.options)["MSS"]
+    expected_server_mss = max(m for m in table if m <= client_mss)
+    assert expected_server_mss - (12 if ts else 0) == server_ss["mss"], server_info
+
+    # The server's ISN is the proxy's cookie, and the cookie checks out.
+    synack = next(syn_frames(client_frames, lambda f: "S" in f and "A" in f))
+    server_data_offsets = [(p.seq - synack.seq) % 2**32
+                           for p in syn_frames(client_frames, lambda f: "S" not in f and "A" in f)
+                           if p.sport == SERVICE_PORT and len(p.payload) > 0]
+    assert min(server_data_offsets) == 1  # the first byte the server sent is ISN + 1
+    t = FourTuple(ipaddress.ip_address(a.client), ipaddress.ip_address(a.service), local_port, SERVICE_PORT)
+    assert cookie_check(fleet.salts, tai_epoch(ROTATION_S), t, syn.seq, synack.seq)
+
+    # The backend's listener never saw a SYN, and never answered one.
+    assert list(syn_frames(backend_frames, lambda f: "S" in f)) == []
+    after = fleet.backend.counter_values()
+    assert after[Counter.REQSK_CREATED] == before[Counter.REQSK_CREATED] + 1
