@@ -141,6 +141,10 @@ class EchoServer:
 
     def close(self) -> None:
         self.release.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes an accept() still waiting
+        except OSError:
+            pass
         self._thread.join(20)
         self.sock.close()
 

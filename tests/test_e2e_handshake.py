@@ -108,3 +108,58 @@ def test_client_completes_handshake_and_moves_a_mebibyte_each_way(fleet, family,
     assert list(syn_frames(backend_frames, lambda f: "S" in f)) == []
     after = fleet.backend.counter_values()
     assert after[Counter.REQSK_CREATED] == before[Counter.REQSK_CREATED] + 1
+
+
+def mac_of(ns, ifname: str) -> str:
+    return ns.run("cat", f"/sys/class/net/{ifname}/address").strip()
+
+
+def inject(ns, ifname: str, frame: bytes) -> None:
+    with ns.entered():
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        sock.bind((ifname, 0))
+    with sock:
+        sock.send(frame)
+
+
+def wait_counter(dp, counter, value, timeout=3.0) -> int:
+    import time
+    deadline = time.monotonic() + timeout
+    while dp.counter_values()[counter] < value and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return dp.counter_values()[counter]
+
+
+@pytest.mark.netns
+def test_forged_ack_through_the_proxy_is_dropped_and_counted(fleet):
+    from scapy.layers.inet import IP
+    server = EchoServer(fleet.topo.backend, V4.service, 1)
+    try:
+        p_before, b_before = fleet.proxy.counter_values(), fleet.backend.counter_values()
+        frame = bytes(Ether(dst=mac_of(fleet.topo.proxy, "p0"), src=mac_of(fleet.topo.client, "c0"))
+                      / IP(src=V4.client, dst=V4.service)
+                      / TCP(sport=33333, dport=SERVICE_PORT, flags="A", seq=1, ack=12345))
+        inject(fleet.topo.client, "c0", frame)
+        assert wait_counter(fleet.backend, Counter.ACK_UNVALIDATED, b_before[Counter.ACK_UNVALIDATED] + 1) \
+            == b_before[Counter.ACK_UNVALIDATED] + 1
+        p_after = fleet.proxy.counter_values()
+        assert p_after[Counter.COOKIE_VALID] == p_before[Counter.COOKIE_VALID]
+        assert p_after[Counter.FORWARDED] == p_before[Counter.FORWARDED] + 1
+        assert fleet.backend.counter_values()[Counter.REQSK_CREATED] == b_before[Counter.REQSK_CREATED]
+    finally:
+        server.close()
+
+
+@pytest.mark.netns
+def test_ack_that_bypasses_the_proxies_meets_a_listener_and_is_dropped(fleet):
+    from scapy.layers.inet import IP
+    server = EchoServer(fleet.topo.backend, V4.service, 1)
+    try:
+        before = fleet.backend.counter_values()[Counter.BYPASS_ACK]
+        frame = bytes(Ether(dst=mac_of(fleet.topo.backend, "b0"), src=mac_of(fleet.topo.proxy, "p1"))
+                      / IP(src=V4.client, dst=V4.service)
+                      / TCP(sport=33334, dport=SERVICE_PORT, flags="A", seq=1, ack=12345))
+        inject(fleet.topo.proxy, "p1", frame)
+        assert wait_counter(fleet.backend, Counter.BYPASS_ACK, before + 1) == before + 1
+    finally:
+        server.close()

@@ -1,0 +1,87 @@
+"""Backend program through BPF_PROG_TEST_RUN: decapsulation, allowed sources,
+bypass handling in enforce and monitor mode. (The kfunc path needs a live
+listener: tests/test_e2e_handshake.py covers it.)"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from conftest import (
+    BACKEND_V4, BACKEND_V6, ENCAP_PORT, PORT_FULL, PORT_MONITOR, POLICY_FULL, POLICY_MONITOR,
+    PROXY_V4, PROXY_V6, addr_pair,
+)
+from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_OK, TC_ACT_SHOT, tcp_frame
+from synfleet.dataplane.layout import ENCAP_F_VALIDATED, Counter
+
+
+def encapsulated(inner_frame: bytes, outer_src: str, outer_dst: str, policy_id: int,
+                 flags: int = 0, version: int = 1) -> bytes:
+    outer = IP(src=outer_src, dst=outer_dst) if ":" not in outer_src else IPv6(src=outer_src, dst=outer_dst)
+    hdr = struct.pack("!BBH", version, flags, policy_id)
+    return bytes(Ether(src=PROXY_MAC, dst=CLIENT_MAC) / outer / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
+                 / (hdr + inner_frame[14:]))
+
+
+def delta(dp, frame):
+    before = dp.counter_values()
+    run = dp.program.test_run(frame)
+    after = dp.counter_values()
+    return run, {c: after[c] - before[c] for c in Counter if after[c] != before[c]}
+
+
+@pytest.mark.parametrize("outer", [(PROXY_V4, BACKEND_V4), (PROXY_V6, BACKEND_V6)], ids=["outer4", "outer6"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_encapsulated_packet_from_an_allowed_proxy_is_decapsulated(backend, outer, family):
+    client, service = addr_pair(family)
+    inner = tcp_frame(client, service, 1000, PORT_FULL, flags="PA", seq=5, ack=6, payload=b"hello")
+    run, counted = delta(backend, encapsulated(inner, *outer, POLICY_FULL.policy_id))
+    assert run.retval == TC_ACT_OK
+    assert counted == {Counter.DECAPSULATED: 1}
+    assert run.data[14:] == inner[14:]
+    assert Ether(run.data).type == (0x0800 if family == 4 else 0x86DD)
+
+
+@pytest.mark.parametrize("policy,verdict,extra", [
+    (POLICY_FULL, TC_ACT_SHOT, {}), (POLICY_MONITOR, TC_ACT_OK, {Counter.MONITOR_PASSED: 1})],
+    ids=["enforce", "monitor"])
+def test_encapsulated_packet_from_an_unknown_source_is_counted_and_dropped_when_enforcing(
+        backend, policy, verdict, extra):
+    client, service = addr_pair(4)
+    inner = tcp_frame(client, service, 1000, PORT_FULL, flags="A", seq=5, ack=6)
+    run, counted = delta(backend, encapsulated(inner, "198.18.9.9", BACKEND_V4, policy.policy_id,
+                                               ENCAP_F_VALIDATED))
+    assert run.retval == verdict
+    assert counted == {Counter.UNKNOWN_SOURCE: 1, **extra}
+
+
+@pytest.mark.parametrize("bad", [dict(version=2), dict(policy_id=999)], ids=["version", "unknown-policy"])
+def test_bad_encapsulation_header_is_dropped(backend, bad):
+    client, service = addr_pair(4)
+    inner = tcp_frame(client, service, 1000, PORT_FULL, flags="A")
+    args = dict(policy_id=POLICY_FULL.policy_id) | bad
+    run, counted = delta(backend, encapsulated(inner, PROXY_V4, BACKEND_V4, **args))
+    assert (run.retval, counted) == (TC_ACT_SHOT, {Counter.BAD_ENCAP: 1})
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("port,verdict,extra", [
+    (PORT_FULL, TC_ACT_SHOT, {}), (PORT_MONITOR, TC_ACT_OK, {Counter.MONITOR_PASSED: 1})],
+    ids=["enforce", "monitor"])
+def test_syn_that_bypassed_the_proxies_is_counted_and_dropped_when_enforcing(backend, family, port,
+                                                                             verdict, extra):
+    client, service = addr_pair(family)
+    run, counted = delta(backend, tcp_frame(client, service, 1000, port, flags="S"))
+    assert run.retval == verdict
+    assert counted == {Counter.BYPASS_SYN: 1, **extra}
+
+
+def test_traffic_to_unprotected_ports_passes_untouched(backend):
+    client, service = addr_pair(4)
+    frame = tcp_frame(client, service, 1000, 443, flags="S")
+    run, counted = delta(backend, frame)
+    assert (run.retval, run.data, counted) == (TC_ACT_OK, frame, {})
