@@ -17,7 +17,7 @@ from synfleet.dataplane.programs import (
     ProxyDataplane,
     node_config,
 )
-from synfleet.testbed.netns import NetNS, unique_name
+from synfleet.testbed.lab import proxy_node_namespace
 
 ROTATION_S = 3600
 ENCAP_PORT = 6080
@@ -59,23 +59,11 @@ class Salts(dict):
 
 @pytest.fixture(scope="session")
 def unit_netns():
-    """A namespace with routes to the test backends, so that the proxy's
-    bpf_fib_lookup() resolves during BPF_PROG_TEST_RUN."""
+    """Tests run inside a namespace laid out like a proxy node, so that the
+    proxy's bpf_fib_lookup() resolves during BPF_PROG_TEST_RUN."""
     require_bpf()
-    ns = NetNS(unique_name("sf-unit"))
-    try:
-        # A proxy forwards: bpf_fib_lookup() answers FWD_DISABLED otherwise.
-        ns.sysctl("net.ipv4.conf.all.forwarding", 1)
-        ns.sysctl("net.ipv6.conf.all.forwarding", 1)
-        ns.ip("link", "add", "sf0", "type", "veth", "peer", "sf1")
-        ns.ip("link", "set", "sf0", "up")
-        ns.ip("link", "set", "sf1", "up")
-        ns.ip("addr", "add", f"{PROXY_V4}/24", "dev", "sf0")
-        ns.ip("-6", "addr", "add", f"{PROXY_V6}/64", "dev", "sf0", "nodad")
-        with ns.entered():
-            yield ns
-    finally:
-        ns.delete()
+    with proxy_node_namespace(PROXY_V4, PROXY_V6) as ns:
+        yield ns
 
 
 @pytest.fixture(scope="session")

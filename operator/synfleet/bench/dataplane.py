@@ -1,0 +1,132 @@
+"""`synfleet bench dataplane`: ns per packet of each data-plane path, through
+BPF_PROG_TEST_RUN with a large repeat count (see bpf/bench.bpf.c for how the
+frame is restored between repetitions and how that cost is taken off)."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import platform
+import secrets
+import struct
+import time
+from dataclasses import dataclass
+
+from synfleet.bpf import BpfObject, Program, TypedMap, object_path
+from synfleet.cookie import CookieAttributes, FourTuple, cookie_make
+from synfleet.dataplane.programs import BackendDataplane, PolicySpec, ProxyDataplane, node_config
+from synfleet.net import frames
+from synfleet.testbed.lab import proxy_node_namespace
+
+NODE_V4, NODE_V6, BACKEND_V4 = "198.18.0.1", "2001:db8:18::1", "198.18.0.2"
+CLIENT, SERVICE, PORT, ENCAP_PORT = "198.18.1.7", "198.19.0.10", 80, 6080
+ROTATION_S = 3600
+TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
+FRAME_MAX = 256
+
+
+class _BenchFrame(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint32), ("bytes", ctypes.c_uint8 * FRAME_MAX)]
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    program: str          # "proxy" or "backend"
+    frame: bytes
+    expect: int           # verdict that proves the intended path ran
+    # The kernel refuses to encapsulate an skb twice, and BPF cannot clear the
+    # mark, so encapsulating paths are timed one fresh skb per run instead.
+    repeatable: bool = True
+
+
+class Harness:
+    def __init__(self, proxy: Program, backend: Program) -> None:
+        self.obj = BpfObject(object_path("bench")).load()
+        self.restore = self.obj.program("bench_restore")
+        self.noop = self.obj.program("bench_noop")
+        self.template = TypedMap(self.obj.map("template"), ctypes.c_uint32, _BenchFrame)
+        self.target = TypedMap(self.obj.map("target"), ctypes.c_uint32, ctypes.c_uint32)
+        self.programs = {"proxy": proxy, "backend": backend}
+
+    def run(self, frame: bytes, program: Program, repeat: int) -> tuple[int, int]:
+        f = _BenchFrame(len=len(frame))
+        ctypes.memmove(f.bytes, frame, len(frame))
+        self.template.put(ctypes.c_uint32(0), f)
+        self.target.put(ctypes.c_uint32(0), ctypes.c_uint32(program.fd))
+        r = self.restore.test_run(frame, repeat=repeat)
+        return r.retval, r.duration_ns
+
+    def measure(self, case: Case, repeat: int) -> float:
+        program = self.programs[case.program]
+        retval, _ = self.run(case.frame, program, 1)
+        if retval != case.expect:
+            raise RuntimeError(f"{case.key}: verdict {retval}, expected {case.expect}: "
+                               "the benchmark would not measure the intended path")
+        if case.repeatable:
+            _, with_prog = self.run(case.frame, program, repeat)
+            _, restore_only = self.run(case.frame, self.noop, repeat)
+            return max(with_prog - restore_only, 0)
+        return max(_single_shot_ns(program, case.frame, repeat)
+                   - _single_shot_ns(self.noop, case.frame, repeat), 0)
+
+
+def _single_shot_ns(program: Program, frame: bytes, runs: int) -> float:
+    """Mean of `runs` kernel-timed single runs, each on a fresh skb."""
+    total = 0
+    for _ in range(runs):
+        r = program.test_run(frame)
+        total += r.duration_ns
+    return total / runs
+
+
+def cases(salt: bytes, epoch: int) -> list[Case]:
+    t = FourTuple(ipaddress.ip_address(CLIENT), ipaddress.ip_address(SERVICE), 40000, PORT)
+    isn = 0x12345678
+    cookie = cookie_make(salt, epoch, t, isn, CookieAttributes(3, 7, True, True))
+    syn = frames.tcp(CLIENT, SERVICE, 40000, PORT, frames.SYN | frames.ECE | frames.CWR, isn, 0,
+                     frames.linux_syn_options(1460, 7, tsval=1000))
+    ack = frames.tcp(CLIENT, SERVICE, 40000, PORT, frames.ACK, isn + 1, cookie + 1,
+                     frames.ts_option(1001, 2000))
+    data = frames.tcp(CLIENT, SERVICE, 40000, PORT, frames.ACK | frames.PSH, isn + 1000, cookie + 5000,
+                      frames.ts_option(1050, 2050), payload=bytes(100))
+    encap = frames.udp_encap(NODE_V4, BACKEND_V4, 50000, ENCAP_PORT,
+                             struct.pack("!BBH", 1, 0, 1) + data[14:])
+    return [
+        Case("proxy_syn_ns", "proxy SYN -> SYN+ACK", "proxy", syn, TC_ACT_REDIRECT),
+        Case("proxy_ack_ns", "proxy ACK validate + encapsulate", "proxy", ack, TC_ACT_REDIRECT, False),
+        Case("proxy_passthrough_ns", "proxy established data, encapsulated", "proxy", data, TC_ACT_REDIRECT,
+             False),
+        Case("backend_decap_ns", "backend decapsulation", "backend", encap, TC_ACT_OK),
+    ]
+
+
+def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
+    """Best of `rounds` for each path (the least disturbed measurement)."""
+    epoch = time.clock_gettime_ns(time.CLOCK_TAI) // (ROTATION_S * 10**9)
+    salt = secrets.token_bytes(16)
+    with proxy_node_namespace(NODE_V4, NODE_V6):
+        with ProxyDataplane() as proxy, BackendDataplane() as backend:
+            policy = PolicySpec(policy_id=1)
+            for dp, node in ((proxy, NODE_V4), (backend, BACKEND_V4)):
+                dp.set_config(node_config(ROTATION_S, ENCAP_PORT, node, NODE_V6))
+                dp.set_policy(policy)
+                dp.add_service(SERVICE, PORT, 1)
+            proxy.set_salts({epoch: salt})
+            proxy.set_backends(1, [BACKEND_V4])
+            backend.allow_proxy(NODE_V4)
+            harness = Harness(proxy.program, backend.program)
+            results = {c.key: min(harness.measure(c, repeat) for _ in range(rounds))
+                       for c in cases(salt, epoch)}
+    return results | {"repeat": repeat, "kernel": platform.release(), "cpu": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,1 @@
+"""Small helpers for building frames without third-party packet libraries."""
