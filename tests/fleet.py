@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from synfleet.testbed.fleet import ENCAP_PORT, POLICIES, SERVICE_PORT, Fleet  # noqa: F401
+from synfleet.testbed.fleet import ENCAP_PORT, POLICIES, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
 from synfleet.testbed.netns import NetNS
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by Python 3.11
@@ -51,16 +51,6 @@ def pattern(n: int, seed: bytes) -> bytes:
         block = hashlib.sha256(block).digest()
         out += block
     return bytes(out[:n])
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(1 << 16, n - len(buf)))
-        if not chunk:
-            raise ConnectionError(f"peer closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 class EchoServer:

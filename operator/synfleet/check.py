@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from synfleet.dataplane.layout import Counter
-from synfleet.testbed.fleet import SERVICE_PORT, Fleet
+from synfleet.testbed.fleet import SERVICE_PORT, Fleet, recv_exact
 from synfleet.testbed.topology import V4, V6
 
 ROTATION_S = 60
@@ -21,13 +21,7 @@ PAYLOAD = b"synfleet check " * 4096
 def _serve(listener: socket.socket) -> None:
     conn, _ = listener.accept()
     with conn:
-        got = b""
-        while len(got) < len(PAYLOAD):
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            got += chunk
-        conn.sendall(got[::-1])
+        conn.sendall(recv_exact(conn, len(PAYLOAD))[::-1])
 
 
 def _round_trip(fleet: Fleet, service: str) -> float:
@@ -46,14 +40,8 @@ def _round_trip(fleet: Fleet, service: str) -> float:
         connect_ms = (time.monotonic() - start) * 1000
         with sock:
             sock.sendall(PAYLOAD)
-            back = b""
-            while len(back) < len(PAYLOAD):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                back += chunk
-        if back != PAYLOAD[::-1]:
-            raise RuntimeError(f"{service}: reply of {len(back)} bytes does not match")
+            if recv_exact(sock, len(PAYLOAD)) != PAYLOAD[::-1]:
+                raise RuntimeError(f"{service}: the reply does not match what was sent")
         return connect_ms
     finally:
         server.join(10)

@@ -3,6 +3,7 @@ loaded, configured and attached, one policy per address family."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from synfleet.dataplane.programs import BackendDataplane, PolicySpec, ProxyDataplane, node_config
@@ -50,3 +51,13 @@ class Fleet:
         self.proxy.close()
         self.backend.close()
         self.topo.delete()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(1 << 16, n - len(buf)))
+        if not chunk:
+            raise ConnectionError(f"peer closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
