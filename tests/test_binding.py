@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from synfleet.bpf import BpfError, BpfObject, Map, TcHook
+from synfleet.bpf import BpfError, BpfObject, Map
 from synfleet.dataplane.programs import ProxyDataplane
 
 

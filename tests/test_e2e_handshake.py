@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
+import secrets
 import socket
+import time
 
 import pytest
-from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
-from scapy.packet import Raw
 
 from conftest import require_bpf, tai_epoch
 from fleet import (
@@ -18,8 +21,6 @@ from fleet import (
 from synfleet.cookie import FourTuple, cookie_check
 from synfleet.dataplane.layout import Counter
 from synfleet.testbed.topology import V4, V6
-import secrets
-import ipaddress
 
 ROTATION_S = 3600
 SIZE = 1 << 20
@@ -40,8 +41,6 @@ def syn_frames(frames, want_flags):
         pkt = Ether(raw)
         if pkt.haslayer(UDP) and pkt[UDP].dport == ENCAP_PORT:
             inner = bytes(pkt[UDP].payload)[4:]
-            from scapy.layers.inet import IP
-            from scapy.layers.inet6 import IPv6
             pkt = (IP if inner[0] >> 4 == 4 else IPv6)(inner)
         if pkt.haslayer(TCP) and want_flags(pkt[TCP].flags):
             yield pkt[TCP]
@@ -123,7 +122,6 @@ def inject(ns, ifname: str, frame: bytes) -> None:
 
 
 def wait_counter(dp, counter, value, timeout=3.0) -> int:
-    import time
     deadline = time.monotonic() + timeout
     while dp.counter_values()[counter] < value and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -132,7 +130,6 @@ def wait_counter(dp, counter, value, timeout=3.0) -> int:
 
 @pytest.mark.netns
 def test_forged_ack_through_the_proxy_is_dropped_and_counted(fleet):
-    from scapy.layers.inet import IP
     server = EchoServer(fleet.topo.backend, V4.service, 1)
     try:
         p_before, b_before = fleet.proxy.counter_values(), fleet.backend.counter_values()
@@ -152,7 +149,6 @@ def test_forged_ack_through_the_proxy_is_dropped_and_counted(fleet):
 
 @pytest.mark.netns
 def test_ack_that_bypasses_the_proxies_meets_a_listener_and_is_dropped(fleet):
-    from scapy.layers.inet import IP
     server = EchoServer(fleet.topo.backend, V4.service, 1)
     try:
         before = fleet.backend.counter_values()[Counter.BYPASS_ACK]

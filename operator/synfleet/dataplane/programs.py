@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 
@@ -167,9 +166,3 @@ class BackendDataplane(Dataplane):
     def allow_proxy(self, address: str) -> None:
         self.allowed_proxies.put(Endpoint.of(address), ctypes.c_uint32(1))
 
-
-def pin_all(dp: Dataplane, directory: str, map_names: list[str]) -> None:
-    os.makedirs(directory, exist_ok=True)
-    dp.program.pin(os.path.join(directory, dp.program_name))
-    for name in map_names:
-        dp.map(name).pin(os.path.join(directory, name))
