@@ -21,7 +21,7 @@ extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, SF_MAX_PROXIES);
+	__uint(max_entries, SF_CONFIG_SLOTS * SF_MAX_PROXIES);
 	__type(key, struct sf_endpoint);
 	__type(value, __u32);
 } allowed_proxies SEC(".maps");
@@ -206,7 +206,8 @@ static __always_inline int segment_receive(struct __sk_buff *skb, const struct s
 
 /* ---- plain TCP: only bypass attempts concern us ---- */
 
-static __always_inline int plain_receive(struct __sk_buff *skb, __u16 eth_proto)
+static __always_inline int plain_receive(struct __sk_buff *skb, const struct sf_config *cfg,
+					 __u16 eth_proto)
 {
 	const struct sf_service *svc;
 	const struct sf_policy *pol;
@@ -215,12 +216,12 @@ static __always_inline int plain_receive(struct __sk_buff *skb, __u16 eth_proto)
 	if (seg_load(skb, eth_proto, &s))
 		return TC_ACT_OK;
 	if (s.family == SF_FAMILY_IPV4)
-		svc = service_find(SF_FAMILY_IPV4, &s.tuple.ipv4.daddr, s.tuple.ipv4.dport);
+		svc = service_find(cfg, SF_FAMILY_IPV4, &s.tuple.ipv4.daddr, s.tuple.ipv4.dport);
 	else
-		svc = service_find(SF_FAMILY_IPV6, s.tuple.ipv6.daddr, s.tuple.ipv6.dport);
+		svc = service_find(cfg, SF_FAMILY_IPV6, s.tuple.ipv6.daddr, s.tuple.ipv6.dport);
 	if (!svc)
 		return TC_ACT_OK;
-	pol = policy_get(svc->policy_id);
+	pol = policy_get(cfg, svc->policy_id);
 	if (!pol)
 		return TC_ACT_OK;
 	return segment_receive(skb, &s, pol, false, false);
@@ -251,6 +252,7 @@ static __noinline int encap_detect_v4(struct __sk_buff *skb, const struct sf_con
 	if ((void *)(udp + 1) > data_end || udp->dest != cfg->encap_port)
 		return 0;
 	o->source.family = SF_FAMILY_IPV4;
+	o->source.slot = cfg->slot;
 	__builtin_memcpy(o->source.addr, &ip->saddr, 4);
 	o->len = ihl + sizeof(*udp) + SF_ENCAP_HDR_LEN;
 	return 1;
@@ -271,13 +273,14 @@ static __noinline int encap_detect_v6(struct __sk_buff *skb, const struct sf_con
 	if ((void *)(udp + 1) > data_end || udp->dest != cfg->encap_port)
 		return 0;
 	o->source.family = SF_FAMILY_IPV6;
+	o->source.slot = cfg->slot;
 	__builtin_memcpy(o->source.addr, &ip6->saddr, 16);
 	o->len = sizeof(*ip6) + sizeof(*udp) + SF_ENCAP_HDR_LEN;
 	return 1;
 }
 
-static __always_inline int encap_receive(struct __sk_buff *skb, const struct encap_outer *o,
-					 __u16 outer_proto)
+static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_config *cfg,
+					 const struct encap_outer *o, __u16 outer_proto)
 {
 	struct {
 		struct sf_encap_hdr sf;
@@ -293,7 +296,7 @@ static __always_inline int encap_receive(struct __sk_buff *skb, const struct enc
 		return drop(SF_CTR_BAD_ENCAP);
 	if (hdr.sf.version != SF_ENCAP_VERSION)
 		return drop(SF_CTR_BAD_ENCAP);
-	pol = policy_get(bpf_ntohs(hdr.sf.policy_id));
+	pol = policy_get(cfg, bpf_ntohs(hdr.sf.policy_id));
 	if (!pol)
 		return drop(SF_CTR_BAD_ENCAP);
 	if (!bpf_map_lookup_elem(&allowed_proxies, &o->source)) {
@@ -353,8 +356,8 @@ int synfleet_backend(struct __sk_buff *skb)
 	else
 		return TC_ACT_OK;
 	if (encapsulated)
-		return encap_receive(skb, &o, proto);
-	return plain_receive(skb, proto);
+		return encap_receive(skb, cfg, &o, proto);
+	return plain_receive(skb, cfg, proto);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -34,22 +34,23 @@ struct {
  * (fragments, IPv6 extension headers, truncated TCP). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, SF_MAX_SERVICES);
+	__uint(max_entries, SF_CONFIG_SLOTS * SF_MAX_SERVICES);
 	__type(key, struct sf_endpoint);
 	__type(value, struct sf_service);
 } protected_addrs SEC(".maps");
 
-/* Maglev lookup tables, SF_RING_SIZE slots per policy, values index `backends`. */
+/* Maglev lookup tables, SF_RING_SIZE slots per policy and configuration half;
+ * values index the same half of `backends`. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, SF_MAX_POLICIES * SF_RING_SIZE);
+	__uint(max_entries, SF_CONFIG_SLOTS * SF_MAX_POLICIES * SF_RING_SIZE);
 	__type(key, __u32);
 	__type(value, __u32);
 } backend_ring SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, SF_MAX_BACKENDS);
+	__uint(max_entries, SF_CONFIG_SLOTS * SF_MAX_BACKENDS);
 	__type(key, __u32);
 	__type(value, struct sf_endpoint);
 } backends SEC(".maps");
@@ -68,9 +69,10 @@ struct pkt {
 	__u8 encap_flags;
 };
 
-static __always_inline bool addr_protected(__u8 family, const void *daddr)
+static __always_inline bool addr_protected(const struct sf_config *cfg, __u8 family,
+					   const void *daddr)
 {
-	struct sf_endpoint key = { .family = family };
+	struct sf_endpoint key = { .family = family, .slot = cfg->slot };
 
 	if (family == SF_FAMILY_IPV4)
 		__builtin_memcpy(key.addr, daddr, 4);
@@ -79,15 +81,16 @@ static __always_inline bool addr_protected(__u8 family, const void *daddr)
 	return bpf_map_lookup_elem(&protected_addrs, &key) != NULL;
 }
 
-static __always_inline int not_ours_or_drop(__u8 family, const void *daddr, enum sf_counter c)
+static __always_inline int not_ours_or_drop(const struct sf_config *cfg, __u8 family,
+					    const void *daddr, enum sf_counter c)
 {
-	return addr_protected(family, daddr) ? drop(c) : TC_ACT_OK;
+	return addr_protected(cfg, family, daddr) ? drop(c) : TC_ACT_OK;
 }
 
-static __always_inline int parse_tcp(struct pkt *p, struct tcphdr *tcp, __u8 family,
-				     const void *daddr)
+static __always_inline int parse_tcp(const struct sf_config *cfg, struct pkt *p,
+				     struct tcphdr *tcp, __u8 family, const void *daddr)
 {
-	const struct sf_service *svc = service_find(family, daddr, tcp->dest);
+	const struct sf_service *svc = service_find(cfg, family, daddr, tcp->dest);
 
 	if (!svc)
 		return TC_ACT_OK;
@@ -100,7 +103,8 @@ static __always_inline int parse_tcp(struct pkt *p, struct tcphdr *tcp, __u8 fam
 	return SF_CONTINUE;
 }
 
-static __noinline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
+static __noinline int parse_ipv4(struct __sk_buff *skb, const struct sf_config *cfg,
+				 struct pkt *p)
 {
 	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + sizeof(struct ethhdr);
@@ -112,11 +116,11 @@ static __noinline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	if (ip->version != 4 || ip->ihl < 5 || ip->protocol != IPPROTO_TCP)
 		return TC_ACT_OK;
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
-		return not_ours_or_drop(SF_FAMILY_IPV4, &ip->daddr, SF_CTR_FRAGMENT);
+		return not_ours_or_drop(cfg, SF_FAMILY_IPV4, &ip->daddr, SF_CTR_FRAGMENT);
 	ihl = ip->ihl * 4;
 	tcp = (void *)ip + ihl;
 	if ((void *)(tcp + 1) > data_end)
-		return not_ours_or_drop(SF_FAMILY_IPV4, &ip->daddr, SF_CTR_MALFORMED);
+		return not_ours_or_drop(cfg, SF_FAMILY_IPV4, &ip->daddr, SF_CTR_MALFORMED);
 
 	p->tuple.family = SF_FAMILY_IPV4;
 	p->tuple.addr[0] = (__u64)ip->saddr | (__u64)ip->daddr << 32;
@@ -124,11 +128,12 @@ static __noinline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	p->l3_len = bpf_ntohs(ip->tot_len);
 	p->tos = ip->tos;
 	if (p->l3_len < ihl)
-		return not_ours_or_drop(SF_FAMILY_IPV4, &ip->daddr, SF_CTR_MALFORMED);
-	return parse_tcp(p, tcp, SF_FAMILY_IPV4, &ip->daddr);
+		return not_ours_or_drop(cfg, SF_FAMILY_IPV4, &ip->daddr, SF_CTR_MALFORMED);
+	return parse_tcp(cfg, p, tcp, SF_FAMILY_IPV4, &ip->daddr);
 }
 
-static __noinline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
+static __noinline int parse_ipv6(struct __sk_buff *skb, const struct sf_config *cfg,
+				 struct pkt *p)
 {
 	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
 	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
@@ -139,22 +144,28 @@ static __noinline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
 	if (ip6->version != 6)
 		return TC_ACT_OK;
 	if (ip6->nexthdr != IPPROTO_TCP)
-		return not_ours_or_drop(SF_FAMILY_IPV6, &ip6->daddr, SF_CTR_EXT_HEADER);
+		return not_ours_or_drop(cfg, SF_FAMILY_IPV6, &ip6->daddr, SF_CTR_EXT_HEADER);
 	tcp = (void *)(ip6 + 1);
 	if ((void *)(tcp + 1) > data_end)
-		return not_ours_or_drop(SF_FAMILY_IPV6, &ip6->daddr, SF_CTR_MALFORMED);
+		return not_ours_or_drop(cfg, SF_FAMILY_IPV6, &ip6->daddr, SF_CTR_MALFORMED);
 
 	p->tuple.family = SF_FAMILY_IPV6;
 	__builtin_memcpy(p->tuple.addr, &ip6->saddr, 32);
 	p->l4_off = sizeof(struct ethhdr) + sizeof(*ip6);
 	p->l3_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 	p->tos = (bpf_ntohs(*(__be16 *)ip6) >> 4) & 0xff;
-	return parse_tcp(p, tcp, SF_FAMILY_IPV6, &ip6->daddr);
+	return parse_tcp(cfg, p, tcp, SF_FAMILY_IPV6, &ip6->daddr);
+}
+
+/* TAI, so the whole fleet agrees on epochs; the offset corrects a skewed node. */
+static __always_inline __u64 node_clock_ns(const struct sf_config *cfg)
+{
+	return bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
 }
 
 static __always_inline __u64 now_epoch(const struct sf_config *cfg)
 {
-	return bpf_ktime_get_tai_ns() / cfg->rotation_ns;
+	return node_clock_ns(cfg) / cfg->rotation_ns;
 }
 
 /* ---- SYN -> SYN+ACK ---- */
@@ -357,7 +368,7 @@ static __noinline int syn_answer(struct __sk_buff *skb, const struct pkt *p,
 	__u64 now_ns, epoch, optlen;
 	bool v4 = p->tuple.family == SF_FAMILY_IPV4;
 
-	now_ns = bpf_ktime_get_tai_ns();
+	now_ns = node_clock_ns(cfg);
 	epoch = now_ns / cfg->rotation_ns;
 	slot = epoch & SF_COOKIE_EPOCH_MASK;
 	salt = bpf_map_lookup_elem(&salts, &slot);
@@ -558,12 +569,15 @@ static __always_inline int encap_forward(struct __sk_buff *skb, struct pkt *p,
 	const struct sf_endpoint *be;
 	__u32 *idx;
 
+	__u32 half = cfg->slot & (SF_CONFIG_SLOTS - 1);
+
 	p->flow_hash = flow_hash(&p->tuple);
-	slot = p->policy_id * SF_RING_SIZE + p->flow_hash % SF_RING_SIZE;
+	slot = (half * SF_MAX_POLICIES + p->policy_id) * SF_RING_SIZE + p->flow_hash % SF_RING_SIZE;
 	idx = bpf_map_lookup_elem(&backend_ring, &slot);
-	if (!idx || *idx == SF_BACKEND_NONE)
+	if (!idx || *idx >= SF_MAX_BACKENDS)
 		return drop(SF_CTR_NO_BACKEND);
-	be = bpf_map_lookup_elem(&backends, idx);
+	slot = half * SF_MAX_BACKENDS + *idx;
+	be = bpf_map_lookup_elem(&backends, &slot);
 	if (!be)
 		return drop(SF_CTR_NO_BACKEND);
 	if (be->family == SF_FAMILY_IPV4)
@@ -585,18 +599,20 @@ int synfleet_proxy(struct __sk_buff *skb)
 
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
+	cfg = config_get();
+	if (!cfg)
+		return TC_ACT_OK;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
-		verdict = parse_ipv4(skb, &p);
+		verdict = parse_ipv4(skb, cfg, &p);
 	else if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		verdict = parse_ipv6(skb, &p);
+		verdict = parse_ipv6(skb, cfg, &p);
 	else
 		return TC_ACT_OK;
 	if (verdict != SF_CONTINUE)
 		return verdict;
 
-	pol = policy_get(p.policy_id);
-	cfg = config_get();
-	if (!pol || !cfg || !cfg->rotation_ns) {
+	pol = policy_get(cfg, p.policy_id);
+	if (!pol || !cfg->rotation_ns) {
 		count(SF_CTR_NO_POLICY);
 		return TC_ACT_OK;
 	}

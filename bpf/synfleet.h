@@ -7,15 +7,17 @@
 #ifndef SYNFLEET_H
 #define SYNFLEET_H
 
-#define SF_ABI_VERSION 1
+#define SF_ABI_VERSION 2
 
-#define SF_MAX_POLICIES 1024
+#define SF_MAX_POLICIES 256
 #define SF_MAX_SERVICES 65536
 #define SF_MAX_BACKENDS 4096
 #define SF_MAX_PROXIES 4096
 /* Maglev table size per policy: a prime well above 100x a typical backend count. */
 #define SF_RING_SIZE 4099
 #define SF_SALT_SLOTS 4
+/* Every configuration table exists twice; `active` names the half packets read. */
+#define SF_CONFIG_SLOTS 2
 
 #define SF_FAMILY_IPV4 4
 #define SF_FAMILY_IPV6 6
@@ -62,10 +64,11 @@ struct sf_encap_hdr {
 /* ---- maps ---- */
 
 /* Key of `services` (address + TCP port) and of the address-only maps
- * `protected_addrs` and `allowed_proxies` (port 0), and a `backends` entry. */
+ * `protected_addrs` and `allowed_proxies` (port 0), and a `backends` entry.
+ * `slot` is the configuration half a key belongs to (0 in `backends`). */
 struct sf_endpoint {
 	__u8 family;
-	__u8 pad;
+	__u8 slot;
 	__be16 port;
 	__u8 addr[16]; /* IPv4 in the first 4 bytes, the rest zero */
 };
@@ -99,11 +102,12 @@ struct sf_salt {
 };
 
 struct sf_config {
-	__u64 rotation_ns;  /* salt epoch length; epoch = TAI ns / rotation_ns */
+	__u64 rotation_ns;  /* salt epoch length; epoch = (TAI ns + clock_offset_ns) / rotation_ns */
 	__be16 encap_port;  /* UDP destination port of the encapsulation */
-	__u16 pad0;
+	__u16 slot;         /* the configuration half this entry heads */
 	__be32 node_addr_v4; /* outer source address of encapsulated packets */
 	__u8 node_addr_v6[16];
+	__s64 clock_offset_ns; /* correction for a node whose clock is known to be off */
 };
 
 #define SF_BACKEND_NONE 0xffffffffu

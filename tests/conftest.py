@@ -11,12 +11,8 @@ import time
 
 import pytest
 
-from synfleet.dataplane.programs import (
-    BackendDataplane,
-    PolicySpec,
-    ProxyDataplane,
-    node_config,
-)
+from synfleet.config import schema
+from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet.testbed.lab import proxy_node_namespace
 
 ROTATION_S = 3600
@@ -26,9 +22,16 @@ BACKEND_V4, BACKEND_V6 = "198.18.0.2", "2001:db8:18::2"
 SERVICE_V4, SERVICE_V6 = "198.19.0.10", "2001:db8:19::10"
 CLIENT_V4, CLIENT_V6 = "198.18.1.7", "2001:db8:1::7"
 PORT_FULL, PORT_PLAIN, PORT_MONITOR = 80, 81, 82
-POLICY_FULL = PolicySpec(policy_id=1)
-POLICY_PLAIN = PolicySpec(policy_id=2, wscale=9, timestamps=False, ecn=False, sack=False)
-POLICY_MONITOR = PolicySpec(policy_id=3, enforce=False)
+
+
+def _policy(pid: int, port: int, mode: str = "enforce", **cookie) -> schema.Policy:
+    return schema.Policy(id=pid, mode=mode, cookie=schema.Cookie(**cookie),
+                         services=[{"address": a, "port": port} for a in (SERVICE_V4, SERVICE_V6)])
+
+
+POLICY_FULL = _policy(1, PORT_FULL)
+POLICY_PLAIN = _policy(2, PORT_PLAIN, windowScale=9, timestamps=False, ecn=False, sack=False)
+POLICY_MONITOR = _policy(3, PORT_MONITOR, mode="monitor")
 
 
 def _capability_missing() -> str | None:
@@ -73,23 +76,29 @@ def salts() -> Salts:
                   e + 1: secrets.token_bytes(16)})
 
 
-def configure(dp, *, proxy: bool) -> None:
-    dp.set_config(node_config(ROTATION_S, ENCAP_PORT, PROXY_V4 if proxy else BACKEND_V4,
-                              PROXY_V6 if proxy else BACKEND_V6))
-    for spec, port in ((POLICY_FULL, PORT_FULL), (POLICY_PLAIN, PORT_PLAIN),
-                       (POLICY_MONITOR, PORT_MONITOR)):
-        dp.set_policy(spec)
-        for svc in (SERVICE_V4, SERVICE_V6):
-            dp.add_service(svc, port, spec.policy_id)
+def unit_config(role: str, salts: dict[int, bytes] | None = None) -> schema.DataplaneConfig:
+    """Both programs in one namespace laid out like a proxy node: every policy,
+    both service addresses, backends of both families."""
+    proxy = role == "proxy"
+    policies = [p.model_copy(update={"backends": [BACKEND_V4, BACKEND_V6]}) if proxy else p
+                for p in (POLICY_FULL, POLICY_PLAIN, POLICY_MONITOR)]
+    return schema.DataplaneConfig.model_validate({
+        "apiVersion": schema.API_VERSION, "kind": schema.KIND, "role": role,
+        "rotationSeconds": ROTATION_S,
+        "node": {"interfaces": ["sf0"], "encapPort": ENCAP_PORT,
+                 "addresses": {"ipv4": PROXY_V4 if proxy else BACKEND_V4,
+                               "ipv6": PROXY_V6 if proxy else BACKEND_V6}},
+        "policies": [p.model_dump(by_alias=True, mode="json") for p in policies],
+        "allowedProxies": [] if proxy else [PROXY_V4, PROXY_V6],
+        "salts": [{"epoch": e, "key": k.hex()} for e, k in (salts or {}).items()],
+    })
 
 
 @pytest.fixture(scope="session")
 def proxy(unit_netns, salts) -> ProxyDataplane:
     dp = ProxyDataplane()
-    configure(dp, proxy=True)
+    dp.apply(unit_config("proxy", salts))
     dp.set_salts(salts)
-    for spec in (POLICY_FULL, POLICY_PLAIN, POLICY_MONITOR):
-        dp.set_backends(spec.policy_id, [BACKEND_V4, BACKEND_V6])
     yield dp
     dp.close()
 
@@ -97,9 +106,7 @@ def proxy(unit_netns, salts) -> ProxyDataplane:
 @pytest.fixture(scope="session")
 def backend(unit_netns) -> BackendDataplane:
     dp = BackendDataplane()
-    configure(dp, proxy=False)
-    dp.allow_proxy(PROXY_V4)
-    dp.allow_proxy(PROXY_V6)
+    dp.apply(unit_config("backend"))
     yield dp
     dp.close()
 

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from synfleet.testbed.fleet import ENCAP_PORT, POLICIES, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
+from synfleet.testbed.fleet import ENCAP_PORT, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
 from synfleet.testbed.netns import NetNS
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by Python 3.11

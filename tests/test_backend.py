@@ -39,7 +39,7 @@ def delta(dp, frame):
 def test_encapsulated_packet_from_an_allowed_proxy_is_decapsulated(backend, outer, family):
     client, service = addr_pair(family)
     inner = tcp_frame(client, service, 1000, PORT_FULL, flags="PA", seq=5, ack=6, payload=b"hello")
-    run, counted = delta(backend, encapsulated(inner, *outer, POLICY_FULL.policy_id))
+    run, counted = delta(backend, encapsulated(inner, *outer, POLICY_FULL.id))
     assert run.retval == TC_ACT_OK
     assert counted == {Counter.DECAPSULATED: 1}
     assert run.data[14:] == inner[14:]
@@ -53,7 +53,7 @@ def test_encapsulated_packet_from_an_unknown_source_is_counted_and_dropped_when_
         backend, policy, verdict, extra):
     client, service = addr_pair(4)
     inner = tcp_frame(client, service, 1000, PORT_FULL, flags="A", seq=5, ack=6)
-    run, counted = delta(backend, encapsulated(inner, "198.18.9.9", BACKEND_V4, policy.policy_id,
+    run, counted = delta(backend, encapsulated(inner, "198.18.9.9", BACKEND_V4, policy.id,
                                                ENCAP_F_VALIDATED))
     assert run.retval == verdict
     assert counted == {Counter.UNKNOWN_SOURCE: 1, **extra}
@@ -63,7 +63,7 @@ def test_encapsulated_packet_from_an_unknown_source_is_counted_and_dropped_when_
 def test_bad_encapsulation_header_is_dropped(backend, bad):
     client, service = addr_pair(4)
     inner = tcp_frame(client, service, 1000, PORT_FULL, flags="A")
-    args = dict(policy_id=POLICY_FULL.policy_id) | bad
+    args = dict(policy_id=POLICY_FULL.id) | bad
     run, counted = delta(backend, encapsulated(inner, PROXY_V4, BACKEND_V4, **args))
     assert (run.retval, counted) == (TC_ACT_SHOT, {Counter.BAD_ENCAP: 1})
 

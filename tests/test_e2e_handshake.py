@@ -15,7 +15,7 @@ from scapy.layers.l2 import Ether
 
 from conftest import require_bpf, tai_epoch
 from fleet import (
-    ENCAP_PORT, POLICIES, SERVICE_PORT, Capture, EchoServer, Fleet, pattern, recv_exact, ss_fields,
+    ENCAP_PORT, SERVICE_PORT, Capture, EchoServer, Fleet, pattern, recv_exact, ss_fields,
     ss_info, tcp_info_options,
 )
 from synfleet.cookie import FourTuple, cookie_check
@@ -83,12 +83,12 @@ def test_client_completes_handshake_and_moves_a_mebibyte_each_way(fleet, family,
         assert (opts["wscale"] is not None) == wscale, opts
     client_ss, server_ss = ss_fields(client_info), ss_fields(server_info)
     assert client_ss["wscale"] == client_opts["wscale"] and server_ss["wscale"] == server.options["wscale"]
-    policy = POLICIES[family]
+    policy = fleet.policies[family]
     if wscale:
-        assert client_ss["wscale"][0] == policy.wscale
-        assert server_ss["wscale"][1] == policy.wscale
+        assert client_ss["wscale"][0] == policy.cookie.window_scale
+        assert server_ss["wscale"][1] == policy.cookie.window_scale
         assert server_ss["wscale"][0] == client_ss["wscale"][1]
-    table = policy.mss_v4 if family == 4 else policy.mss_v6
+    table = policy.cookie.mss_v4 if family == 4 else policy.cookie.mss_v6
     syn = next(syn_frames(client_frames, lambda f: "S" in f and "A" not in f))
     client_mss = dict(syn.options)["MSS"]
     expected_server_mss = max(m for m in table if m <= client_mss)

@@ -126,7 +126,7 @@ def test_encapsulation_bytes_are_exactly_as_documented(proxy, salts, family):
     assert (e["udp"].sport, e["udp"].dport) == (encap_source_port(t), ENCAP_PORT)
     assert e["udp"].len == 8 + 4 + len(frame) - 14
     assert e["udp"].chksum == 0
-    assert (e["version"], e["flags"], e["policy_id"]) == (1, ENCAP_F_VALIDATED, POLICY_FULL.policy_id)
+    assert (e["version"], e["flags"], e["policy_id"]) == (1, ENCAP_F_VALIDATED, POLICY_FULL.id)
     assert e["inner"] == frame[14:]
     assert checksums_valid(run.data)
 

@@ -14,7 +14,6 @@ from conftest import (
 from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_REDIRECT, checksums_valid, tcp_frame, tcp_options
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, epoch_bits, mss_index
 from synfleet.dataplane.layout import Counter
-from synfleet.dataplane.programs import advertised_mss
 
 POLICIES = {PORT_FULL: POLICY_FULL, PORT_PLAIN: POLICY_PLAIN}
 
@@ -49,13 +48,13 @@ def expected_attrs(case, policy) -> tuple[CookieAttributes, dict]:
     fam = case["family"]
     mss = o.get("MSS", 536 if fam == 4 else 1220)
     ws = min(o["WScale"], 14) if "WScale" in o else None
-    sack = "SAckOK" in o and policy.sack
-    ts = "Timestamp" in o and policy.timestamps
-    ecn = case["ecn_flags"] == "EC" and policy.ecn
-    attrs = CookieAttributes(mss_index(policy.mss_v4 if fam == 4 else policy.mss_v6, mss), ws, sack, ecn)
-    want = {"MSS": advertised_mss(policy.mtu, fam)}
+    sack = "SAckOK" in o and policy.cookie.sack
+    ts = "Timestamp" in o and policy.cookie.timestamps
+    ecn = case["ecn_flags"] == "EC" and policy.cookie.ecn
+    attrs = CookieAttributes(mss_index(policy.cookie.mss_v4 if fam == 4 else policy.cookie.mss_v6, mss), ws, sack, ecn)
+    want = {"MSS": policy.cookie.advertised_mss(fam)}
     if ws is not None:
-        want["WScale"] = policy.wscale
+        want["WScale"] = policy.cookie.window_scale
     if sack:
         want["SAckOK"] = b""
     return attrs, want | ({"Timestamp": o["Timestamp"][0]} if ts else {})

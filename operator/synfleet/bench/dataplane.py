@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 from synfleet.bpf import BpfObject, Program, TypedMap, object_path
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make
-from synfleet.dataplane.programs import BackendDataplane, PolicySpec, ProxyDataplane, node_config
+from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
+from synfleet.testbed.configs import ENCAP_PORT, testbed_config
+from synfleet.testbed.configs import SERVICE_PORT as PORT
 from synfleet.net import frames
 from synfleet.testbed.lab import proxy_node_namespace
 
 NODE_V4, NODE_V6, BACKEND_V4 = "198.18.0.1", "2001:db8:18::1", "198.18.0.2"
-CLIENT, SERVICE, PORT, ENCAP_PORT = "198.18.1.7", "198.19.0.10", 80, 6080
+CLIENT, SERVICE = "198.18.1.7", "198.19.0.10"
 ROTATION_S = 3600
 TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
 FRAME_MAX = 256
@@ -108,14 +110,12 @@ def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
     salt = secrets.token_bytes(16)
     with proxy_node_namespace(NODE_V4, NODE_V6):
         with ProxyDataplane() as proxy, BackendDataplane() as backend:
-            policy = PolicySpec(policy_id=1)
-            for dp, node in ((proxy, NODE_V4), (backend, BACKEND_V4)):
-                dp.set_config(node_config(ROTATION_S, ENCAP_PORT, node, NODE_V6))
-                dp.set_policy(policy)
-                dp.add_service(SERVICE, PORT, 1)
+            common = dict(node_v6=NODE_V6, services={4: SERVICE}, rotation_s=ROTATION_S)
+            proxy.apply(testbed_config("proxy", interfaces=["sf0"], node_v4=NODE_V4,
+                                       backends={4: [BACKEND_V4]}, salts={epoch: salt}, **common))
+            backend.apply(testbed_config("backend", interfaces=["sf0"], node_v4=BACKEND_V4,
+                                         allowed_proxies=[NODE_V4], **common))
             proxy.set_salts({epoch: salt})
-            proxy.set_backends(1, [BACKEND_V4])
-            backend.allow_proxy(NODE_V4)
             harness = Harness(proxy.program, backend.program)
             results = {c.key: min(harness.measure(c, repeat) for _ in range(rounds))
                        for c in cases(salt, epoch)}

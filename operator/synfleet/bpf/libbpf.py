@@ -261,9 +261,32 @@ class TestRun:
     duration_ns: int
 
 
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [("type", _u32), ("id", _u32), ("rest", ctypes.c_uint8 * 248)]
+
+
 class Program:
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, owns_fd: bool = False) -> None:
         self.fd, self.name = fd, name
+        self._owns_fd = owns_fd
+
+    @classmethod
+    def open_pinned(cls, path: str) -> "Program":
+        fd = _check(_lib.bpf_obj_get(path.encode()), f"open pinned program {path}")
+        return cls(fd, os.path.basename(path), owns_fd=True)
+
+    def close(self) -> None:
+        if self._owns_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def id(self) -> int:
+        info = _ProgInfo()
+        size = _u32(ctypes.sizeof(info))
+        _check(_lib.bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)),
+               f"program info of {self.name}")
+        return info.id
 
     def test_run(self, data: bytes, repeat: int = 1, out_size: int = 0) -> TestRun:
         out = ctypes.create_string_buffer(max(out_size, len(data) + 256))

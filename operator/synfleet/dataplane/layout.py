@@ -13,8 +13,11 @@ ENCAP_OVERHEAD = {4: 20 + 8 + ENCAP_HDR_LEN, 6: 40 + 8 + ENCAP_HDR_LEN}
 ENCAP_SPORT_BASE = 49152
 ENCAP_SPORT_SPAN = 16384
 
-MAX_POLICIES = 1024
+MAX_POLICIES = 256
+MAX_SERVICES = 65536
 MAX_BACKENDS = 4096
+MAX_PROXIES = 4096
+CONFIG_SLOTS = 2
 RING_SIZE = 4099
 SALT_SLOTS = 4
 BACKEND_NONE = 0xFFFFFFFF
@@ -56,7 +59,7 @@ class Counter(enum.IntEnum):
 class Endpoint(ctypes.Structure):
     """struct sf_endpoint: key of services / protected_addrs / allowed_proxies, a backend."""
 
-    _fields_ = [("family", ctypes.c_uint8), ("pad", ctypes.c_uint8),
+    _fields_ = [("family", ctypes.c_uint8), ("slot", ctypes.c_uint8),
                 ("port_be", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
 
     @classmethod
@@ -103,8 +106,8 @@ class NodeConfig(ctypes.Structure):
     """struct sf_config."""
 
     _fields_ = [("rotation_ns", ctypes.c_uint64), ("encap_port_be", ctypes.c_uint16),
-                ("pad0", ctypes.c_uint16), ("node_addr_v4", ctypes.c_uint8 * 4),
-                ("node_addr_v6", ctypes.c_uint8 * 16)]
+                ("slot", ctypes.c_uint16), ("node_addr_v4", ctypes.c_uint8 * 4),
+                ("node_addr_v6", ctypes.c_uint8 * 16), ("clock_offset_ns", ctypes.c_int64)]
 
 
 class EncapHeader(ctypes.BigEndianStructure):

@@ -1,90 +1,104 @@
-"""Loaded data-plane programs with typed access to their maps."""
+"""Loaded data-plane programs, and how a DataplaneConfig becomes map contents.
+
+Every configuration table has two halves (bpf/sf_maps.h). `apply()` writes the
+whole inactive half, then flips the one-word `active` map: a packet sees the
+old configuration or the new one, never a mix. Salts are not double-buffered:
+an epoch's key never changes once published, so each slot is written while no
+packet can be using it (see set_salts).
+"""
 
 from __future__ import annotations
 
 import ctypes
-import ipaddress
+import os
 import socket
-from dataclasses import dataclass
+import time
 
 from synfleet.bpf import BpfObject, Map, Program, TcHook, TypedMap, object_path
+from synfleet.config import schema
 from synfleet.dataplane import layout
 from synfleet.dataplane.flow import maglev_table
 from synfleet.dataplane.layout import Counter, Endpoint, NodeConfig, Policy, Salt, Service
 
-# Linux's own syncookie MSS tables (net/ipv4/syncookies.c, net/ipv6/syncookies.c).
-DEFAULT_MSS_V4 = (536, 1300, 1440, 1460)
-DEFAULT_MSS_V6 = (1220, 1420, 1440, 8940)
-KERNEL_MIN_MSS = {4: 536, 6: 1220}   # bpf_sk_assign_tcp_reqsk() rejects less
+# A packet holds the half it read for one program run (microseconds); the half
+# just left is not rewritten before this much time has passed.
+FLIP_GRACE_S = 0.05
 
 
-def advertised_mss(mtu: int, family: int) -> int:
-    """The MSS a proxy may advertise so that an encapsulated segment still fits
-    `mtu`: the inner headers and the larger (IPv6) encapsulation come off."""
-    inner_headers = 40 if family == 4 else 60
-    return mtu - inner_headers - layout.ENCAP_OVERHEAD[6]
+def policy_struct(policy: schema.Policy) -> Policy:
+    c = policy.cookie
+    flags = layout.POLICY_ACTIVE
+    for on, bit in ((policy.mode is schema.Mode.ENFORCE, layout.POLICY_ENFORCE),
+                    (c.timestamps, layout.POLICY_TIMESTAMPS), (c.ecn, layout.POLICY_ECN),
+                    (c.sack, layout.POLICY_SACK)):
+        flags |= bit if on else 0
+    p = Policy(adv_mss_v4=c.advertised_mss(4), adv_mss_v6=c.advertised_mss(6),
+               wscale=c.window_scale, flags=flags)
+    p.mss_v4[:] = c.mss_v4
+    p.mss_v6[:] = c.mss_v6
+    return p
 
 
-@dataclass(frozen=True)
-class PolicySpec:
-    policy_id: int
-    mtu: int = 1500
-    mss_v4: tuple[int, int, int, int] = DEFAULT_MSS_V4
-    mss_v6: tuple[int, int, int, int] = DEFAULT_MSS_V6
-    wscale: int = 7
-    enforce: bool = True
-    timestamps: bool = True
-    ecn: bool = True
-    sack: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.policy_id < layout.MAX_POLICIES:
-            raise ValueError(f"policy id {self.policy_id} is not 0..{layout.MAX_POLICIES - 1}")
-        for fam, table in ((4, self.mss_v4), (6, self.mss_v6)):
-            if list(table) != sorted(table) or table[0] < KERNEL_MIN_MSS[fam]:
-                raise ValueError(f"IPv{fam} MSS table {table} must ascend from at least "
-                                 f"{KERNEL_MIN_MSS[fam]}")
-        if not 0 <= self.wscale <= 14:
-            raise ValueError(f"window scale {self.wscale} is not 0..14")
-        if advertised_mss(self.mtu, 6) < KERNEL_MIN_MSS[6]:
-            raise ValueError(f"MTU {self.mtu} leaves no room for encapsulated IPv6 segments")
-
-    def to_struct(self) -> Policy:
-        flags = layout.POLICY_ACTIVE
-        for on, bit in ((self.enforce, layout.POLICY_ENFORCE), (self.timestamps, layout.POLICY_TIMESTAMPS),
-                        (self.ecn, layout.POLICY_ECN), (self.sack, layout.POLICY_SACK)):
-            flags |= bit if on else 0
-        p = Policy(adv_mss_v4=advertised_mss(self.mtu, 4), adv_mss_v6=advertised_mss(self.mtu, 6),
-                   wscale=self.wscale, flags=flags)
-        p.mss_v4[:] = list(self.mss_v4)
-        p.mss_v6[:] = list(self.mss_v6)
-        return p
+def node_config_struct(cfg: schema.DataplaneConfig, slot: int) -> NodeConfig:
+    node = cfg.node
+    nc = NodeConfig(rotation_ns=cfg.rotation_seconds * 10**9,
+                    encap_port_be=socket.htons(node.encap_port), slot=slot,
+                    clock_offset_ns=round(node.clock_offset_seconds * 1e9))
+    if node.addresses.ipv4:
+        nc.node_addr_v4[:] = list(node.addresses.ipv4.packed)
+    if node.addresses.ipv6:
+        nc.node_addr_v6[:] = list(node.addresses.ipv6.packed)
+    return nc
 
 
-def node_config(rotation_seconds: float, encap_port: int, node_v4: str | None = None,
-                node_v6: str | None = None) -> NodeConfig:
-    cfg = NodeConfig(rotation_ns=int(rotation_seconds * 1e9),
-                     encap_port_be=socket.htons(encap_port))
-    if node_v4:
-        cfg.node_addr_v4[:] = list(ipaddress.IPv4Address(node_v4).packed)
-    if node_v6:
-        cfg.node_addr_v6[:] = list(ipaddress.IPv6Address(node_v6).packed)
-    return cfg
+def _u32(v: int) -> ctypes.c_uint32:
+    return ctypes.c_uint32(v)
+
+
+def _sync_keys(table: TypedMap, slot: int, wanted: dict[bytes, object]) -> None:
+    """Make the `slot` half of a hash map keyed by Endpoint hold exactly `wanted`."""
+    for raw in list(table.raw.keys()):
+        key = Endpoint.from_buffer_copy(raw)
+        if key.slot == slot and raw not in wanted:
+            table.raw.delete(raw)
+    for raw, value in wanted.items():
+        table.raw.update(raw, bytes(value))
+
+
+def _keyed(endpoint: Endpoint, slot: int) -> bytes:
+    endpoint.slot = slot
+    return bytes(endpoint)
 
 
 class Dataplane:
-    """One loaded object (proxy or backend) and its shared maps."""
+    """One loaded object (proxy or backend) and its maps. With `pins`, maps
+    already pinned there are re-used (their contents survive a restart)."""
 
     program_name: str
     object_name: str
+    MAPS: tuple[str, ...] = ("counters", "active", "node_config", "services", "policies")
 
-    def __init__(self) -> None:
-        self.obj = BpfObject(object_path(self.object_name)).load()
+    def __init__(self, pins: str | None = None) -> None:
+        self.obj = BpfObject(object_path(self.object_name))
+        self.reused: list[str] = []
+        if pins:
+            for name in self.MAPS:
+                path = os.path.join(pins, name)
+                if os.path.exists(path):
+                    pinned = Map.open_pinned(path)
+                    try:
+                        self.obj.reuse_map(name, pinned)
+                    finally:
+                        pinned.close()
+                    self.reused.append(name)
+        self.obj.load()
         self.program: Program = self.obj.program(self.program_name)
         self.counters = TypedMap(self.obj.map("counters"), ctypes.c_uint32, ctypes.c_uint64)
+        self.active = TypedMap(self.obj.map("active"), ctypes.c_uint32, ctypes.c_uint32)
         self.services = TypedMap(self.obj.map("services"), Endpoint, Service)
         self.policies = TypedMap(self.obj.map("policies"), ctypes.c_uint32, Policy)
         self.config = TypedMap(self.obj.map("node_config"), ctypes.c_uint32, NodeConfig)
+        self._last_flip = 0.0
 
     def close(self) -> None:
         self.obj.close()
@@ -98,18 +112,44 @@ class Dataplane:
     def map(self, name: str) -> Map:
         return self.obj.map(name)
 
+    def pin_maps(self, directory: str) -> None:
+        """Pin every map not pinned there yet (re-used maps already are)."""
+        for name in self.MAPS:
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):
+                self.map(name).pin(path)
+
     def counter_values(self) -> dict[Counter, int]:
         """Per-CPU counters summed."""
-        return {c: sum(v.value for v in self.counters.per_cpu(ctypes.c_uint32(c))) for c in Counter}
+        return {c: sum(v.value for v in self.counters.per_cpu(_u32(c))) for c in Counter}
 
-    def set_config(self, cfg: NodeConfig) -> None:
-        self.config.put(ctypes.c_uint32(0), cfg)
+    def active_slot(self) -> int:
+        return self.active.get(_u32(0)).value
 
-    def set_policy(self, spec: PolicySpec) -> None:
-        self.policies.put(ctypes.c_uint32(spec.policy_id), spec.to_struct())
+    def applied(self) -> bool:
+        """Whether the active half holds a configuration (after a restart: the previous agent's)."""
+        return self.config.get(_u32(self.active_slot())).rotation_ns != 0
 
-    def add_service(self, address: str, port: int, policy_id: int) -> None:
-        self.services.put(Endpoint.of(address, port), Service(policy_id))
+    def apply(self, cfg: schema.DataplaneConfig) -> int:
+        """Write `cfg` into the inactive half, then make it the active one."""
+        target = 1 - self.active_slot()
+        wait = self._last_flip + FLIP_GRACE_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._write_half(cfg, target)
+        self.active.put(_u32(0), _u32(target))
+        self._last_flip = time.monotonic()
+        return target
+
+    def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
+        by_id = {p.id: p for p in cfg.policies}
+        base = slot * layout.MAX_POLICIES
+        for pid in range(layout.MAX_POLICIES):
+            self.policies.put(_u32(base + pid), policy_struct(by_id[pid]) if pid in by_id else Policy())
+        _sync_keys(self.services, slot, {
+            _keyed(Endpoint.of(s.address, s.port), slot): Service(p.id)
+            for p in cfg.policies for s in p.services})
+        self.config.put(_u32(slot), node_config_struct(cfg, slot))
 
     def attach(self, ifname: str) -> TcHook:
         hook = TcHook(socket.if_nametoindex(ifname))
@@ -120,49 +160,69 @@ class Dataplane:
 class ProxyDataplane(Dataplane):
     program_name = "synfleet_proxy"
     object_name = "proxy"
+    MAPS = Dataplane.MAPS + ("salts", "protected_addrs", "backend_ring", "backends")
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, pins: str | None = None) -> None:
+        super().__init__(pins)
         self.salts = TypedMap(self.obj.map("salts"), ctypes.c_uint32, Salt)
         self.protected_addrs = TypedMap(self.obj.map("protected_addrs"), Endpoint, Service)
         self.ring = TypedMap(self.obj.map("backend_ring"), ctypes.c_uint32, ctypes.c_uint32)
         self.backends = TypedMap(self.obj.map("backends"), ctypes.c_uint32, Endpoint)
-        self._backend_index: dict[str, int] = {}
 
-    def add_service(self, address: str, port: int, policy_id: int) -> None:
-        super().add_service(address, port, policy_id)
-        self.protected_addrs.put(Endpoint.of(address), Service(policy_id))
+    def published_salts(self) -> dict[int, bytes]:
+        out = {}
+        for slot in range(layout.SALT_SLOTS):
+            s = self.salts.get(_u32(slot))
+            if s.valid:
+                out[s.epoch] = s.k0.to_bytes(8, "little") + s.k1.to_bytes(8, "little")
+        return out
 
     def set_salts(self, salts: dict[int, bytes]) -> None:
-        """Publish salts by epoch (previous, current, next); other slots are cleared."""
-        slots = {epoch & 3: Salt.of(epoch, key) for epoch, key in salts.items()}
+        """Publish salts by epoch (previous, current, next). A slot is rewritten
+        only when its epoch changes, and then it held an epoch at least four
+        rotations away from the one being used, which no valid cookie names."""
+        slots = {epoch % layout.SALT_SLOTS: Salt.of(epoch, key) for epoch, key in salts.items()}
         if len(slots) != len(salts):
             raise ValueError(f"epochs {sorted(salts)} collide in the {layout.SALT_SLOTS} salt slots")
         for slot in range(layout.SALT_SLOTS):
-            self.salts.put(ctypes.c_uint32(slot), slots.get(slot, Salt()))
+            want = slots.get(slot, Salt())
+            if bytes(self.salts.get(_u32(slot))) != bytes(want):
+                self.salts.put(_u32(slot), want)
 
-    def set_backends(self, policy_id: int, addresses: list[str]) -> None:
-        """The policy's Maglev table over these backend node addresses."""
-        for a in addresses:
-            if a not in self._backend_index:
-                idx = len(self._backend_index)
-                self.backends.put(ctypes.c_uint32(idx), Endpoint.of(a))
-                self._backend_index[a] = idx
-        table = maglev_table(addresses)
-        base = policy_id * layout.RING_SIZE
-        for slot in range(layout.RING_SIZE):
-            value = self._backend_index[addresses[table[slot]]] if table else layout.BACKEND_NONE
-            self.ring.put(ctypes.c_uint32(base + slot), ctypes.c_uint32(value))
+    def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
+        addresses = sorted({b for p in cfg.policies for b in p.backends},
+                           key=lambda a: (a.version, a.packed))
+        index = {a: i for i, a in enumerate(addresses)}
+        for a, i in index.items():
+            self.backends.put(_u32(slot * layout.MAX_BACKENDS + i), Endpoint.of(a))
+        for p in cfg.policies:
+            # Sorted so that every proxy, whatever order its document lists the
+            # backends in, builds the same table: a flow keeps its backend.
+            members = sorted(p.backends, key=lambda a: (a.version, a.packed))
+            table = maglev_table([str(a) for a in members])
+            base = (slot * layout.MAX_POLICIES + p.id) * layout.RING_SIZE
+            for i, member in enumerate(table):
+                self.ring.put(_u32(base + i), _u32(index[members[member]]))
+        _sync_keys(self.protected_addrs, slot, {
+            _keyed(Endpoint.of(s.address), slot): Service(p.id)
+            for p in cfg.policies for s in p.services})
+        super()._write_half(cfg, slot)
 
 
 class BackendDataplane(Dataplane):
     program_name = "synfleet_backend"
     object_name = "backend"
+    MAPS = Dataplane.MAPS + ("allowed_proxies",)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, pins: str | None = None) -> None:
+        super().__init__(pins)
         self.allowed_proxies = TypedMap(self.obj.map("allowed_proxies"), Endpoint, ctypes.c_uint32)
 
-    def allow_proxy(self, address: str) -> None:
-        self.allowed_proxies.put(Endpoint.of(address), ctypes.c_uint32(1))
+    def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
+        _sync_keys(self.allowed_proxies, slot, {
+            _keyed(Endpoint.of(a), slot): _u32(1) for a in cfg.allowed_proxies})
+        super()._write_half(cfg, slot)
 
+
+def dataplane_for(role: schema.Role, pins: str | None = None) -> Dataplane:
+    return ProxyDataplane(pins) if role is schema.Role.PROXY else BackendDataplane(pins)

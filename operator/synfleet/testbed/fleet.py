@@ -6,12 +6,12 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from synfleet.dataplane.programs import BackendDataplane, PolicySpec, ProxyDataplane, node_config
+from synfleet.config.schema import DataplaneConfig, Policy
+from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
+from synfleet.testbed.configs import ENCAP_PORT, SERVICE_PORT, testbed_config
 from synfleet.testbed.topology import V4, V6, Topology
 
-SERVICE_PORT = 8080
-ENCAP_PORT = 6080
-POLICIES = {4: PolicySpec(policy_id=1), 6: PolicySpec(policy_id=2)}
+__all__ = ["ENCAP_PORT", "SERVICE_PORT", "Fleet", "recv_exact"]
 
 
 @dataclass
@@ -20,32 +20,38 @@ class Fleet:
     proxy: ProxyDataplane
     backend: BackendDataplane
     salts: dict[int, bytes]
+    proxy_config: DataplaneConfig
+
+    @property
+    def policies(self) -> dict[int, Policy]:
+        """The proxy's policy by address family."""
+        by_id = {p.id: p for p in self.proxy_config.policies}
+        return {4: by_id[1], 6: by_id[2]}
 
     @classmethod
     def start(cls, salts: dict[int, bytes], rotation_s: int) -> "Fleet":
         topo = Topology()
+        services = {4: V4.service, 6: V6.service}
+        proxy_cfg = testbed_config("proxy", interfaces=["p0"], node_v4=V4.proxy, node_v6=V6.proxy,
+                                   services=services, rotation_s=rotation_s, salts=salts,
+                                   backends={4: [V4.backend], 6: [V6.backend]})
+        backend_cfg = testbed_config("backend", interfaces=["b0"], node_v4=V4.backend,
+                                     node_v6=V6.backend, services=services, rotation_s=rotation_s,
+                                     allowed_proxies=[V4.proxy, V6.proxy])
         try:
             with topo.proxy.entered():
                 proxy = ProxyDataplane()
-                proxy.set_config(node_config(rotation_s, ENCAP_PORT, V4.proxy, V6.proxy))
                 proxy.set_salts(salts)
-                for fam, a in ((4, V4), (6, V6)):
-                    proxy.set_policy(POLICIES[fam])
-                    proxy.add_service(a.service, SERVICE_PORT, POLICIES[fam].policy_id)
-                    proxy.set_backends(POLICIES[fam].policy_id, [a.backend])
+                proxy.apply(proxy_cfg)
                 proxy.attach("p0")
             with topo.backend.entered():
                 backend = BackendDataplane()
-                backend.set_config(node_config(rotation_s, ENCAP_PORT, V4.backend, V6.backend))
-                for fam, a in ((4, V4), (6, V6)):
-                    backend.set_policy(POLICIES[fam])
-                    backend.add_service(a.service, SERVICE_PORT, POLICIES[fam].policy_id)
-                    backend.allow_proxy(a.proxy)
+                backend.apply(backend_cfg)
                 backend.attach("b0")
         except BaseException:
             topo.delete()
             raise
-        return cls(topo, proxy, backend, salts)
+        return cls(topo, proxy, backend, salts, proxy_cfg)
 
     def stop(self) -> None:
         self.proxy.close()

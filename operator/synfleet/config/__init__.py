@@ -1,0 +1,1 @@
+"""The data-plane configuration document shared by the agent and the operator."""

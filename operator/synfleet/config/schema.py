@@ -1,0 +1,275 @@
+"""The data-plane configuration document: what one node's agent programs into
+its maps. The agent reads it from a file (`synfleet agent --config FILE`); the
+operator renders the same document into a ConfigMap. One schema for both.
+
+    apiVersion: synfleet.io/v1alpha1
+    kind: DataplaneConfig
+    role: proxy                      # or backend
+    rotationSeconds: 60              # salt epoch length, the same on every node
+    node:
+      interfaces: [eth0]             # TC ingress hooks
+      addresses: {ipv4: 198.18.0.1, ipv6: "2001:db8:18::1"}
+      encapPort: 6080
+    policies:
+      - id: 1
+        name: default/web
+        mode: enforce                # or monitor
+        services: [{address: 198.19.0.10, port: 443}]
+        cookie: {windowScale: 7, timestamps: true, ecn: true, sack: true, mtu: 1500}
+        backends: [198.18.0.2, 198.18.0.3]      # proxies only
+    allowedProxies: [198.18.0.1]     # backends only
+    salts:                           # proxies only: previous, current, next epoch
+      - {epoch: 29348812, key: 00112233445566778899aabbccddeeff}
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from synfleet.dataplane.layout import (
+    ENCAP_OVERHEAD,
+    MAX_BACKENDS,
+    MAX_POLICIES,
+    MAX_PROXIES,
+    MAX_SERVICES,
+    SALT_SLOTS,
+)
+
+API_VERSION = "synfleet.io/v1alpha1"
+KIND = "DataplaneConfig"
+
+
+# Linux's own syncookie MSS tables (net/ipv4/syncookies.c, net/ipv6/syncookies.c).
+DEFAULT_MSS_V4 = [536, 1300, 1440, 1460]
+DEFAULT_MSS_V6 = [1220, 1420, 1440, 8940]
+KERNEL_MIN_MSS = {4: 536, 6: 1220}   # bpf_sk_assign_tcp_reqsk() rejects less
+
+
+class ConfigError(ValueError):
+    """A document that cannot be applied; the message lists what to fix."""
+
+
+class Role(str, enum.Enum):
+    PROXY = "proxy"
+    BACKEND = "backend"
+
+
+class Mode(str, enum.Enum):
+    ENFORCE = "enforce"
+    MONITOR = "monitor"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def advertised_mss(mtu: int, family: int) -> int:
+    """The MSS a proxy may advertise so that an encapsulated segment still fits
+    `mtu`: the inner headers and the larger (IPv6) encapsulation come off."""
+    inner_headers = 40 if family == 4 else 60
+    return mtu - inner_headers - ENCAP_OVERHEAD[6]
+
+
+class NodeAddresses(_Strict):
+    ipv4: ipaddress.IPv4Address | None = None
+    ipv6: ipaddress.IPv6Address | None = None
+
+    @model_validator(mode="after")
+    def _one_at_least(self) -> "NodeAddresses":
+        if self.ipv4 is None and self.ipv6 is None:
+            raise ValueError("give the node's ipv4 or ipv6 address (or both)")
+        return self
+
+
+class Node(_Strict):
+    interfaces: list[Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[^/\s]+$")]] = \
+        Field(min_length=1)
+    addresses: NodeAddresses
+    encap_port: Port = Field(6080, alias="encapPort")
+    clock_offset_seconds: float = Field(0.0, alias="clockOffsetSeconds", ge=-3600, le=3600,
+                                        description="added to this node's clock when it derives "
+                                                    "the salt epoch; corrects a known skew")
+
+
+class Cookie(_Strict):
+    mtu: int = Field(1500, ge=1280, le=9000)
+    mss_v4: list[int] = Field(default_factory=lambda: list(DEFAULT_MSS_V4), alias="mssV4",
+                              min_length=4, max_length=4)
+    mss_v6: list[int] = Field(default_factory=lambda: list(DEFAULT_MSS_V6), alias="mssV6",
+                              min_length=4, max_length=4)
+    window_scale: int = Field(7, alias="windowScale", ge=0, le=14)
+    timestamps: bool = True
+    ecn: bool = True
+    sack: bool = True
+
+    @model_validator(mode="after")
+    def _mss_tables(self) -> "Cookie":
+        for family, table in ((4, self.mss_v4), (6, self.mss_v6)):
+            if table != sorted(table) or len(set(table)) != 4:
+                raise ValueError(f"mssV{family} {table} must hold 4 strictly ascending values")
+            if table[0] < KERNEL_MIN_MSS[family]:
+                raise ValueError(f"mssV{family} starts at {table[0]}; the kernel needs at least "
+                                 f"{KERNEL_MIN_MSS[family]}")
+            if table[-1] > 65535:
+                raise ValueError(f"mssV{family} value {table[-1]} is above 65535")
+        return self
+
+    def advertised_mss(self, family: int) -> int:
+        return advertised_mss(self.mtu, family)
+
+
+class ServiceEndpoint(_Strict):
+    address: IPAddress
+    port: Port
+
+
+class Policy(_Strict):
+    id: int = Field(ge=1, lt=MAX_POLICIES)
+    name: str = ""
+    mode: Mode = Mode.ENFORCE
+    services: list[ServiceEndpoint] = Field(min_length=1)
+    cookie: Cookie = Field(default_factory=Cookie)
+    backends: list[IPAddress] = Field(default_factory=list, max_length=MAX_BACKENDS)
+
+    @field_validator("services")
+    @classmethod
+    def _unique_services(cls, services: list[ServiceEndpoint]) -> list[ServiceEndpoint]:
+        seen = set()
+        for s in services:
+            if (s.address, s.port) in seen:
+                raise ValueError(f"{s.address} port {s.port} is listed twice")
+            seen.add((s.address, s.port))
+        return services
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_backends(cls, backends: list[IPAddress]) -> list[IPAddress]:
+        if len(set(backends)) != len(backends):
+            raise ValueError("a backend address is listed twice")
+        return backends
+
+
+class SaltEntry(_Strict):
+    epoch: int = Field(ge=0)
+    key: str = Field(pattern=r"^[0-9a-fA-F]{32}$", description="128-bit key, 32 hex digits")
+
+    @property
+    def key_bytes(self) -> bytes:
+        return bytes.fromhex(self.key)
+
+
+class DataplaneConfig(_Strict):
+    api_version: Literal["synfleet.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["DataplaneConfig"]
+    role: Role
+    rotation_seconds: int = Field(alias="rotationSeconds", ge=1, le=86400)
+    node: Node
+    policies: list[Policy] = Field(default_factory=list, max_length=MAX_POLICIES)
+    allowed_proxies: list[IPAddress] = Field(default_factory=list, alias="allowedProxies",
+                                             max_length=MAX_PROXIES)
+    salts: list[SaltEntry] = Field(default_factory=list, max_length=SALT_SLOTS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataplaneConfig":
+        ids = [p.id for p in self.policies]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"policy ids {dupes} are used twice; give each policy its own id")
+        owner: dict[tuple, int] = {}
+        for p in self.policies:
+            for s in p.services:
+                other = owner.setdefault((s.address, s.port), p.id)
+                if other != p.id:
+                    raise ValueError(f"{s.address} port {s.port} is in policies {other} and {p.id}; "
+                                     f"a service belongs to one policy")
+        if sum(len(p.services) for p in self.policies) > MAX_SERVICES:
+            raise ValueError(f"more than {MAX_SERVICES} services")
+        if self.role is Role.PROXY:
+            self._check_proxy()
+        else:
+            self._check_backend()
+        return self
+
+    def _check_proxy(self) -> None:
+        for i, p in enumerate(self.policies):
+            if not p.backends:
+                raise ValueError(f"policies[{i}] (id {p.id}): a proxy needs the policy's backends")
+        if self.allowed_proxies:
+            raise ValueError("allowedProxies is for backends; remove it from a proxy's config")
+        if not self.salts:
+            raise ValueError("a proxy needs salts (previous, current and next epoch)")
+        epochs = [s.epoch for s in self.salts]
+        if len({e % SALT_SLOTS for e in epochs}) != len(epochs):
+            raise ValueError(f"salt epochs {epochs} must be distinct and within {SALT_SLOTS} "
+                             f"consecutive epochs")
+        if max(epochs) - min(epochs) >= SALT_SLOTS:
+            raise ValueError(f"salt epochs {epochs} span more than {SALT_SLOTS} epochs")
+        if self.node.addresses.ipv4 is None and any(b.version == 4 for p in self.policies
+                                                    for b in p.backends):
+            raise ValueError("IPv4 backends need node.addresses.ipv4 (the encapsulation source)")
+        if self.node.addresses.ipv6 is None and any(b.version == 6 for p in self.policies
+                                                    for b in p.backends):
+            raise ValueError("IPv6 backends need node.addresses.ipv6 (the encapsulation source)")
+
+    def _check_backend(self) -> None:
+        if any(p.backends for p in self.policies):
+            raise ValueError("policies[].backends is for proxies; remove it from a backend's config")
+        if self.salts:
+            raise ValueError("salts are for proxies only; a backend must not hold them")
+        if self.policies and not self.allowed_proxies:
+            raise ValueError("a backend needs allowedProxies (the proxy nodes' addresses)")
+
+    @property
+    def salt_map(self) -> dict[int, bytes]:
+        return {s.epoch: s.key_bytes for s in self.salts}
+
+    def to_document(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=False)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_document(), sort_keys=False)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where or '(document)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse(document: object) -> DataplaneConfig:
+    """Validate a loaded document; ConfigError names every field to fix."""
+    if not isinstance(document, dict):
+        raise ConfigError(f"(document): expected a mapping with apiVersion {API_VERSION} and "
+                          f"kind {KIND}, got {type(document).__name__}")
+    version = document.get("apiVersion")
+    if version != API_VERSION:
+        raise ConfigError(f"apiVersion: {version!r} is not supported; this agent reads {API_VERSION}")
+    try:
+        return DataplaneConfig.model_validate(document)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def loads(text: str) -> DataplaneConfig:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not YAML: {err}") from None
+    return parse(document)
+
+
+def load(path: str) -> DataplaneConfig:
+    with open(path, encoding="utf-8") as f:
+        return loads(f.read())
