@@ -27,6 +27,36 @@ def _check(args: argparse.Namespace) -> int:
     return run_check(print)
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from synfleet.agent import logs
+    from synfleet.agent.agent import Agent, AgentOptions, uninstall
+    from synfleet.config.schema import Role
+
+    logs.setup(args.log_level)
+    instance = args.instance or args.role
+    if args.action == "uninstall":
+        if not instance:
+            print("synfleet agent uninstall: give --instance (or --role, its default)", file=sys.stderr)
+            return 2
+        detached = uninstall(instance, args.pin_root)
+        if detached is None:
+            print(f"synfleet agent: nothing installed at {args.pin_root}/{instance}")
+            return 0
+        print(f"synfleet agent: removed {args.pin_root}/{instance}; detached from "
+              f"{', '.join(detached) or 'no interface'}")
+        return 0
+    if not args.role or not args.config:
+        print("synfleet agent: --role and --config are required to run", file=sys.stderr)
+        return 2
+    role = Role(args.role)
+    agent = Agent(AgentOptions(role=role, config_path=args.config, instance=instance,
+                               pin_root=args.pin_root, listen=args.listen or None,
+                               objects_dir=args.objects))
+    agent.start()
+    agent.run()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="synfleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--rounds", type=int, default=3, help="measurements per path; the best is kept")
     dp.add_argument("--json", action="store_true", help="print one JSON object")
     dp.set_defaults(func=_bench_dataplane)
+    agent = sub.add_parser("agent", help="run the node agent (or `agent uninstall`)",
+                           description="Run the node agent: load, pin and configure this node's "
+                                       "data plane from a DataplaneConfig file. `synfleet agent "
+                                       "uninstall --instance NAME` detaches and unpins it.")
+    agent.add_argument("action", nargs="?", choices=["run", "uninstall"], default="run")
+    agent.add_argument("--role", choices=["proxy", "backend"])
+    agent.add_argument("--config", help="DataplaneConfig YAML file; re-read on change and on SIGHUP")
+    agent.add_argument("--instance", help="pin directory name under --pin-root (default: the role)")
+    agent.add_argument("--pin-root", default="/sys/fs/bpf/synfleet", help="bpffs directory for pins")
+    agent.add_argument("--listen", default="0.0.0.0:9478",
+                       help="host:port for /metrics, /healthz, /readyz ('' to disable)")
+    agent.add_argument("--objects", help="directory with proxy.bpf.o and backend.bpf.o "
+                                         "(default: the ones installed with synfleet)")
+    agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    agent.set_defaults(func=_agent)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -7,9 +7,10 @@ from pathlib import Path
 OBJECTS_DIR = Path(__file__).resolve().parent / "objects"
 
 
-def object_path(program: str) -> Path:
-    """Path of `proxy` or `backend`'s object; a clear error if it was never built."""
-    path = OBJECTS_DIR / f"{program}.bpf.o"
+def object_path(program: str, directory: Path | str | None = None) -> Path:
+    """Path of `proxy` or `backend`'s object (in `directory`, by default the
+    package's own); a clear error if it was never built."""
+    path = Path(directory or OBJECTS_DIR) / f"{program}.bpf.o"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: build the data plane with `make -C bpf` "

@@ -78,8 +78,8 @@ class Dataplane:
     object_name: str
     MAPS: tuple[str, ...] = ("counters", "active", "node_config", "services", "policies")
 
-    def __init__(self, pins: str | None = None) -> None:
-        self.obj = BpfObject(object_path(self.object_name))
+    def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
+        self.obj = BpfObject(object_path(self.object_name, objects_dir))
         self.reused: list[str] = []
         if pins:
             for name in self.MAPS:
@@ -162,8 +162,8 @@ class ProxyDataplane(Dataplane):
     object_name = "proxy"
     MAPS = Dataplane.MAPS + ("salts", "protected_addrs", "backend_ring", "backends")
 
-    def __init__(self, pins: str | None = None) -> None:
-        super().__init__(pins)
+    def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
+        super().__init__(pins, objects_dir)
         self.salts = TypedMap(self.obj.map("salts"), ctypes.c_uint32, Salt)
         self.protected_addrs = TypedMap(self.obj.map("protected_addrs"), Endpoint, Service)
         self.ring = TypedMap(self.obj.map("backend_ring"), ctypes.c_uint32, ctypes.c_uint32)
@@ -214,8 +214,8 @@ class BackendDataplane(Dataplane):
     object_name = "backend"
     MAPS = Dataplane.MAPS + ("allowed_proxies",)
 
-    def __init__(self, pins: str | None = None) -> None:
-        super().__init__(pins)
+    def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
+        super().__init__(pins, objects_dir)
         self.allowed_proxies = TypedMap(self.obj.map("allowed_proxies"), Endpoint, ctypes.c_uint32)
 
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
@@ -224,5 +224,7 @@ class BackendDataplane(Dataplane):
         super()._write_half(cfg, slot)
 
 
-def dataplane_for(role: schema.Role, pins: str | None = None) -> Dataplane:
-    return ProxyDataplane(pins) if role is schema.Role.PROXY else BackendDataplane(pins)
+def dataplane_for(role: schema.Role, pins: str | None = None,
+                  objects_dir: str | None = None) -> Dataplane:
+    kind = ProxyDataplane if role is schema.Role.PROXY else BackendDataplane
+    return kind(pins, objects_dir)

@@ -1,0 +1,1 @@
+"""The node agent: loads, pins and configures the data plane of one node."""

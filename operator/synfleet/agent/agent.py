@@ -1,0 +1,206 @@
+"""The agent process: keep this node's data plane loaded, attached and equal
+to its configuration file.
+
+Start: load the objects re-using the maps pinned by a previous agent (their
+contents, connections' cookies and counters survive), atomically replace the
+program on every configured interface, pin it. Run: re-read the file on SIGHUP
+or when inotify sees it change; a file that fails validation is logged and
+counted and the last good configuration keeps serving. SIGTERM and SIGINT end
+the process and leave the data plane running; `uninstall` removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from synfleet.agent.inotify import FileWatch
+from synfleet.agent.metrics import AgentState, serve
+from synfleet.agent.pins import DEFAULT_ROOT, PinDir, hooks_running
+from synfleet.bpf import TcHook
+from synfleet.config import schema
+from synfleet.dataplane.programs import Dataplane, ProxyDataplane, dataplane_for
+
+log = logging.getLogger("synfleet.agent")
+TICK_S = 1.0      # salt epoch bookkeeping and liveness, not configuration (that is event driven)
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    role: schema.Role
+    config_path: str
+    instance: str
+    pin_root: str = DEFAULT_ROOT
+    listen: str | None = "0.0.0.0:9478"
+    objects_dir: str | None = None
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions) -> None:
+        self.opts = opts
+        self.pins = PinDir(opts.pin_root, opts.instance)
+        self.state = AgentState(role=opts.role.value, instance=opts.instance)
+        self.state.alive = self._alive
+        self.dataplane: Dataplane | None = None
+        self.config: schema.DataplaneConfig | None = None
+        self._config_digest: str | None = None
+        self._rejected_digest: str | None = None   # the bad file is reported once
+        self._hooks: dict[str, TcHook] = {}
+        self._last_tick = time.monotonic()
+        self._stop = False
+        self._reload = False
+
+    # ---- start ----
+
+    def start(self) -> None:
+        self.pins.create()
+        previous_program = self.pins.pinned_program_id()
+        self.dataplane = dataplane_for(self.opts.role, self.pins.path, self.opts.objects_dir)
+        self.dataplane.pin_maps(self.pins.path)
+        log.info("data plane loaded", extra={"pins": self.pins.path, "reused_maps": self.dataplane.reused,
+                                              "program_id": self.dataplane.program.id,
+                                              "replaces_program_id": previous_program})
+        if previous_program is not None:
+            self._hooks = hooks_running(previous_program)
+        if self.dataplane.applied():
+            self.state.not_ready = None   # the previous agent's configuration keeps serving
+        self.reload()
+        # A configuration error must not leave the interfaces with the old
+        # program forever: the new program reads the same maps, swap it in.
+        self._attach(self.config.node.interfaces if self.config else list(self._hooks))
+        self.pins.pin_program(self.dataplane.program)
+
+    def _attach(self, interfaces: list[str]) -> None:
+        for name in interfaces:
+            try:
+                hook = TcHook(socket.if_nametoindex(name))
+            except OSError:
+                log.error("interface missing", extra={"interface": name})
+                self.state.not_ready = f"interface {name} does not exist"
+                continue
+            hook.attach(self.dataplane.program)
+            self._hooks[name] = hook
+        for name in [n for n in self._hooks if n not in interfaces]:
+            self._hooks.pop(name).detach()
+            log.info("detached", extra={"interface": name})
+        self.state.hooks = sorted(self._hooks)
+
+    # ---- configuration ----
+
+    def reload(self) -> bool:
+        """Apply the file if it changed and is valid; True when the maps match it."""
+        try:
+            text = Path(self.opts.config_path).read_text(encoding="utf-8")
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            if digest == self._config_digest:
+                return True
+            if digest == self._rejected_digest:
+                return False
+            self._rejected_digest = digest
+            cfg = schema.loads(text)
+            if cfg.role is not self.opts.role:
+                raise schema.ConfigError(f"role: the file is for a {cfg.role.value}, "
+                                         f"this agent runs --role {self.opts.role.value}")
+        except (OSError, schema.ConfigError) as err:
+            self.state.config_errors += 1
+            log.error("configuration rejected; the last good one keeps serving",
+                      extra={"path": self.opts.config_path, "error": str(err)})
+            if self.config is None and not self.dataplane.applied():
+                self.state.not_ready = f"no valid configuration yet: {err}"
+            return False
+        self._apply(cfg)
+        self._config_digest = digest
+        return True
+
+    def _apply(self, cfg: schema.DataplaneConfig) -> None:
+        dp = self.dataplane
+        if isinstance(dp, ProxyDataplane):
+            # Salts first: a new configuration never names an epoch without its key.
+            dp.set_salts(cfg.salt_map)
+        slot = dp.apply(cfg)
+        self.config = cfg
+        self.state.config_generation += 1
+        self.state.last_sync = time.time()
+        self.state.salts_published = set(cfg.salt_map)
+        self.state.not_ready = None
+        self._tick()
+        log.info("configuration applied", extra={
+            "generation": self.state.config_generation, "active_slot": slot,
+            "policies": [p.id for p in cfg.policies], "salt_epochs": sorted(cfg.salt_map)})
+
+    # ---- run ----
+
+    def _tick(self) -> None:
+        self._last_tick = time.monotonic()
+        if self.config is None or self.opts.role is not schema.Role.PROXY:
+            return
+        clock = time.clock_gettime_ns(time.CLOCK_TAI) + round(self.config.node.clock_offset_seconds * 1e9)
+        epoch = clock // (self.config.rotation_seconds * 10**9)
+        if epoch != self.state.salt_epoch:
+            self.state.salt_epoch = epoch
+            if epoch not in self.state.salts_published:
+                log.error("no salt for the current epoch: SYNs are dropped until one is published",
+                          extra={"epoch": epoch, "published": sorted(self.state.salts_published)})
+                self.state.not_ready = f"no salt published for epoch {epoch}"
+            elif self.state.not_ready and self.state.not_ready.startswith("no salt"):
+                self.state.not_ready = None
+
+    def _alive(self) -> bool:
+        return time.monotonic() - self._last_tick < 10 * TICK_S
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        server = serve(self.opts.listen, self.state, self.dataplane.counter_values) \
+            if self.opts.listen else None
+        watch = FileWatch(self.opts.config_path)
+        log.info("agent running", extra={"instance": self.opts.instance, "listen": self.opts.listen,
+                                         "hooks": self.state.hooks})
+        try:
+            while not self._stop:
+                try:
+                    ready, _, _ = select.select([watch], [], [], TICK_S)
+                except InterruptedError:
+                    ready = []
+                if ready and watch.changed():
+                    self._reload = True
+                if self._reload:
+                    self._reload = False
+                    if self.reload() and set(self._hooks) != set(self.config.node.interfaces):
+                        self._attach(self.config.node.interfaces)
+                self._tick()
+        finally:
+            watch.close()
+            if server:
+                server.shutdown()
+            log.info("agent stopped; the data plane keeps running",
+                     extra={"hooks": self.state.hooks, "pins": self.pins.path})
+
+    def _on_stop(self, signum: int, _frame: object) -> None:
+        self._stop = True
+
+    def _on_hup(self, signum: int, _frame: object) -> None:
+        self._reload = True
+
+
+def uninstall(instance: str, pin_root: str = DEFAULT_ROOT) -> list[str] | None:
+    """Detach the instance's hooks in this network namespace and remove its
+    pins. Returns the interfaces it detached from, None if nothing was installed."""
+    pins = PinDir(pin_root, instance)
+    if not pins.exists():
+        return None
+    program_id = pins.pinned_program_id()
+    detached = []
+    if program_id is not None:
+        for name, hook in hooks_running(program_id).items():
+            hook.detach()
+            detached.append(name)
+    pins.remove()
+    return detached

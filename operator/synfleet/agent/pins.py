@@ -1,0 +1,93 @@
+"""Where an agent instance keeps its programs and maps in bpffs, and how hooks
+are found again after the process that attached them is gone.
+
+    <root>/<instance>/program        the program the TC hooks run
+    <root>/<instance>/<map name>     every map, re-used by the next agent
+
+TC filters outlive the agent; a hook is ours when the program it runs is the
+one pinned here, which is how `uninstall` and a restarted agent find them
+without any state file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+
+from synfleet.bpf import BpfError, Program, TcHook
+
+DEFAULT_ROOT = "/sys/fs/bpf/synfleet"
+
+
+@dataclass(frozen=True)
+class PinDir:
+    root: str
+    instance: str
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, self.instance)
+
+    @property
+    def program(self) -> str:
+        return os.path.join(self.path, "program")
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def create(self) -> None:
+        fs = filesystem_of(self.root)
+        if fs != "bpf":
+            raise OSError(f"{self.root} is on a {fs} filesystem, not bpf: mount one with "
+                          f"`mount -t bpf bpf /sys/fs/bpf` (pins must outlive the agent)")
+        os.makedirs(self.path, exist_ok=True)
+
+    def pinned_program_id(self) -> int | None:
+        if not os.path.exists(self.program):
+            return None
+        prog = Program.open_pinned(self.program)
+        try:
+            return prog.id
+        finally:
+            prog.close()
+
+    def pin_program(self, program: Program) -> None:
+        """Replace the pinned program in one rename: there is always one."""
+        staging = self.program + "-next"   # bpffs refuses names with dots
+        if os.path.exists(staging):
+            os.unlink(staging)
+        program.pin(staging)
+        os.rename(staging, self.program)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=False)
+        if os.path.isdir(self.root) and not os.listdir(self.root):
+            os.rmdir(self.root)
+
+
+def filesystem_of(path: str) -> str:
+    """The type of the innermost mount holding `path` (which need not exist yet)."""
+    path = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            _, mountpoint, kind = line.split()[:3]
+            inside = path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
+            if inside and len(mountpoint) >= len(best):
+                best, fstype = mountpoint, kind
+    return fstype
+
+
+def hooks_running(program_id: int) -> dict[str, TcHook]:
+    """Every interface of this network namespace whose ingress runs `program_id`."""
+    found = {}
+    for ifindex, name in socket.if_nameindex():
+        hook = TcHook(ifindex)
+        try:
+            if hook.query() == program_id:
+                found[name] = hook
+        except BpfError:
+            continue
+    return found
