@@ -1,0 +1,366 @@
+"""A whole fleet in network namespaces, driven by real agent processes.
+
+    client ─┐                      ┌─ proxy-a ─┐
+    attacker┼── br0 (switch ns) ───┤           ├─ (encapsulated) ─┐
+            │                      └─ proxy-b ─┘                  │
+            └──────────── backend-a, backend-b  <─────────────────┘
+                          (both own the service address on lo,
+                           answer clients directly: DSR)
+
+One L2 fabric (198.18.0.0/24, 2001:db8:18::/64). The client and the
+attacker reach the service address (198.19.0.10, 2001:db8:19::10) through
+proxy-a; `route_via("proxy-b")` moves them. Agents run with
+`nsenter --net`, so they pin into the host's /sys/fs/bpf under instance
+names unique to this lab. `close()` (also on errors, and from the context
+manager) stops everything, uninstalls every instance and removes the
+namespaces and the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from synfleet.config import schema
+from synfleet.testbed.configs import SERVICE_PORT, testbed_config
+from synfleet.testbed.netns import NetNS, sh, unique_name
+
+SERVICE = {4: "198.19.0.10", 6: "2001:db8:19::10"}
+FLOOD_PREFIX = {4: "10.66.0.0/16", 6: "2001:db8:66::/48"}
+METRICS_PORT = 9478
+PROXIES = ("proxy-a", "proxy-b")
+BACKENDS = ("backend-a", "backend-b")
+HOSTS = {"client": 100, "attacker": 66, "proxy-a": 1, "proxy-b": 2, "backend-a": 11, "backend-b": 12}
+
+
+@dataclass
+class Node:
+    name: str
+    ns: NetNS
+    v4: str
+    v6: str
+    mac: str = ""
+
+
+def _nsenter(ns: NetNS, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(["nsenter", f"--net=/run/netns/{ns.name}", *args], **kw)
+
+
+@dataclass
+class AgentProcess:
+    node: Node
+    role: str
+    config_path: str
+    instance: str
+    log_path: str
+    objects_dir: str | None = None
+    proc: subprocess.Popen | None = None
+
+    def start(self, objects_dir: str | None = None) -> None:
+        self.objects_dir = objects_dir or self.objects_dir
+        extra = ["--objects", self.objects_dir] if self.objects_dir else []
+        log = open(self.log_path, "ab")
+        self.proc = _nsenter(self.node.ns, sys.executable, "-m", "synfleet.cli", "agent",
+                             "--role", self.role, "--config", self.config_path,
+                             "--instance", self.instance, "--listen", f"127.0.0.1:{METRICS_PORT}",
+                             *extra, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+
+    def http(self, path: str) -> tuple[int, str]:
+        result: list = []
+
+        def fetch() -> None:
+            with self.node.ns.entered():
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}{path}", timeout=2) as r:
+                        result.append((r.status, r.read().decode()))
+                except urllib.error.HTTPError as err:
+                    result.append((err.code, err.read().decode()))
+                except OSError as err:
+                    result.append((0, str(err)))
+
+        t = threading.Thread(target=fetch)   # setns applies to the calling thread only
+        t.start()
+        t.join()
+        return result[0]
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"agent {self.instance} exited {self.proc.returncode}: {self.log()}")
+            if self.http("/readyz")[0] == 200:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"agent {self.instance} not ready after {timeout}s: {self.http('/readyz')}")
+
+    def metrics(self) -> dict[str, float]:
+        """Data-plane packet counters by event, plus the agent's own gauges by name."""
+        status, text = self.http("/metrics")
+        if status != 200:
+            raise RuntimeError(f"metrics of {self.instance}: {status} {text}")
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("#") or not line:
+                continue
+            name_labels, value = line.rsplit(" ", 1)
+            name = name_labels.split("{", 1)[0]
+            if name == "synfleet_dataplane_packets_total":
+                name = name_labels.split('event="', 1)[1].split('"', 1)[0]
+            out[name] = float(value)
+        return out
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-4000:]
+
+
+class SaltPublisher:
+    """What the operator does for salts: keys for previous, current and next
+    epoch in every proxy's file, refreshed as epochs pass."""
+
+    def __init__(self, lab: "FleetLab") -> None:
+        self.lab = lab
+        self.keys: dict[int, bytes] = {}
+        self.published: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="salts")
+
+    def window(self, epoch: int) -> dict[int, bytes]:
+        for e in (epoch - 1, epoch, epoch + 1):
+            self.keys.setdefault(e, secrets.token_bytes(16))
+        return {e: self.keys[e] for e in (epoch - 1, epoch, epoch + 1)}
+
+    def epoch(self) -> int:
+        return time.clock_gettime_ns(time.CLOCK_TAI) // (self.lab.rotation_s * 10**9)
+
+    def publish(self) -> None:
+        epoch = self.epoch()
+        if epoch != self.published:
+            self.lab.write_proxy_configs(self.window(epoch))
+            self.published = epoch
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(0.2, self.lab.rotation_s / 10)):
+            self.publish()
+
+    def start(self) -> None:
+        self.publish()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+@dataclass
+class FleetLab:
+    rotation_s: int = 60
+    mode: str = "enforce"
+    clock_offsets: dict[str, float] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    agents: dict[str, AgentProcess] = field(default_factory=dict)
+    servers: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tag = unique_name("sf")[3:]
+        self.workdir = tempfile.mkdtemp(prefix=f"synfleet-lab-{self.tag}-")
+        self.switch: NetNS | None = None
+        self.salts = SaltPublisher(self)
+        self.via: str | None = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- topology ----
+
+    def _build(self) -> None:
+        self.switch = NetNS(f"sf-{self.tag}-sw")
+        self.switch.ip("link", "add", "br0", "type", "bridge")
+        self.switch.ip("link", "set", "br0", "up")
+        for name, host in HOSTS.items():
+            ns = NetNS(f"sf-{self.tag}-{name}")
+            node = Node(name, ns, f"198.18.0.{host}", f"2001:db8:18::{host:x}")
+            self.nodes[name] = node
+            port = f"p-{name}"[:15]
+            sh("ip", "link", "add", "eth0", "netns", ns.name, "type", "veth", "peer", port,
+               "netns", self.switch.name)
+            self.switch.ip("link", "set", port, "master", "br0", "up")
+            ns.ip("link", "set", "eth0", "up")
+            # Full checksums on the wire: the data plane rewrites and checks them.
+            ns.run("ethtool", "-K", "eth0", "tx", "off")
+            self.switch.run("ethtool", "-K", port, "tx", "off")
+            ns.ip("addr", "add", f"{node.v4}/24", "dev", "eth0")
+            ns.ip("-6", "addr", "add", f"{node.v6}/64", "dev", "eth0", "nodad")
+            ns.sysctl("net.ipv4.conf.all.rp_filter", 0)
+            ns.sysctl("net.ipv4.conf.eth0.rp_filter", 0)
+            node.mac = json.loads(ns.ip("-j", "link", "show", "eth0"))[0]["address"]
+        for name in PROXIES:
+            ns = self.nodes[name].ns
+            ns.sysctl("net.ipv4.conf.all.forwarding", 1)
+            ns.sysctl("net.ipv6.conf.all.forwarding", 1)
+        for name in BACKENDS:
+            ns = self.nodes[name].ns
+            ns.sysctl("net.ipv4.tcp_syncookies", 1)
+            for fam in (4, 6):
+                ns.ip(f"-{fam}", "addr", "add", f"{SERVICE[fam]}/{32 if fam == 4 else 128}", "dev", "lo")
+        # Permanent neighbours: nobody waits for ARP/ND mid-test, and the
+        # attacker never answers for its spoofed sources.
+        for a in self.nodes.values():
+            for b in self.nodes.values():
+                if a is not b:
+                    a.ns.ip("neigh", "replace", b.v4, "lladdr", b.mac, "dev", "eth0", "nud", "permanent")
+                    a.ns.ip("-6", "neigh", "replace", b.v6, "lladdr", b.mac, "dev", "eth0", "nud",
+                            "permanent")
+        self.route_via("proxy-a")
+
+    def route_via(self, proxy: str) -> None:
+        """Send client and attacker traffic for the service through `proxy`."""
+        gw = self.nodes[proxy]
+        for name in ("client", "attacker"):
+            ns = self.nodes[name].ns
+            ns.ip("route", "replace", f"{SERVICE[4]}/32", "via", gw.v4)
+            ns.ip("-6", "route", "replace", f"{SERVICE[6]}/128", "via", gw.v6)
+        self.via = proxy
+
+    # ---- configuration and agents ----
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.workdir, f"{name}.yaml")
+
+    def proxy_config(self, name: str, salts: dict[int, bytes]) -> schema.DataplaneConfig:
+        node = self.nodes[name]
+        backends = {fam: [getattr(self.nodes[b], f"v{fam}") for b in BACKENDS] for fam in (4, 6)}
+        return testbed_config("proxy", interfaces=["eth0"], node_v4=node.v4, node_v6=node.v6,
+                              services=SERVICE, rotation_s=self.rotation_s, backends=backends,
+                              salts=salts, mode=self.mode,
+                              clock_offset_s=self.clock_offsets.get(name, 0.0))
+
+    def backend_config(self, name: str) -> schema.DataplaneConfig:
+        node = self.nodes[name]
+        proxies = [a for p in PROXIES for a in (self.nodes[p].v4, self.nodes[p].v6)]
+        return testbed_config("backend", interfaces=["eth0"], node_v4=node.v4, node_v6=node.v6,
+                              services=SERVICE, rotation_s=self.rotation_s,
+                              allowed_proxies=proxies, mode=self.mode)
+
+    def write_config(self, name: str, text: str) -> None:
+        """Atomically, as a ConfigMap volume or a careful operator would."""
+        tmp = self._path(name) + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, self._path(name))
+
+    def write_proxy_configs(self, salts: dict[int, bytes]) -> None:
+        for name in PROXIES:
+            self.write_config(name, self.proxy_config(name, salts).to_yaml())
+
+    def write_backend_configs(self) -> None:
+        for name in BACKENDS:
+            self.write_config(name, self.backend_config(name).to_yaml())
+
+    def set_mode(self, mode: str) -> None:
+        """Every node's policies to enforce or monitor; agents pick it up from the files."""
+        self.mode = mode
+        self.write_backend_configs()
+        self.write_proxy_configs(self.salts.window(self.salts.epoch()))
+
+    def start(self) -> "FleetLab":
+        self.salts.start()
+        self.write_backend_configs()
+        for name in BACKENDS:
+            node = self.nodes[name]
+            self.servers.append(_nsenter(node.ns, sys.executable, "-m", "synfleet.testbed.service",
+                                         "--name", name, "--port", str(SERVICE_PORT),
+                                         SERVICE[4], SERVICE[6], stdout=subprocess.PIPE))
+        for name in PROXIES + BACKENDS:
+            role = "proxy" if name in PROXIES else "backend"
+            agent = AgentProcess(self.nodes[name], role, self._path(name), f"lab-{self.tag}-{name}",
+                                 os.path.join(self.workdir, f"{name}.log"))
+            self.agents[name] = agent
+            agent.start()
+        for server in self.servers:
+            if server.stdout.readline().strip() != b"ready":
+                raise RuntimeError("a backend service failed to start")
+        for agent in self.agents.values():
+            agent.wait_ready()
+        return self
+
+    def restart_agent(self, name: str, sig: int = signal.SIGKILL, objects_dir: str | None = None) -> None:
+        agent = self.agents[name]
+        agent.signal(sig)
+        agent.start(objects_dir)
+        agent.wait_ready()
+
+    def counters(self, names: tuple[str, ...]) -> dict[str, float]:
+        """Data-plane counters summed over the named nodes' agents."""
+        total: dict[str, float] = {}
+        for name in names:
+            for k, v in self.agents[name].metrics().items():
+                total[k] = total.get(k, 0.0) + v
+        return total
+
+    # ---- traffic ----
+
+    def flood(self, kind: str = "syn", rate: int = 20000, duration: float = 10.0,
+              target: str | None = None, family: int = 4, seed: int | None = None) -> subprocess.Popen:
+        """Start a bounded flood from the attacker at `target` (default: the
+        proxy the route points to). Read its JSON lines from stdout."""
+        target_node = self.nodes[target or self.via]
+        return _nsenter(self.nodes["attacker"].ns, sys.executable, "-u", "-m", "synfleet.testbed.flood",
+                        "--ifname", "eth0", "--dst-mac", target_node.mac, "--service", SERVICE[family],
+                        "--port", str(SERVICE_PORT), "--kind", kind, "--rate", str(rate),
+                        "--duration", str(duration), "--source-prefix", FLOOD_PREFIX[family],
+                        *(["--seed", str(seed)] if seed is not None else []),
+                        stdout=subprocess.PIPE, text=True)
+
+    def client_socket(self, family: int = 4, node: str = "client") -> socket.socket:
+        """A TCP socket created inside the client namespace (it stays there)."""
+        with self.nodes[node].ns.entered():
+            return socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_STREAM)
+
+    # ---- teardown ----
+
+    def close(self) -> None:
+        self.salts.stop()
+        for agent in self.agents.values():
+            try:
+                agent.signal(signal.SIGTERM)
+            except subprocess.TimeoutExpired:
+                agent.signal(signal.SIGKILL)
+        for server in self.servers:
+            server.kill()
+            server.wait()
+        for name, agent in self.agents.items():
+            subprocess.run(["nsenter", f"--net=/run/netns/{self.nodes[name].ns.name}", sys.executable,
+                            "-m", "synfleet.cli", "agent", "uninstall", "--instance", agent.instance],
+                           capture_output=True)
+        for node in self.nodes.values():
+            node.ns.delete()
+        if self.switch:
+            self.switch.delete()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "FleetLab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
