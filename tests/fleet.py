@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import socket
 import threading
 import time
 
 from synfleet.testbed.fleet import ENCAP_PORT, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
+from synfleet.testbed.clients import pattern  # noqa: F401
 from synfleet.testbed.netns import NetNS
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by Python 3.11
@@ -42,15 +42,6 @@ class Capture:
         self._thread.join()
         self.sock.close()
         return self.frames
-
-
-def pattern(n: int, seed: bytes) -> bytes:
-    out = bytearray()
-    block = seed
-    while len(out) < n:
-        block = hashlib.sha256(block).digest()
-        out += block
-    return bytes(out[:n])
 
 
 class EchoServer:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import select
 import signal
 import socket
@@ -161,15 +162,20 @@ class Agent:
         server = serve(self.opts.listen, self.state, self.dataplane.counter_values) \
             if self.opts.listen else None
         watch = FileWatch(self.opts.config_path)
+        # Signals wake the loop at once instead of at the next tick.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
         log.info("agent running", extra={"instance": self.opts.instance, "listen": self.opts.listen,
                                          "hooks": self.state.hooks})
         try:
             while not self._stop:
                 try:
-                    ready, _, _ = select.select([watch], [], [], TICK_S)
+                    ready, _, _ = select.select([watch, wake_r], [], [], TICK_S)
                 except InterruptedError:
                     ready = []
-                if ready and watch.changed():
+                if wake_r in ready:
+                    os.read(wake_r, 512)
+                if watch in ready and watch.changed():
                     self._reload = True
                 if self._reload:
                     self._reload = False
@@ -177,6 +183,9 @@ class Agent:
                         self._attach(self.config.node.interfaces)
                 self._tick()
         finally:
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
             watch.close()
             if server:
                 server.shutdown()

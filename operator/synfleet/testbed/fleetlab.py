@@ -32,6 +32,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from synfleet.agent.agent import uninstall
 from synfleet.config import schema
 from synfleet.testbed.configs import SERVICE_PORT, testbed_config
 from synfleet.testbed.netns import NetNS, sh, unique_name
@@ -342,6 +343,9 @@ class FleetLab:
     def close(self) -> None:
         self.salts.stop()
         for agent in self.agents.values():
+            if agent.proc and agent.proc.poll() is None:
+                agent.proc.send_signal(signal.SIGTERM)
+        for agent in self.agents.values():
             try:
                 agent.signal(signal.SIGTERM)
             except subprocess.TimeoutExpired:
@@ -350,9 +354,8 @@ class FleetLab:
             server.kill()
             server.wait()
         for name, agent in self.agents.items():
-            subprocess.run(["nsenter", f"--net=/run/netns/{self.nodes[name].ns.name}", sys.executable,
-                            "-m", "synfleet.cli", "agent", "uninstall", "--instance", agent.instance],
-                           capture_output=True)
+            with self.nodes[name].ns.entered():
+                uninstall(agent.instance)
         for node in self.nodes.values():
             node.ns.delete()
         if self.switch:

@@ -1,0 +1,263 @@
+"""The whole fleet in namespaces with real agent processes: two proxies, two
+backends, a client and an attacker (synfleet.testbed.fleetlab)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import socket
+import struct
+import time
+
+import pytest
+
+from conftest import require_bpf
+from synfleet.bpf import objects
+from synfleet.net import frames
+from synfleet.testbed.clients import ClientLoad, Transfer, attempt
+from synfleet.testbed.configs import ENCAP_PORT, POLICY_IDS, SERVICE_PORT
+from synfleet.testbed.fleetlab import BACKENDS, PROXIES, SERVICE, FleetLab
+
+pytestmark = pytest.mark.netns
+MiB = 1 << 20
+
+
+@pytest.fixture
+def lab():
+    require_bpf()
+    with FleetLab() as lab:
+        yield lab.start()
+
+
+def drive_flood(flood) -> int:
+    """Wait for a flood process; the number of frames it sent."""
+    out, _ = flood.communicate(timeout=150)
+    return json.loads(out.strip().splitlines()[-1])["sent"]
+
+
+def success_rate(attempts) -> float:
+    return sum(a.ok for a in attempts) / len(attempts)
+
+
+class RawPort:
+    """Hand-made frames from a namespace's eth0 (AF_PACKET), and what comes back."""
+
+    def __init__(self, lab: FleetLab, node: str) -> None:
+        self.node = lab.nodes[node]
+        with self.node.ns.entered():
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+            self.sock.bind(("eth0", 0))
+        self.sock.settimeout(2)
+
+    def send(self, dst_mac: str, frame: bytes) -> None:
+        mac = bytes.fromhex(dst_mac.replace(":", ""))
+        self.sock.send(mac + bytes.fromhex(self.node.mac.replace(":", "")) + frame[12:])
+
+    def syn_ack_for(self, source: str, sport: int) -> tuple[int, int]:
+        """(cookie, ack) of the SYN+ACK answering source:sport."""
+        deadline = time.monotonic() + 2
+        want = socket.inet_aton(source)
+        while time.monotonic() < deadline:
+            f = self.sock.recv(2048)
+            ip = f[14:]
+            if ip[9] != 6 or ip[16:20] != want:
+                continue
+            tcp = ip[(ip[0] & 0xF) * 4:]
+            dport, seq, ack, flags = struct.unpack("!2xHIIxB", tcp[:14])
+            if dport == sport and flags & (frames.SYN | frames.ACK) == frames.SYN | frames.ACK:
+                return seq, ack
+        raise TimeoutError(f"no SYN+ACK for {source}:{sport}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# A source the client namespace does not own: its kernel drops the SYN+ACK
+# silently instead of resetting, so the test plays the client's part by hand.
+RAW_CLIENT = "198.18.0.200"
+
+
+def raw_handshake(port: RawPort, syn_proxy, ack_proxy, sport: int, wait_s: float = 0.0) -> None:
+    isn = random.getrandbits(32)
+    port.send(syn_proxy.mac, frames.tcp(RAW_CLIENT, SERVICE[4], sport, SERVICE_PORT, frames.SYN, isn, 0))
+    cookie, _ = port.syn_ack_for(RAW_CLIENT, sport)
+    time.sleep(wait_s)
+    port.send(ack_proxy.mac, frames.tcp(RAW_CLIENT, SERVICE[4], sport, SERVICE_PORT, frames.ACK,
+                                        isn + 1, cookie + 1))
+
+
+def test_flows_spread_over_both_backends_and_keep_their_backend_on_either_proxy(lab):
+    ports = range(41000, 41048)
+    via_a = {(fam, p): attempt(lab, fam, p, payload=bytes(64 << 10)) for fam in (4, 6) for p in ports}
+    lab.route_via("proxy-b")
+    via_b = {(fam, p): attempt(lab, fam, p, payload=bytes(64 << 10)) for fam in (4, 6) for p in ports}
+    assert all(a.ok for a in via_a.values()) and all(a.ok for a in via_b.values()), \
+        [a.error for a in (*via_a.values(), *via_b.values()) if not a.ok]
+    for fam in (4, 6):
+        landed = [via_a[(fam, p)].backend for p in ports]
+        assert min(landed.count(b) for b in BACKENDS) >= 8, landed   # 24 expected of 48
+    assert {k: a.backend for k, a in via_a.items()} == {k: a.backend for k, a in via_b.items()}
+    proxies = lab.counters(PROXIES)
+    assert proxies["syn_answered"] >= 4 * len(ports) and proxies["cookie_valid"] >= 4 * len(ports)
+    assert lab.counters(BACKENDS)["reqsk_created"] >= 4 * len(ports)
+
+
+def test_syn_flood_never_reaches_backends_while_legitimate_clients_connect(lab):
+    before = lab.counters(PROXIES)["syn_answered"]
+    flood = lab.flood("syn", rate=30000, duration=10.0)
+    load = ClientLoad(lab, concurrency=4).start()
+    sent = drive_flood(flood)
+    attempts = load.stop()
+    answered = lab.counters(PROXIES)["syn_answered"] - before
+    backends = lab.counters(BACKENDS)
+    assert sent >= 0.9 * 30000 * 10
+    assert answered >= 0.99 * sent, (answered, sent)
+    assert backends["bypass_syn"] == 0
+    assert len(attempts) >= 100
+    assert success_rate(attempts) >= 0.99, [a.error for a in attempts if not a.ok][:5]
+
+
+def test_ack_flood_with_random_cookies_is_dropped_and_counted(lab):
+    proxies_before, backends_before = lab.counters(PROXIES), lab.counters(BACKENDS)
+    flood = lab.flood("ack", rate=20000, duration=3.0)
+    load = ClientLoad(lab, concurrency=2).start()
+    sent = drive_flood(flood)
+    attempts = load.stop()
+    proxies, backends = lab.counters(PROXIES), lab.counters(BACKENDS)
+    rejected = sum(proxies[k] - proxies_before[k] for k in ("cookie_rejected", "cookie_stale"))
+    assert rejected >= sent
+    assert backends["ack_unvalidated"] - backends_before["ack_unvalidated"] >= sent
+    assert backends["reqsk_created"] - backends_before["reqsk_created"] == \
+        sum(a.ok for a in attempts)
+    assert success_rate(attempts) == 1.0, [a.error for a in attempts if not a.ok][:5]
+
+
+def _bypass_frames(lab: FleetLab, sport: int) -> dict[str, bytes]:
+    attacker = lab.nodes["attacker"]
+    # The ACK has its own port: in monitor mode the passed SYN opens a request
+    # socket, and an ACK that meets one is no bypass but the kernel's business.
+    inner = frames.tcp(attacker.v4, SERVICE[4], sport + 1000, SERVICE_PORT, frames.ACK, 1, 2)
+    return {
+        "syn": frames.tcp(attacker.v4, SERVICE[4], sport, SERVICE_PORT, frames.SYN, 1, 0),
+        "ack": inner,
+        "encap": frames.udp_encap(attacker.v4, lab.nodes["backend-a"].v4, 50000, ENCAP_PORT,
+                                  struct.pack("!BBH", 1, 1, POLICY_IDS[4]) + inner[14:]),
+    }
+
+
+def _send_bypass(lab: FleetLab, port: RawPort, n: int) -> dict[str, float]:
+    before = lab.agents["backend-a"].metrics()
+    for i in range(n):
+        for frame in _bypass_frames(lab, 42000 + i).values():
+            port.send(lab.nodes["backend-a"].mac, frame)
+    time.sleep(0.3)
+    after = lab.agents["backend-a"].metrics()
+    return {k: after[k] - before[k] for k in after}
+
+
+def _wait_generation(lab: FleetLab, name: str, generation: float) -> None:
+    deadline = time.monotonic() + 10
+    while lab.agents[name].metrics()["synfleet_config_generation"] < generation:
+        assert time.monotonic() < deadline, lab.agents[name].log()
+        time.sleep(0.1)
+
+
+def test_bypass_attempts_are_dropped_in_enforce_and_passed_and_counted_in_monitor(lab):
+    port = RawPort(lab, "attacker")
+    try:
+        enforced = _send_bypass(lab, port, 20)
+        assert enforced["bypass_syn"] == 20 and enforced["bypass_ack"] == 20
+        assert enforced["unknown_source"] == 20
+        assert enforced["monitor_passed"] == 0
+
+        generation = lab.agents["backend-a"].metrics()["synfleet_config_generation"]
+        lab.set_mode("monitor")
+        _wait_generation(lab, "backend-a", generation + 1)
+        monitored = _send_bypass(lab, port, 20)
+        assert monitored["bypass_syn"] == 20 and monitored["bypass_ack"] == 20
+        assert monitored["unknown_source"] == 20
+        assert monitored["monitor_passed"] == 60
+    finally:
+        port.close()
+    assert attempt(lab, 4).ok and attempt(lab, 6).ok
+
+
+def test_proxy_failover_mid_transfer_completes_with_identical_bytes(lab):
+    transfer = Transfer(lab, 50 * MiB, rate=25 * MiB).start()
+    while transfer.received < 12 * MiB:
+        time.sleep(0.05)
+    lab.route_via("proxy-b")
+    assert transfer.result(), transfer.error
+    assert transfer.received == 50 * MiB
+    assert lab.agents["proxy-b"].metrics()["forwarded"] > 1000
+
+
+def _tc_program_id(lab: FleetLab, name: str) -> int:
+    out = lab.nodes[name].ns.run("tc", "-j", "filter", "show", "dev", "eth0", "ingress")
+    return next(f["options"]["prog"]["id"] for f in json.loads(out) if "options" in f)
+
+
+def test_agent_kill_restart_and_upgrade_mid_transfer_keep_the_connection(lab, tmp_path):
+    upgrade = tmp_path / "objects-next"
+    shutil.copytree(objects.OBJECTS_DIR, upgrade)
+    counters_before = lab.counters(PROXIES + BACKENDS)
+    programs_before = {n: _tc_program_id(lab, n) for n in ("proxy-a", "backend-a", "backend-b")}
+    transfer = Transfer(lab, 40 * MiB, rate=3 * MiB).start()
+    time.sleep(0.5)
+    for name in ("proxy-a", "backend-a", "backend-b"):
+        lab.restart_agent(name, signal.SIGKILL)
+    time.sleep(0.5)
+    for name in ("proxy-a", "backend-a", "backend-b"):
+        lab.restart_agent(name, signal.SIGTERM, objects_dir=str(upgrade))
+    assert transfer.sent < transfer.size, "the transfer ended before the restarts: slow it down"
+    assert transfer.result(), transfer.error
+    for name, old in programs_before.items():
+        assert _tc_program_id(lab, name) != old
+    after = lab.counters(PROXIES + BACKENDS)
+    assert after["forwarded"] >= counters_before["forwarded"] + (40 * MiB) // (64 << 10)
+    assert after["decapsulated"] >= counters_before["decapsulated"]
+    assert attempt(lab, 4).ok and attempt(lab, 6).ok
+
+
+@pytest.fixture
+def skewed_lab():
+    """2-second epochs; proxy-b's clock runs 1 s ahead (node.clockOffsetSeconds)."""
+    require_bpf()
+    with FleetLab(rotation_s=2, clock_offsets={"proxy-b": 1.0}) as lab:
+        yield lab.start()
+
+
+def test_short_epochs_skewed_proxies_and_stale_cookies(skewed_lab):
+    lab = skewed_lab
+    epoch0 = lab.agents["proxy-a"].metrics()["synfleet_salt_epoch"]
+    load = ClientLoad(lab, concurrency=4).start()
+    time.sleep(7)   # at least three epoch boundaries
+    attempts = load.stop()
+    assert lab.agents["proxy-a"].metrics()["synfleet_salt_epoch"] >= epoch0 + 3
+    assert len(attempts) >= 100
+    assert all(a.ok for a in attempts), [a.error for a in attempts if not a.ok][:5]
+
+    # Cookies made by one proxy validate on the other, a second apart in clock.
+    port = RawPort(lab, "client")
+    a, b = lab.nodes["proxy-a"], lab.nodes["proxy-b"]
+    try:
+        before = lab.counters(BACKENDS)["reqsk_created"]
+        for i in range(12):
+            raw_handshake(port, a if i % 2 else b, b if i % 2 else a, 43000 + i)
+            time.sleep(0.35)
+        time.sleep(0.3)
+        assert lab.counters(BACKENDS)["reqsk_created"] - before == 12
+
+        # A cookie three epochs old is refused, whichever proxy sees it.
+        proxies = lab.counters(PROXIES)
+        raw_handshake(port, a, a, 43100, wait_s=3 * lab.rotation_s + 0.5)
+        time.sleep(0.3)
+        after = lab.counters(PROXIES)
+        assert after["cookie_valid"] == proxies["cookie_valid"]
+        assert after["cookie_stale"] + after["cookie_rejected"] > \
+            proxies["cookie_stale"] + proxies["cookie_rejected"]
+        assert lab.counters(BACKENDS)["reqsk_created"] - before == 12
+    finally:
+        port.close()
