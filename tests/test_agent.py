@@ -1,0 +1,205 @@
+"""The agent as a process in one namespace: pins, restarts, reloads, bad
+files, signals, probes, uninstall; and the double-buffered flip under load."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import (
+    CLIENT_V4, PORT_FULL, POLICY_FULL, PROXY_V4, PROXY_V6, ROTATION_S, SERVICE_V4, Salts, require_bpf,
+    tai_epoch, unit_config,
+)
+from packets import TC_ACT_REDIRECT, tcp_frame
+from scapy.layers.inet import TCP
+from scapy.layers.l2 import Ether
+from synfleet.agent.agent import uninstall
+from synfleet.agent.pins import DEFAULT_ROOT
+from synfleet.dataplane.layout import Counter
+from synfleet.dataplane.programs import ProxyDataplane
+from synfleet.testbed.fleetlab import AgentProcess, Node
+from synfleet.testbed.netns import NetNS, unique_name
+
+pytestmark = pytest.mark.netns
+
+
+class OneNode:
+    """A namespace with a veth and one proxy agent process driven by a file."""
+
+    def __init__(self, tmp_path) -> None:
+        self.ns = NetNS(unique_name("sf-agent"))
+        self.ns.ip("link", "add", "sf0", "type", "veth", "peer", "sf1")
+        for ifname in ("sf0", "sf1"):
+            self.ns.ip("link", "set", ifname, "up")
+        self.ns.ip("addr", "add", f"{PROXY_V4}/24", "dev", "sf0")
+        self.ns.ip("-6", "addr", "add", f"{PROXY_V6}/64", "dev", "sf0", "nodad")
+        self.path = str(tmp_path / "proxy.yaml")
+        e = tai_epoch()
+        self.salts = Salts({x: secrets.token_bytes(16) for x in (e - 1, e, e + 1)})
+        self.write(unit_config("proxy", self.salts).to_yaml())
+        self.agent = AgentProcess(Node("proxy", self.ns, PROXY_V4, PROXY_V6), "proxy", self.path,
+                                  unique_name("test-agent"), str(tmp_path / "agent.log"))
+
+    def write(self, text: str) -> None:
+        with open(self.path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(self.path + ".tmp", self.path)
+
+    def tc_program_id(self) -> int | None:
+        out = self.ns.run("tc", "-j", "filter", "show", "dev", "sf0", "ingress", check=False)
+        return next((f["options"]["prog"]["id"] for f in json.loads(out or "[]") if "options" in f), None)
+
+    def pins(self) -> str:
+        return os.path.join(DEFAULT_ROOT, self.agent.instance)
+
+    def close(self) -> None:
+        self.agent.signal(signal.SIGKILL)
+        with self.ns.entered():
+            uninstall(self.agent.instance)
+        self.ns.delete()
+
+
+@pytest.fixture
+def node(tmp_path):
+    require_bpf()
+    n = OneNode(tmp_path)
+    yield n
+    n.close()
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_agent_pins_attaches_and_serves_probes_and_metrics(node):
+    node.agent.start()
+    node.agent.wait_ready()
+    assert node.agent.http("/healthz") == (200, "ok\n")
+    assert sorted(os.listdir(node.pins())) == sorted(ProxyDataplane.MAPS + ("program",))
+    assert node.tc_program_id() is not None
+    m = node.agent.metrics()
+    assert m["synfleet_config_generation"] == 1 and m["syn_answered"] == 0
+    assert m["synfleet_salt_epoch"] == tai_epoch() and m["synfleet_salt_epochs_ahead"] == 1
+
+
+def test_a_bad_file_is_rejected_and_the_last_good_configuration_keeps_serving(node):
+    node.agent.start()
+    node.agent.wait_ready()
+    good = node.agent.metrics()
+    node.write("apiVersion: synfleet.io/v1alpha1\nkind: DataplaneConfig\nrole: proxy\nrotationSeconds: -1\n")
+    wait_for(lambda: node.agent.metrics()["synfleet_config_errors_total"] == 1, "the rejection")
+    assert node.agent.http("/readyz")[0] == 200
+    assert node.agent.metrics()["synfleet_config_generation"] == good["synfleet_config_generation"]
+    assert "rotationSeconds: Input should be greater than or equal to 1" in node.agent.log()
+    with node.ns.entered(), ProxyDataplane(node.pins()) as dp:
+        assert dp.applied() and dp.published_salts() == node.salts
+
+
+def test_a_changed_file_and_sighup_are_applied_into_the_other_half(node):
+    node.agent.start()
+    node.agent.wait_ready()
+    cfg = unit_config("proxy", node.salts)
+    node.write(cfg.model_copy(update={"rotation_seconds": ROTATION_S // 2}).to_yaml())
+    wait_for(lambda: node.agent.metrics()["synfleet_config_generation"] == 2, "the reload")
+    with node.ns.entered(), ProxyDataplane(node.pins()) as dp:
+        assert dp.config.get(ctypes.c_uint32(dp.active_slot())).rotation_ns == ROTATION_S // 2 * 10**9
+    node.agent.proc.send_signal(signal.SIGHUP)   # same content: nothing to apply
+    time.sleep(0.5)
+    assert node.agent.metrics()["synfleet_config_generation"] == 2
+
+
+def test_sigterm_leaves_the_data_plane_and_uninstall_removes_it(node):
+    node.agent.start()
+    node.agent.wait_ready()
+    program = node.tc_program_id()
+    node.agent.signal(signal.SIGTERM)
+    assert node.agent.proc.returncode == 0
+    assert node.tc_program_id() == program and os.path.isdir(node.pins())
+    with node.ns.entered():
+        assert uninstall(node.agent.instance) == ["sf0"]
+        assert uninstall(node.agent.instance) is None
+    assert node.tc_program_id() is None and not os.path.exists(node.pins())
+
+
+def test_a_restarted_agent_replaces_the_program_and_keeps_maps_and_counters(node):
+    node.agent.start()
+    node.agent.wait_ready()
+    with node.ns.entered(), ProxyDataplane(node.pins()) as dp:
+        dp.counters.put(ctypes.c_uint32(Counter.SYN_ANSWERED), ctypes.c_uint64(0))
+        before = dp.counter_values()[Counter.SYN_ANSWERED]
+    first = node.tc_program_id()
+    node.agent.signal(signal.SIGKILL)
+    node.agent.start()
+    node.agent.wait_ready()
+    assert node.tc_program_id() != first
+    assert node.agent.metrics()["syn_answered"] >= before
+    assert "replaces_program_id" in node.agent.log() and f'"replaces_program_id": {first}' in node.agent.log()
+
+
+def test_an_agent_without_a_valid_file_is_not_ready_until_one_arrives(node):
+    good = open(node.path).read()
+    node.write("role: [")
+    node.agent.start()
+    status, body = wait_for(lambda: (r := node.agent.http("/readyz"))[0] == 503 and r, "a 503")
+    assert "no valid configuration yet: not YAML" in body
+    assert node.tc_program_id() is None
+    node.write(good)
+    node.agent.wait_ready()
+    wait_for(node.tc_program_id, "the hook")
+
+
+def test_a_file_for_the_other_role_is_rejected(node):
+    node.write(unit_config("backend").to_yaml())
+    node.agent.start()
+    wait_for(lambda: "this agent runs --role proxy" in node.agent.http("/readyz")[1], "the role error")
+
+
+def test_packets_never_see_a_half_written_configuration(proxy, salts):
+    """Two configurations that differ in which policy owns the service: a
+    packet must meet one of them whole (SYN+ACK with its window scale), never
+    a service pointing at a policy the other one removed (passed untouched)."""
+    a = unit_config("proxy", salts)
+    b_policies = [p.model_copy(update={"id": p.id + 100}) for p in a.policies]
+    b_policies[0] = b_policies[0].model_copy(
+        update={"cookie": b_policies[0].cookie.model_copy(update={"window_scale": 9})})
+    b = a.model_copy(update={"policies": b_policies})
+    syn = tcp_frame(CLIENT_V4, SERVICE_V4, 40000, PORT_FULL, "S", options=[("WScale", 2)])
+    stop = threading.Event()
+    flips = []
+
+    def flip() -> None:
+        while not stop.is_set():
+            for cfg in (b, a):
+                proxy.apply(cfg)
+                flips.append(cfg)
+
+    t = threading.Thread(target=flip)
+    t.start()
+    answers, deadline = [], time.monotonic() + 60
+    try:
+        # Only the kernel call in this loop: parsing here would starve the
+        # flipping thread of the GIL.
+        while len(flips) < 10 and time.monotonic() < deadline:
+            run = proxy.program.test_run(syn)
+            answers.append((run.retval, run.data))
+    finally:
+        stop.set()
+        t.join()
+        proxy.apply(a)
+    assert len(flips) >= 10 and len(answers) > 100
+    assert {retval for retval, _ in answers} == {TC_ACT_REDIRECT}
+    seen = {dict(Ether(data)[TCP].options)["WScale"] for _, data in set(answers)}
+    assert seen == {POLICY_FULL.cookie.window_scale, 9}
