@@ -57,6 +57,26 @@ def _agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from synfleet import demo
+
+    say = (lambda *a, **k: None) if args.json else print
+    try:
+        result = demo.run(flood_rate=args.flood_rate, flood_s=args.flood_seconds, clients=args.clients,
+                          progress=say)
+    except KeyboardInterrupt:
+        print("synfleet demo: interrupted; everything it created was removed", file=sys.stderr)
+        return 130
+    demo.chart(result, args.chart)
+    if args.json:
+        print(json.dumps(result.summary))
+        return 0
+    print("\nsynfleet demo summary")
+    print(demo.table(result.summary))
+    print(f"\nchart: {args.chart}; namespaces, agents and pins removed")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="synfleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--rounds", type=int, default=3, help="measurements per path; the best is kept")
     dp.add_argument("--json", action="store_true", help="print one JSON object")
     dp.set_defaults(func=_bench_dataplane)
+    demo = sub.add_parser("demo", help="a fleet in network namespaces under a SYN flood, with a "
+                                       "summary and a chart (needs root)")
+    demo.add_argument("--flood-rate", type=int, default=40000, help="SYNs per second (default 40000)")
+    demo.add_argument("--flood-seconds", type=float, default=15.0, help="flood length (default 15)")
+    demo.add_argument("--clients", type=int, default=4, help="concurrent legitimate clients")
+    demo.add_argument("--chart", default="synfleet-demo.png", help="PNG chart path")
+    demo.add_argument("--json", action="store_true", help="print only the summary as JSON")
+    demo.set_defaults(func=_demo)
     agent = sub.add_parser("agent", help="run the node agent (or `agent uninstall`)",
                            description="Run the node agent: load, pin and configure this node's "
                                        "data plane from a DataplaneConfig file. `synfleet agent "

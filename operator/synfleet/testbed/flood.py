@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(entry), flush=True)
 
     start = time.monotonic()
-    sent = flood(sock, pool, args.rate, args.duration, progress)
+    try:
+        sent = flood(sock, pool, args.rate, args.duration, progress)
+    except KeyboardInterrupt:   # Ctrl-C reaches the whole process group: stop quietly
+        return 130
     print(json.dumps({"done": True, "sent": sent, "duration_s": round(time.monotonic() - start, 3)}),
           flush=True)
     return 0

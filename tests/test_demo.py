@@ -1,0 +1,57 @@
+"""`synfleet demo` as a user runs it: a subprocess, its JSON, its chart, and
+nothing left behind, also when interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import require_bpf
+
+pytestmark = pytest.mark.netns
+KEYS = {"legit_attempts", "legit_ok", "connect_p50_ms", "connect_p99_ms", "flood_syn_sent",
+        "proxy_synack_sent", "backend_syn_seen", "duration_s"}
+
+
+def leftovers() -> tuple[list[str], list[str]]:
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    pins = os.listdir("/sys/fs/bpf/synfleet") if os.path.isdir("/sys/fs/bpf/synfleet") else []
+    return [n for n in netns if n.startswith("sf-")], pins
+
+
+def test_demo_json_summary_and_chart(tmp_path):
+    require_bpf()
+    chart = tmp_path / "demo.png"
+    out = subprocess.run([sys.executable, "-m", "synfleet.cli", "demo", "--json", "--flood-seconds", "3",
+                          "--flood-rate", "10000", "--chart", str(chart)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert KEYS <= set(summary)
+    assert summary["flood_syn_sent"] >= 0.9 * 30000
+    assert summary["proxy_synack_sent"] >= summary["flood_syn_sent"] + summary["legit_ok"]
+    assert summary["backend_syn_seen"] == 0
+    assert summary["legit_attempts"] > 50 and summary["legit_ok"] >= 0.99 * summary["legit_attempts"]
+    assert 0 < summary["connect_p50_ms"] <= summary["connect_p99_ms"]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert leftovers() == ([], [])
+
+
+def test_an_interrupted_demo_removes_everything(tmp_path):
+    require_bpf()
+    proc = subprocess.Popen([sys.executable, "-m", "synfleet.cli", "demo", "--chart", str(tmp_path / "x.png")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while "t=" not in (line := proc.stdout.readline()):
+        assert time.monotonic() < deadline and line, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "everything it created was removed" in err
+    assert leftovers() == ([], [])
