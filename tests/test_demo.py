@@ -19,14 +19,16 @@ KEYS = {"legit_attempts", "legit_ok", "connect_p50_ms", "connect_p99_ms", "flood
         "proxy_synack_sent", "backend_syn_seen", "duration_s"}
 
 
-def leftovers() -> tuple[list[str], list[str]]:
+def state() -> tuple[set[str], set[str]]:
+    """Network namespaces and synfleet pin directories on this machine now."""
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     pins = os.listdir("/sys/fs/bpf/synfleet") if os.path.isdir("/sys/fs/bpf/synfleet") else []
-    return [n for n in netns if n.startswith("sf-")], pins
+    return {n for n in netns if n.startswith("sf-")}, set(pins)
 
 
 def test_demo_json_summary_and_chart(tmp_path):
     require_bpf()
+    before = state()
     chart = tmp_path / "demo.png"
     out = subprocess.run([sys.executable, "-m", "synfleet.cli", "demo", "--json", "--flood-seconds", "3",
                           "--flood-rate", "10000", "--chart", str(chart)],
@@ -40,11 +42,12 @@ def test_demo_json_summary_and_chart(tmp_path):
     assert summary["legit_attempts"] > 50 and summary["legit_ok"] >= 0.99 * summary["legit_attempts"]
     assert 0 < summary["connect_p50_ms"] <= summary["connect_p99_ms"]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert leftovers() == ([], [])
+    assert state() == before
 
 
 def test_an_interrupted_demo_removes_everything(tmp_path):
     require_bpf()
+    before = state()
     proc = subprocess.Popen([sys.executable, "-m", "synfleet.cli", "demo", "--chart", str(tmp_path / "x.png")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
@@ -54,4 +57,4 @@ def test_an_interrupted_demo_removes_everything(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "everything it created was removed" in err
-    assert leftovers() == ([], [])
+    assert state() == before
