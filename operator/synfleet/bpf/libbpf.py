@@ -120,9 +120,26 @@ class _MapInfo(ctypes.Structure):
     ]
 
 
+class _OwnedFd:
+    """A BPF object fd that is closed with the Python object when we opened it
+    (a pin), and left to libbpf when it belongs to a loaded BpfObject."""
+
+    fd: int
+    _owns_fd: bool
+
+    def close(self) -> None:
+        if self._owns_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _obj_get(path: str, what: str) -> int:
+    return _check(_lib.bpf_obj_get(path.encode()), f"open pinned {what} {path}")
+
+
 # ---- maps ----
 
-class Map:
+class Map(_OwnedFd):
     """A BPF map by file descriptor, with raw bytes access."""
 
     def __init__(self, fd: int, name: str, owns_fd: bool = False) -> None:
@@ -144,13 +161,7 @@ class Map:
 
     @classmethod
     def open_pinned(cls, path: str) -> "Map":
-        fd = _check(_lib.bpf_obj_get(path.encode()), f"open pinned map {path}")
-        return cls(fd, os.path.basename(path), owns_fd=True)
-
-    def close(self) -> None:
-        if self._owns_fd and self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        return cls(_obj_get(path, "map"), os.path.basename(path), owns_fd=True)
 
     def pin(self, path: str) -> None:
         _check(_lib.bpf_obj_pin(self.fd, path.encode()), f"pin map {self.name} at {path}")
@@ -265,20 +276,14 @@ class _ProgInfo(ctypes.Structure):
     _fields_ = [("type", _u32), ("id", _u32), ("rest", ctypes.c_uint8 * 248)]
 
 
-class Program:
+class Program(_OwnedFd):
     def __init__(self, fd: int, name: str, owns_fd: bool = False) -> None:
         self.fd, self.name = fd, name
         self._owns_fd = owns_fd
 
     @classmethod
     def open_pinned(cls, path: str) -> "Program":
-        fd = _check(_lib.bpf_obj_get(path.encode()), f"open pinned program {path}")
-        return cls(fd, os.path.basename(path), owns_fd=True)
-
-    def close(self) -> None:
-        if self._owns_fd and self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        return cls(_obj_get(path, "program"), os.path.basename(path), owns_fd=True)
 
     @property
     def id(self) -> int:
