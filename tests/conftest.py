@@ -7,11 +7,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
-import time
 
 import pytest
 
 from synfleet.config import schema
+from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet.testbed.lab import proxy_node_namespace
 
@@ -53,7 +53,7 @@ def require_bpf() -> None:
 
 
 def tai_epoch(rotation_s: int = ROTATION_S) -> int:
-    return time.clock_gettime_ns(time.CLOCK_TAI) // (rotation_s * 10**9)
+    return current_epoch(rotation_s)
 
 
 class Salts(dict):

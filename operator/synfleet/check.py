@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Callable
 
+from synfleet.cookie import current_epoch
 from synfleet.dataplane.layout import Counter
 from synfleet.testbed.fleet import SERVICE_PORT, Fleet, recv_exact
 from synfleet.testbed.topology import V4, V6
@@ -49,7 +50,7 @@ def _round_trip(fleet: Fleet, service: str) -> float:
 
 
 def run_check(say: Callable[[str], None]) -> int:
-    epoch = time.clock_gettime_ns(time.CLOCK_TAI) // (ROTATION_S * 10**9)
+    epoch = current_epoch(ROTATION_S)
     say("synfleet check: building client -- proxy -- backend namespaces, loading the data plane")
     fleet = Fleet.start({epoch + d: secrets.token_bytes(16) for d in (-1, 0, 1)}, ROTATION_S)
     try:

@@ -26,6 +26,7 @@ from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, PinDir, hooks_running
 from synfleet.bpf import TcHook
 from synfleet.config import schema
+from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import Dataplane, ProxyDataplane, dataplane_for
 
 log = logging.getLogger("synfleet.agent")
@@ -141,8 +142,7 @@ class Agent:
         self._last_tick = time.monotonic()
         if self.config is None or self.opts.role is not schema.Role.PROXY:
             return
-        clock = time.clock_gettime_ns(time.CLOCK_TAI) + round(self.config.node.clock_offset_seconds * 1e9)
-        epoch = clock // (self.config.rotation_seconds * 10**9)
+        epoch = current_epoch(self.config.rotation_seconds, self.config.node.clock_offset_seconds)
         if epoch != self.state.salt_epoch:
             self.state.salt_epoch = epoch
             if epoch not in self.state.salts_published:

@@ -9,11 +9,10 @@ import ipaddress
 import platform
 import secrets
 import struct
-import time
 from dataclasses import dataclass
 
 from synfleet.bpf import BpfObject, Program, TypedMap, object_path
-from synfleet.cookie import CookieAttributes, FourTuple, cookie_make
+from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet.testbed.configs import ENCAP_PORT, testbed_config
 from synfleet.testbed.configs import SERVICE_PORT as PORT
@@ -106,7 +105,7 @@ def cases(salt: bytes, epoch: int) -> list[Case]:
 
 def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
     """Best of `rounds` for each path (the least disturbed measurement)."""
-    epoch = time.clock_gettime_ns(time.CLOCK_TAI) // (ROTATION_S * 10**9)
+    epoch = current_epoch(ROTATION_S)
     salt = secrets.token_bytes(16)
     with proxy_node_namespace(NODE_V4, NODE_V6):
         with ProxyDataplane() as proxy, BackendDataplane() as backend:

@@ -8,6 +8,7 @@ from synfleet.cookie.cookie import (
     cookie_check,
     cookie_make,
     cookie_message,
+    current_epoch,
     epoch_bits,
     mss_index,
     salt_in_window,
@@ -16,5 +17,5 @@ from synfleet.cookie.siphash import siphash24
 
 __all__ = [
     "HASH_BITS", "WSCALE_NONE", "CookieAttributes", "FourTuple", "cookie_check", "cookie_make",
-    "cookie_message", "epoch_bits", "mss_index", "salt_in_window", "siphash24",
+    "cookie_message", "current_epoch", "epoch_bits", "mss_index", "salt_in_window", "siphash24",
 ]

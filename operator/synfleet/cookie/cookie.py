@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import time
 from dataclasses import dataclass
 
 from synfleet.cookie.siphash import siphash24
@@ -102,6 +103,13 @@ def cookie_make(salt: bytes, epoch: int, t: FourTuple, client_isn: int,
 
 def epoch_bits(cookie: int) -> int:
     return (cookie >> EPOCH_SHIFT) & 3
+
+
+def current_epoch(rotation_seconds: float, clock_offset_seconds: float = 0.0) -> int:
+    """The salt epoch a node is in now, as the proxy derives it:
+    (TAI ns + the node's clock offset) / rotation (bpf/proxy.bpf.c now_epoch)."""
+    clock = time.clock_gettime_ns(time.CLOCK_TAI) + round(clock_offset_seconds * 1e9)
+    return clock // round(rotation_seconds * 1e9)
 
 
 def salt_in_window(salt_epoch: int, now_epoch: int) -> bool:

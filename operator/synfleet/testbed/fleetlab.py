@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from synfleet.agent.agent import uninstall
 from synfleet.config import schema
+from synfleet.cookie import current_epoch
 from synfleet.testbed.configs import SERVICE_PORT, testbed_config
 from synfleet.testbed.netns import NetNS, sh, unique_name
 
@@ -149,7 +150,7 @@ class SaltPublisher:
         return {e: self.keys[e] for e in (epoch - 1, epoch, epoch + 1)}
 
     def epoch(self) -> int:
-        return time.clock_gettime_ns(time.CLOCK_TAI) // (self.lab.rotation_s * 10**9)
+        return current_epoch(self.lab.rotation_s)
 
     def publish(self) -> None:
         epoch = self.epoch()
