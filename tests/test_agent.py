@@ -161,6 +161,17 @@ def test_an_agent_without_a_valid_file_is_not_ready_until_one_arrives(node):
     wait_for(node.tc_program_id, "the hook")
 
 
+def test_a_proxy_without_a_salt_for_the_current_epoch_is_not_ready(node):
+    node.agent.start()
+    node.agent.wait_ready()
+    later = {e + 10: k for e, k in node.salts.items()}
+    node.write(unit_config("proxy", later).to_yaml())
+    wait_for(lambda: node.agent.metrics()["synfleet_config_generation"] == 2, "the reload")
+    assert node.agent.http("/readyz") == (503, f"no salt published for epoch {tai_epoch()}\n")
+    node.write(unit_config("proxy", node.salts).to_yaml())
+    node.agent.wait_ready()
+
+
 def test_a_file_for_the_other_role_is_rejected(node):
     node.write(unit_config("backend").to_yaml())
     node.agent.start()

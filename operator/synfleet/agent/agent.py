@@ -49,7 +49,11 @@ class Agent:
         self.pins = PinDir(opts.pin_root, opts.instance)
         self.state = AgentState(role=opts.role.value, instance=opts.instance)
         self.state.alive = self._alive
+        self.state.not_ready = self._not_ready
         self.dataplane: Dataplane | None = None
+        self._inherited = False         # the maps hold a previous agent's configuration
+        self._first_error: str | None = None   # why no configuration was ever applied
+        self._missing_interfaces: list[str] = []
         self.config: schema.DataplaneConfig | None = None
         self._config_digest: str | None = None
         self._rejected_digest: str | None = None   # the bad file is reported once
@@ -70,8 +74,7 @@ class Agent:
                                               "replaces_program_id": previous_program})
         if previous_program is not None:
             self._hooks = hooks_running(previous_program)
-        if self.dataplane.applied():
-            self.state.not_ready = None   # the previous agent's configuration keeps serving
+        self._inherited = self.dataplane.applied()
         self.reload()
         # A configuration error must not leave the interfaces with the old
         # program forever: the new program reads the same maps, swap it in.
@@ -79,12 +82,13 @@ class Agent:
         self.pins.pin_program(self.dataplane.program)
 
     def _attach(self, interfaces: list[str]) -> None:
+        self._missing_interfaces = []
         for name in interfaces:
             try:
                 hook = TcHook(socket.if_nametoindex(name))
             except OSError:
                 log.error("interface missing", extra={"interface": name})
-                self.state.not_ready = f"interface {name} does not exist"
+                self._missing_interfaces.append(name)
                 continue
             hook.attach(self.dataplane.program)
             self._hooks[name] = hook
@@ -113,8 +117,8 @@ class Agent:
             self.state.config_errors += 1
             log.error("configuration rejected; the last good one keeps serving",
                       extra={"path": self.opts.config_path, "error": str(err)})
-            if self.config is None and not self.dataplane.applied():
-                self.state.not_ready = f"no valid configuration yet: {err}"
+            if self.config is None:
+                self._first_error = str(err)
             return False
         self._apply(cfg)
         self._config_digest = digest
@@ -130,7 +134,6 @@ class Agent:
         self.state.config_generation += 1
         self.state.last_sync = time.time()
         self.state.salts_published = set(cfg.salt_map)
-        self.state.not_ready = None
         self._tick()
         log.info("configuration applied", extra={
             "generation": self.state.config_generation, "active_slot": slot,
@@ -138,19 +141,33 @@ class Agent:
 
     # ---- run ----
 
+    def _salt_status(self) -> tuple[int, bool] | None:
+        """For a configured proxy: the node's current epoch, and whether it has a salt."""
+        if self.config is None or self.opts.role is not schema.Role.PROXY:
+            return None
+        epoch = current_epoch(self.config.rotation_seconds, self.config.node.clock_offset_seconds)
+        return epoch, epoch in self.state.salts_published
+
     def _tick(self) -> None:
         self._last_tick = time.monotonic()
-        if self.config is None or self.opts.role is not schema.Role.PROXY:
+        status = self._salt_status()
+        if status is None or status[0] == self.state.salt_epoch:
             return
-        epoch = current_epoch(self.config.rotation_seconds, self.config.node.clock_offset_seconds)
-        if epoch != self.state.salt_epoch:
-            self.state.salt_epoch = epoch
-            if epoch not in self.state.salts_published:
-                log.error("no salt for the current epoch: SYNs are dropped until one is published",
-                          extra={"epoch": epoch, "published": sorted(self.state.salts_published)})
-                self.state.not_ready = f"no salt published for epoch {epoch}"
-            elif self.state.not_ready and self.state.not_ready.startswith("no salt"):
-                self.state.not_ready = None
+        epoch, published = status
+        self.state.salt_epoch = epoch
+        if not published:
+            log.error("no salt for the current epoch: SYNs are dropped until one is published",
+                      extra={"epoch": epoch, "published": sorted(self.state.salts_published)})
+
+    def _not_ready(self) -> str | None:
+        if self.config is None and not self._inherited:
+            return f"no valid configuration yet: {self._first_error}" if self._first_error else "starting"
+        if self._missing_interfaces:
+            return f"interface {', '.join(self._missing_interfaces)} does not exist"
+        status = self._salt_status()
+        if status is not None and not status[1]:
+            return f"no salt published for epoch {status[0]}"
+        return None
 
     def _alive(self) -> bool:
         return time.monotonic() - self._last_tick < 10 * TICK_S

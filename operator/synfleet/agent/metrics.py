@@ -32,7 +32,7 @@ class AgentState:
     salt_epoch: int | None = None       # the epoch the node's clock is in
     salts_published: set[int] = field(default_factory=set)
     hooks: list[str] = field(default_factory=list)
-    not_ready: str | None = "starting"  # why /readyz fails, or None
+    not_ready: Callable[[], str | None] = lambda: "starting"   # why /readyz fails, or None
     alive: Callable[[], bool] = lambda: True
 
 
@@ -88,7 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
             ok = self.state.alive()
             self._reply(200 if ok else 503, b"ok\n" if ok else b"agent loop stalled\n")
         elif path == "/readyz":
-            why = self.state.not_ready
+            why = self.state.not_ready()
             self._reply(200 if why is None else 503, b"ok\n" if why is None else f"{why}\n".encode())
         else:
             self._reply(404, b"try /metrics, /healthz or /readyz\n")
