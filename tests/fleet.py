@@ -8,6 +8,7 @@ import threading
 import time
 
 from synfleet.testbed.fleet import ENCAP_PORT, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
+from synfleet.bpf import TcHook
 from synfleet.testbed.clients import pattern  # noqa: F401
 from synfleet.testbed.netns import NetNS
 
@@ -109,3 +110,20 @@ def tcp_info_options(sock: socket.socket) -> dict:
     return {"ts": bool(opts & TCPI_OPT_TIMESTAMPS), "sack": bool(opts & TCPI_OPT_SACK),
             "ecn": bool(opts & TCPI_OPT_ECN),
             "wscale": (scales & 0xF, scales >> 4) if opts & TCPI_OPT_WSCALE else None}
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0):
+    """Poll until `predicate()` is truthy and return its value; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def ingress_program_id(ns: NetNS, ifname: str) -> int | None:
+    """The id of the program on `ifname`'s TC ingress slot (the agent's), or None."""
+    with ns.entered():
+        return TcHook(socket.if_nametoindex(ifname)).query()

@@ -4,7 +4,6 @@ files, signals, probes, uninstall; and the double-buffered flip under load."""
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import secrets
 import signal
@@ -17,6 +16,7 @@ from conftest import (
     CLIENT_V4, PORT_FULL, POLICY_FULL, PROXY_V4, PROXY_V6, ROTATION_S, SERVICE_V4, Salts, require_bpf,
     tai_epoch, unit_config,
 )
+from fleet import ingress_program_id, wait_for
 from packets import TC_ACT_REDIRECT, tcp_frame
 from scapy.layers.inet import TCP
 from scapy.layers.l2 import Ether
@@ -53,8 +53,7 @@ class OneNode:
         os.replace(self.path + ".tmp", self.path)
 
     def tc_program_id(self) -> int | None:
-        out = self.ns.run("tc", "-j", "filter", "show", "dev", "sf0", "ingress", check=False)
-        return next((f["options"]["prog"]["id"] for f in json.loads(out or "[]") if "options" in f), None)
+        return ingress_program_id(self.ns, "sf0")
 
     def pins(self) -> str:
         return os.path.join(DEFAULT_ROOT, self.agent.instance)
@@ -72,16 +71,6 @@ def node(tmp_path):
     n = OneNode(tmp_path)
     yield n
     n.close()
-
-
-def wait_for(predicate, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_agent_pins_attaches_and_serves_probes_and_metrics(node):

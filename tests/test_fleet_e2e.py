@@ -3,7 +3,6 @@ backends, a client and an attacker (synfleet.testbed.fleetlab)."""
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import signal
@@ -14,6 +13,7 @@ import time
 import pytest
 
 from conftest import require_bpf
+from fleet import ingress_program_id, wait_for
 from synfleet.bpf import objects
 from synfleet.net import frames
 from synfleet.testbed.clients import ClientLoad, Transfer, attempt
@@ -29,12 +29,6 @@ def lab():
     require_bpf()
     with FleetLab() as lab:
         yield lab.start()
-
-
-def drive_flood(flood) -> int:
-    """Wait for a flood process; the number of frames it sent."""
-    out, _ = flood.communicate(timeout=150)
-    return json.loads(out.strip().splitlines()[-1])["sent"]
 
 
 def success_rate(attempts) -> float:
@@ -108,7 +102,7 @@ def test_syn_flood_never_reaches_backends_while_legitimate_clients_connect(lab):
     before = lab.counters(PROXIES)["syn_answered"]
     flood = lab.flood("syn", rate=30000, duration=10.0)
     load = ClientLoad(lab, concurrency=4).start()
-    sent = drive_flood(flood)
+    sent = flood.wait()
     attempts = load.stop()
     answered = lab.counters(PROXIES)["syn_answered"] - before
     backends = lab.counters(BACKENDS)
@@ -123,7 +117,7 @@ def test_ack_flood_with_random_cookies_is_dropped_and_counted(lab):
     proxies_before, backends_before = lab.counters(PROXIES), lab.counters(BACKENDS)
     flood = lab.flood("ack", rate=20000, duration=3.0)
     load = ClientLoad(lab, concurrency=2).start()
-    sent = drive_flood(flood)
+    sent = flood.wait()
     attempts = load.stop()
     proxies, backends = lab.counters(PROXIES), lab.counters(BACKENDS)
     rejected = sum(proxies[k] - proxies_before[k] for k in ("cookie_rejected", "cookie_stale"))
@@ -157,13 +151,6 @@ def _send_bypass(lab: FleetLab, port: RawPort, n: int) -> dict[str, float]:
     return {k: after[k] - before[k] for k in after}
 
 
-def _wait_generation(lab: FleetLab, name: str, generation: float) -> None:
-    deadline = time.monotonic() + 10
-    while lab.agents[name].metrics()["synfleet_config_generation"] < generation:
-        assert time.monotonic() < deadline, lab.agents[name].log()
-        time.sleep(0.1)
-
-
 def test_bypass_attempts_are_dropped_in_enforce_and_passed_and_counted_in_monitor(lab):
     port = RawPort(lab, "attacker")
     try:
@@ -174,7 +161,8 @@ def test_bypass_attempts_are_dropped_in_enforce_and_passed_and_counted_in_monito
 
         generation = lab.agents["backend-a"].metrics()["synfleet_config_generation"]
         lab.set_mode("monitor")
-        _wait_generation(lab, "backend-a", generation + 1)
+        wait_for(lambda: lab.agents["backend-a"].metrics()["synfleet_config_generation"] > generation,
+                 "backend-a to apply monitor mode")
         monitored = _send_bypass(lab, port, 20)
         assert monitored["bypass_syn"] == 20 and monitored["bypass_ack"] == 20
         assert monitored["unknown_source"] == 20
@@ -194,16 +182,11 @@ def test_proxy_failover_mid_transfer_completes_with_identical_bytes(lab):
     assert lab.agents["proxy-b"].metrics()["forwarded"] > 1000
 
 
-def _tc_program_id(lab: FleetLab, name: str) -> int:
-    out = lab.nodes[name].ns.run("tc", "-j", "filter", "show", "dev", "eth0", "ingress")
-    return next(f["options"]["prog"]["id"] for f in json.loads(out) if "options" in f)
-
-
 def test_agent_kill_restart_and_upgrade_mid_transfer_keep_the_connection(lab, tmp_path):
     upgrade = tmp_path / "objects-next"
     shutil.copytree(objects.OBJECTS_DIR, upgrade)
     counters_before = lab.counters(PROXIES + BACKENDS)
-    programs_before = {n: _tc_program_id(lab, n) for n in ("proxy-a", "backend-a", "backend-b")}
+    programs_before = {n: ingress_program_id(lab.nodes[n].ns, "eth0") for n in ("proxy-a", "backend-a", "backend-b")}
     transfer = Transfer(lab, 40 * MiB, rate=3 * MiB).start()
     time.sleep(0.5)
     for name in ("proxy-a", "backend-a", "backend-b"):
@@ -214,7 +197,7 @@ def test_agent_kill_restart_and_upgrade_mid_transfer_keep_the_connection(lab, tm
     assert transfer.sent < transfer.size, "the transfer ended before the restarts: slow it down"
     assert transfer.result(), transfer.error
     for name, old in programs_before.items():
-        assert _tc_program_id(lab, name) != old
+        assert ingress_program_id(lab.nodes[name].ns, "eth0") != old
     after = lab.counters(PROXIES + BACKENDS)
     assert after["forwarded"] >= counters_before["forwarded"] + (40 * MiB) // (64 << 10)
     assert after["decapsulated"] >= counters_before["decapsulated"]

@@ -4,7 +4,6 @@ kernel error; the proxy and backend programs both see every case."""
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, IPOption_Router_Alert
@@ -12,6 +11,7 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop, IPv6ExtHdrFragment
 from scapy.layers.l2 import Ether
 
 from conftest import PORT_FULL, addr_pair
+from fleet import wait_for
 from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, tcp_frame
 from synfleet.dataplane.layout import Counter
 
@@ -37,15 +37,6 @@ def proxy_on_wire(proxy, unit_netns):
     hook.destroy_clsact()
 
 
-def wait_for_counter(dp, counter, value, timeout=2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if dp.counter_values()[counter] >= value:
-            return True
-        time.sleep(0.01)
-    return False
-
-
 @pytest.mark.parametrize("family", [4, 6])
 def test_truncation_at_every_header_offset_gets_the_documented_verdict(proxy, backend, proxy_on_wire,
                                                                      family):
@@ -65,7 +56,8 @@ def test_truncation_at_every_header_offset_gets_the_documented_verdict(proxy, ba
     for cut in range(14, ip_end):
         proxy_on_wire.send(frame[:cut])
     proxy_on_wire.send(frame[:ip_end])  # a marker that is counted once it arrives
-    assert wait_for_counter(proxy, Counter.MALFORMED, before[Counter.MALFORMED] + 1)
+    wait_for(lambda: proxy.counter_values()[Counter.MALFORMED] >= before[Counter.MALFORMED] + 1,
+             "the MALFORMED counter", timeout=2.0)
     after = proxy.counter_values()
     assert {c: after[c] - before[c] for c in Counter if after[c] != before[c]} == {Counter.MALFORMED: 1}
 

@@ -9,7 +9,6 @@ is removed on exit, on errors and on Ctrl-C.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
@@ -97,18 +96,12 @@ def run(flood_rate: int = 40000, flood_s: float = 15.0, clients: int = 4, progre
         finally:
             all_attempts = load.stop()
             if flood is not None:
-                out, _ = flood.communicate(timeout=flood_s + 30)
-                flood_sent = _flood_sent(out)
+                flood_sent = flood.wait(timeout=flood_s + 30)
         proxies, backends = lab.counters(PROXIES), lab.counters(BACKENDS)
         state1 = _proxy_state_entries(lab)
         summary = _summarize(all_attempts, flood_sent, flood_s, proxies, proxies0, backends, backends0,
                              state0, state1, time.monotonic() - t0)
     return DemoResult(summary, samples)
-
-
-def _flood_sent(output: str) -> int:
-    lines = [json.loads(line) for line in output.strip().splitlines() if line.startswith("{")]
-    return next((line["sent"] for line in reversed(lines) if line.get("done")), 0)
 
 
 def _summarize(attempts: list[Attempt], flood_sent: int, flood_s: float, proxies: dict, proxies0: dict,

@@ -133,6 +133,20 @@ class AgentProcess:
             return f.read()[-4000:]
 
 
+@dataclass
+class Flood:
+    """A running flood process (synfleet.testbed.flood) in the attacker namespace."""
+
+    proc: subprocess.Popen
+
+    def wait(self, timeout: float = 150) -> int:
+        """Wait for it to end; the number of frames it sent (as of its last
+        report, if it was interrupted)."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return reports[-1]["sent"] if reports else 0
+
+
 class SaltPublisher:
     """What the operator does for salts: keys for previous, current and next
     epoch in every proxy's file, refreshed as epochs pass."""
@@ -323,16 +337,16 @@ class FleetLab:
     # ---- traffic ----
 
     def flood(self, kind: str = "syn", rate: int = 20000, duration: float = 10.0,
-              target: str | None = None, family: int = 4, seed: int | None = None) -> subprocess.Popen:
+              target: str | None = None, family: int = 4, seed: int | None = None) -> Flood:
         """Start a bounded flood from the attacker at `target` (default: the
-        proxy the route points to). Read its JSON lines from stdout."""
+        proxy the route points to)."""
         target_node = self.nodes[target or self.via]
-        return _nsenter(self.nodes["attacker"].ns, sys.executable, "-u", "-m", "synfleet.testbed.flood",
+        return Flood(_nsenter(self.nodes["attacker"].ns, sys.executable, "-u", "-m", "synfleet.testbed.flood",
                         "--ifname", "eth0", "--dst-mac", target_node.mac, "--service", SERVICE[family],
                         "--port", str(SERVICE_PORT), "--kind", kind, "--rate", str(rate),
                         "--duration", str(duration), "--source-prefix", FLOOD_PREFIX[family],
                         *(["--seed", str(seed)] if seed is not None else []),
-                        stdout=subprocess.PIPE, text=True)
+                        stdout=subprocess.PIPE, text=True))
 
     def client_socket(self, family: int = 4, node: str = "client") -> socket.socket:
         """A TCP socket created inside the client namespace (it stays there)."""
