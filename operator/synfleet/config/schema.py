@@ -213,12 +213,11 @@ class DataplaneConfig(_Strict):
                              f"consecutive epochs")
         if max(epochs) - min(epochs) >= SALT_SLOTS:
             raise ValueError(f"salt epochs {epochs} span more than {SALT_SLOTS} epochs")
-        if self.node.addresses.ipv4 is None and any(b.version == 4 for p in self.policies
-                                                    for b in p.backends):
-            raise ValueError("IPv4 backends need node.addresses.ipv4 (the encapsulation source)")
-        if self.node.addresses.ipv6 is None and any(b.version == 6 for p in self.policies
-                                                    for b in p.backends):
-            raise ValueError("IPv6 backends need node.addresses.ipv6 (the encapsulation source)")
+        families = {b.version for p in self.policies for b in p.backends}
+        for family, own in ((4, self.node.addresses.ipv4), (6, self.node.addresses.ipv6)):
+            if family in families and own is None:
+                raise ValueError(f"IPv{family} backends need node.addresses.ipv{family} "
+                                 f"(the encapsulation source)")
 
     def _check_backend(self) -> None:
         if any(p.backends for p in self.policies):
@@ -233,7 +232,7 @@ class DataplaneConfig(_Strict):
         return {s.epoch: s.key_bytes for s in self.salts}
 
     def to_document(self) -> dict:
-        return self.model_dump(mode="json", by_alias=True, exclude_defaults=False)
+        return self.model_dump(mode="json", by_alias=True)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_document(), sort_keys=False)

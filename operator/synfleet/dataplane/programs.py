@@ -65,6 +65,10 @@ def _sync_keys(table: TypedMap, slot: int, wanted: dict[bytes, object]) -> None:
         table.raw.update(raw, bytes(value))
 
 
+def _address_order(address: schema.IPAddress) -> tuple[int, bytes]:
+    return address.version, address.packed
+
+
 def _keyed(endpoint: Endpoint, slot: int) -> bytes:
     endpoint.slot = slot
     return bytes(endpoint)
@@ -190,15 +194,14 @@ class ProxyDataplane(Dataplane):
                 self.salts.put(_u32(slot), want)
 
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
-        addresses = sorted({b for p in cfg.policies for b in p.backends},
-                           key=lambda a: (a.version, a.packed))
+        addresses = sorted({b for p in cfg.policies for b in p.backends}, key=_address_order)
         index = {a: i for i, a in enumerate(addresses)}
         for a, i in index.items():
             self.backends.put(_u32(slot * layout.MAX_BACKENDS + i), Endpoint.of(a))
         for p in cfg.policies:
             # Sorted so that every proxy, whatever order its document lists the
             # backends in, builds the same table: a flow keeps its backend.
-            members = sorted(p.backends, key=lambda a: (a.version, a.packed))
+            members = sorted(p.backends, key=_address_order)
             table = maglev_table([str(a) for a in members])
             base = (slot * layout.MAX_POLICIES + p.id) * layout.RING_SIZE
             for i, member in enumerate(table):
