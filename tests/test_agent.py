@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import threading
+import urllib.request
 import time
 
 import pytest
@@ -21,6 +22,7 @@ from packets import TC_ACT_REDIRECT, tcp_frame
 from scapy.layers.inet import TCP
 from scapy.layers.l2 import Ether
 from synfleet.agent.agent import uninstall
+from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT
 from synfleet.dataplane.layout import Counter
 from synfleet.dataplane.programs import ProxyDataplane
@@ -203,3 +205,19 @@ def test_packets_never_see_a_half_written_configuration(proxy, salts):
     assert {retval for retval, _ in answers} == {TC_ACT_REDIRECT}
     seen = {dict(Ether(data)[TCP].options)["WScale"] for _, data in set(answers)}
     assert seen == {POLICY_FULL.cookie.window_scale, 9}
+
+
+@pytest.mark.parametrize("listen, url", [("127.0.0.1:0", "http://127.0.0.1:{port}"),
+                                         ("[::1]:0", "http://[::1]:{port}")])
+def test_probes_listen_on_ipv4_and_ipv6(listen, url):
+    state = AgentState(role="proxy", instance="t", not_ready=lambda: None)
+    server = serve(listen, state, lambda: {c: 0 for c in Counter})
+    try:
+        base = url.format(port=server.server_address[1])
+        with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
+            assert (r.status, r.read()) == (200, b"ok\n")
+        with urllib.request.urlopen(base + "/metrics", timeout=2) as r:
+            assert b'synfleet_dataplane_packets_total{event="syn_answered"' in r.read()
+    finally:
+        server.shutdown()
+        server.server_close()

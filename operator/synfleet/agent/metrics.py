@@ -7,6 +7,7 @@ previous agent process counted into the same pinned map.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -105,12 +106,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(listen: str, state: AgentState, counters: Callable[[], dict[Counter, int]]) -> ThreadingHTTPServer:
-    """Start the metrics and probe server on host:port in a daemon thread."""
+    """Start the metrics and probe server on host:port ([v6]:port for IPv6)
+    in a daemon thread."""
     host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(state, counters))
     handler = type("AgentHandler", (_Handler,), {"registry": registry, "state": state})
-    server = ThreadingHTTPServer((host.strip("[]") or "0.0.0.0", int(port)), handler)
-    server.daemon_threads = True
+    server_class = type("AgentServer", (ThreadingHTTPServer,), {
+        "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True})
+    server = server_class((host, int(port)), handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
