@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import time
 
 import pytest
 
@@ -52,8 +53,20 @@ def require_bpf() -> None:
     pytest.skip(reason)
 
 
-def tai_epoch(rotation_s: int = ROTATION_S) -> int:
-    return current_epoch(rotation_s)
+def _mid_epoch_clock_offset(rotation_s: int) -> float:
+    """The unit tests' nodes run with this clock offset so that their clock
+    starts in the middle of an epoch: no epoch boundary (half an hour away)
+    falls inside a test session, and the session's salts stay current."""
+    into_epoch_s = time.clock_gettime_ns(time.CLOCK_TAI) % (rotation_s * 10**9) / 1e9
+    return rotation_s / 2 - into_epoch_s
+
+
+UNIT_CLOCK_OFFSET_S = _mid_epoch_clock_offset(ROTATION_S)
+
+
+def tai_epoch() -> int:
+    """The salt epoch of the unit tests' nodes (see UNIT_CLOCK_OFFSET_S)."""
+    return current_epoch(ROTATION_S, UNIT_CLOCK_OFFSET_S)
 
 
 class Salts(dict):
@@ -86,6 +99,7 @@ def unit_config(role: str, salts: dict[int, bytes] | None = None) -> schema.Data
         "apiVersion": schema.API_VERSION, "kind": schema.KIND, "role": role,
         "rotationSeconds": ROTATION_S,
         "node": {"interfaces": ["sf0"], "encapPort": ENCAP_PORT,
+                 "clockOffsetSeconds": UNIT_CLOCK_OFFSET_S,
                  "addresses": {"ipv4": PROXY_V4 if proxy else BACKEND_V4,
                                "ipv6": PROXY_V6 if proxy else BACKEND_V6}},
         "policies": [p.model_dump(by_alias=True, mode="json") for p in policies],

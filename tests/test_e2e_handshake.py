@@ -13,12 +13,12 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from conftest import require_bpf, tai_epoch
+from conftest import require_bpf
 from fleet import (
     ENCAP_PORT, SERVICE_PORT, Capture, EchoServer, Fleet, pattern, recv_exact, ss_fields,
     ss_info, tcp_info_options,
 )
-from synfleet.cookie import FourTuple, cookie_check
+from synfleet.cookie import FourTuple, cookie_check, current_epoch
 from synfleet.dataplane.layout import Counter
 from synfleet.testbed.topology import V4, V6
 
@@ -30,7 +30,7 @@ TOGGLES = list(itertools.product([True, False], repeat=4))  # wscale, sack, ts, 
 @pytest.fixture(scope="module")
 def fleet():
     require_bpf()
-    e = tai_epoch(ROTATION_S)
+    e = current_epoch(ROTATION_S)
     f = Fleet.start({e + d: secrets.token_bytes(16) for d in (-1, 0, 1)}, ROTATION_S)
     yield f
     f.stop()
@@ -101,7 +101,7 @@ def test_client_completes_handshake_and_moves_a_mebibyte_each_way(fleet, family,
                            if p.sport == SERVICE_PORT and len(p.payload) > 0]
     assert min(server_data_offsets) == 1  # the first byte the server sent is ISN + 1
     t = FourTuple(ipaddress.ip_address(a.client), ipaddress.ip_address(a.service), local_port, SERVICE_PORT)
-    assert cookie_check(fleet.salts, tai_epoch(ROTATION_S), t, syn.seq, synack.seq)
+    assert cookie_check(fleet.salts, current_epoch(ROTATION_S), t, syn.seq, synack.seq)
 
     # The backend's listener never saw a SYN, and never answered one.
     assert list(syn_frames(backend_frames, lambda f: "S" in f)) == []
