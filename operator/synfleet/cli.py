@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -45,15 +46,39 @@ def _agent(args: argparse.Namespace) -> int:
         print(f"synfleet agent: removed {args.pin_root}/{instance}; detached from "
               f"{', '.join(detached) or 'no interface'}")
         return 0
-    if not args.role or not args.config:
-        print("synfleet agent: --role and --config are required to run", file=sys.stderr)
+    if not args.role or bool(args.config) == args.kubernetes:
+        print("synfleet agent: give --role and either --config FILE or --kubernetes", file=sys.stderr)
         return 2
     role = Role(args.role)
-    agent = Agent(AgentOptions(role=role, config_path=args.config, instance=instance,
+    kube = None
+    if args.kubernetes:
+        from synfleet.agent.sources import KubeSourceOptions
+
+        if not args.configmap or (role is Role.PROXY) != bool(args.secret) or not args.node_addresses:
+            print("synfleet agent --kubernetes: give --configmap, --node-addresses (or "
+                  "SYNFLEET_NODE_ADDRESSES), and for a proxy (only) --secret", file=sys.stderr)
+            return 2
+        kube = KubeSourceOptions(namespace=args.namespace, configmap=args.configmap, secret=args.secret,
+                                 node_addresses=args.node_addresses, kubeconfig=args.kubeconfig)
+    agent = Agent(AgentOptions(role=role, config_path=args.config, kube=kube, instance=instance,
                                pin_root=args.pin_root, listen=args.listen or None,
                                objects_dir=args.objects))
     agent.start()
     agent.run()
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from synfleet.operator.main import OperatorOptions, run
+    from synfleet.resources.agents import OperatorSettings
+
+    if not args.agent_image:
+        print("synfleet operator: give --agent-image (or SYNFLEET_AGENT_IMAGE)", file=sys.stderr)
+        return 2
+    run(OperatorOptions(
+        settings=OperatorSettings(namespace=args.namespace, agent_image=args.agent_image,
+                                  encap_port=args.encap_port),
+        peering=args.peering, metrics_port=args.metrics_port or None, liveness=args.liveness or None))
     return 0
 
 
@@ -105,6 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     agent.add_argument("action", nargs="?", choices=["run", "uninstall"], default="run")
     agent.add_argument("--role", choices=["proxy", "backend"])
     agent.add_argument("--config", help="DataplaneConfig YAML file; re-read on change and on SIGHUP")
+    agent.add_argument("--kubernetes", action="store_true",
+                       help="read the configuration from the pool's ConfigMap (and, for proxies, "
+                            "the salt Secret) through the Kubernetes API instead of a file")
+    agent.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "synfleet-system"),
+                       help="namespace of the ConfigMap and Secret (default: $POD_NAMESPACE)")
+    agent.add_argument("--configmap", help="ConfigMap holding the DataplaneConfig (--kubernetes)")
+    agent.add_argument("--secret", help="Secret holding the pool's salts (--kubernetes, proxies)")
+    agent.add_argument("--node-addresses", default=os.environ.get("SYNFLEET_NODE_ADDRESSES"),
+                       help="this node's addresses, comma-separated (default: $SYNFLEET_NODE_ADDRESSES, "
+                            "which the DaemonSet fills from status.hostIPs)")
+    agent.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, or $KUBECONFIG)")
     agent.add_argument("--instance", help="pin directory name under --pin-root (default: the role)")
     agent.add_argument("--pin-root", default="/sys/fs/bpf/synfleet", help="bpffs directory for pins")
     agent.add_argument("--listen", default="0.0.0.0:9478",
@@ -113,6 +149,20 @@ def main(argv: list[str] | None = None) -> int:
                                          "(default: the ones installed with synfleet)")
     agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     agent.set_defaults(func=_agent)
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf, cluster-wide)",
+                        description="Reconcile ProxyPools and BackendPools into agent DaemonSets, "
+                                    "publish the salts, render SynProxyPolicies into the agents' "
+                                    "ConfigMaps. Uses the in-cluster ServiceAccount or $KUBECONFIG.")
+    op.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "synfleet-system"),
+                    help="namespace of the agents, their ConfigMaps and salt Secrets "
+                         "(default: $POD_NAMESPACE or synfleet-system)")
+    op.add_argument("--agent-image", default=os.environ.get("SYNFLEET_AGENT_IMAGE"),
+                    help="agent image for pools that name none (default: $SYNFLEET_AGENT_IMAGE)")
+    op.add_argument("--encap-port", type=int, default=6080, help="UDP port of the encapsulation")
+    op.add_argument("--peering", default="synfleet", help="ClusterKopfPeering name (leader election)")
+    op.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
+    op.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf liveness endpoint")
+    op.set_defaults(func=_operator)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -19,9 +19,8 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from synfleet.agent.inotify import FileWatch
+from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, PinDir, hooks_running
 from synfleet.bpf import TcHook
@@ -36,8 +35,9 @@ TICK_S = 1.0      # salt epoch bookkeeping and liveness, not configuration (that
 @dataclass(frozen=True)
 class AgentOptions:
     role: schema.Role
-    config_path: str
     instance: str
+    config_path: str | None = None          # file mode
+    kube: KubeSourceOptions | None = None   # cluster mode
     pin_root: str = DEFAULT_ROOT
     listen: str | None = "0.0.0.0:9478"
     objects_dir: str | None = None
@@ -61,6 +61,7 @@ class Agent:
         self._last_tick = time.monotonic()
         self._stop = False
         self._reload = False
+        self.source = FileSource(opts.config_path) if opts.kube is None else KubeSource(opts.kube)
 
     # ---- start ----
 
@@ -100,9 +101,9 @@ class Agent:
     # ---- configuration ----
 
     def reload(self) -> bool:
-        """Apply the file if it changed and is valid; True when the maps match it."""
+        """Apply the document if it changed and is valid; True when the maps match it."""
         try:
-            text = Path(self.opts.config_path).read_text(encoding="utf-8")
+            text = self.source.read()
             digest = hashlib.sha256(text.encode()).hexdigest()
             if digest == self._config_digest:
                 return True
@@ -111,12 +112,12 @@ class Agent:
             self._rejected_digest = digest
             cfg = schema.loads(text)
             if cfg.role is not self.opts.role:
-                raise schema.ConfigError(f"role: the file is for a {cfg.role.value}, "
+                raise schema.ConfigError(f"role: the document is for a {cfg.role.value}, "
                                          f"this agent runs --role {self.opts.role.value}")
-        except (OSError, schema.ConfigError) as err:
+        except schema.ConfigError as err:
             self.state.config_errors += 1
             log.error("configuration rejected; the last good one keeps serving",
-                      extra={"path": self.opts.config_path, "error": str(err)})
+                      extra={"source": self.source.describe(), "error": str(err)})
             if self.config is None:
                 self._first_error = str(err)
             return False
@@ -178,7 +179,7 @@ class Agent:
         signal.signal(signal.SIGHUP, self._on_hup)
         server = serve(self.opts.listen, self.state, self.dataplane.counter_values) \
             if self.opts.listen else None
-        watch = FileWatch(self.opts.config_path)
+        watch = self.source
         # Signals wake the loop at once instead of at the next tick.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
