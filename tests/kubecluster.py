@@ -9,7 +9,6 @@ sources), so only the first run on a machine pays for them (minutes)."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -42,13 +41,18 @@ def _kubernetes_version() -> str:
     raise RuntimeError("tests/kube/apiserver/go.mod does not require k8s.io/kubernetes")
 
 
-def apiserver_binary() -> Path:
-    """Build (once per source digest) and return the kube-apiserver-with-etcd binary."""
-    digest = hashlib.sha256(b"".join((APISERVER_SRC / f).read_bytes()
-                                     for f in ("go.mod", "go.sum", "main.go"))).hexdigest()[:16]
-    binary = CACHE / f"kube-apiserver-with-etcd-{digest}"
-    if binary.exists():
-        return binary
+BINARIES = {"kube-apiserver-with-etcd": ".", "kube-controller-manager": "./controllermanager"}
+
+
+def control_plane_binaries() -> dict[str, Path]:
+    """Build (once per source digest) and return the kube-apiserver-with-etcd
+    and kube-controller-manager binaries."""
+    sources = sorted(APISERVER_SRC.rglob("*.go")) + [APISERVER_SRC / "go.mod", APISERVER_SRC / "go.sum"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    out = CACHE / f"control-plane-{digest}"
+    binaries = {name: out / name for name in BINARIES}
+    if all(b.exists() for b in binaries.values()):
+        return binaries
     if shutil.which("go") is None:
         raise RuntimeError("building the test kube-apiserver needs Go (https://go.dev/dl)")
     version = _kubernetes_version()
@@ -56,12 +60,13 @@ def apiserver_binary() -> Path:
     pkg = "k8s.io/component-base/version"
     ldflags = f"-X {pkg}.gitVersion={version} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor} " \
               f"-X {pkg}.gitTreeState=clean -s -w"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = binary.with_suffix(".tmp")
-    subprocess.run(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(tmp), "."],
-                   cwd=APISERVER_SRC, check=True)
-    tmp.rename(binary)
-    return binary
+    out.mkdir(parents=True, exist_ok=True)
+    for name, package in BINARIES.items():
+        tmp = out / f"{name}.tmp"
+        subprocess.run(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(tmp), package],
+                       cwd=APISERVER_SRC, check=True)
+        tmp.rename(binaries[name])
+    return binaries
 
 
 def kube_tools() -> dict[str, Path]:
@@ -101,9 +106,10 @@ class KubeCluster:
         self.kubeconfig = workdir / "admin.kubeconfig"
         self.tools = kube_tools()
         self._proc: subprocess.Popen | None = None
+        self._kcm: subprocess.Popen | None = None
 
     def start(self) -> "KubeCluster":
-        binary = apiserver_binary()
+        binaries = control_plane_binaries()
         w = self.workdir
         subprocess.run(["openssl", "genrsa", "-out", w / "sa.key", "2048"], check=True, capture_output=True)
         subprocess.run(["openssl", "rsa", "-in", w / "sa.key", "-pubout", "-out", w / "sa.pub"],
@@ -112,7 +118,7 @@ class KubeCluster:
         etcd_port = free_port()
         self._log = open(w / "apiserver.log", "wb")
         self._proc = subprocess.Popen(
-            [str(binary), "-etcd-dir", str(w / "etcd"), "-etcd-port", str(etcd_port), "--",
+            [str(binaries["kube-apiserver-with-etcd"]), "-etcd-dir", str(w / "etcd"), "-etcd-port", str(etcd_port), "--",
              "--cert-dir", str(w / "certs"), "--secure-port", str(self.port),
              "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
              "--service-account-issuer", "https://kubernetes.default.svc",
@@ -128,23 +134,34 @@ class KubeCluster:
                 raise RuntimeError(f"kube-apiserver exited: {(w / 'apiserver.log').read_text()[-3000:]}")
             try:
                 if self.get("/readyz", raw=True) == b"ok":
-                    return self
+                    break
             except OSError:
                 pass
             time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("kube-apiserver not ready after 120 s")
+        else:
+            self.stop()
+            raise RuntimeError("kube-apiserver not ready after 120 s")
+        # Only the garbage collector: owner references work as in a cluster,
+        # while the tests write DaemonSet status as its controller would.
+        self._kcm_log = open(w / "controller-manager.log", "wb")
+        self._kcm = subprocess.Popen(
+            [str(binaries["kube-controller-manager"]), "--kubeconfig", str(self.kubeconfig),
+             "--controllers=garbagecollector", "--leader-elect=false", "--secure-port=0",
+             "--use-service-account-credentials=false"],
+            stdout=self._kcm_log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
 
     def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        if self._proc:
-            self._log.close()
+        for proc, log in ((self._kcm, getattr(self, "_kcm_log", None)), (self._proc, getattr(self, "_log", None))):
+            if proc and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if log:
+                log.close()
 
     def write_kubeconfig(self, path: Path, token: str, namespace: str = "default") -> Path:
         path.write_text(json.dumps({
@@ -194,7 +211,3 @@ class KubeCluster:
                          {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                           "spec": {"expirationSeconds": 3600}})
         return resp["status"]["token"]
-
-
-def decode_secret_value(value: str) -> bytes:
-    return base64.b64decode(value)

@@ -1,0 +1,140 @@
+"""The per-pool agent workload: DaemonSet, ServiceAccount and the RBAC that lets
+a pool's agents read their own ConfigMap and (proxies only) their own salt
+Secret, and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from synfleet.resources import names
+from synfleet.resources.model import API_VERSION, Pool, PoolRole
+
+BPFFS = "/sys/fs/bpf"
+BTF = "/sys/kernel/btf"
+DEFAULT_RESOURCES = {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"memory": "256Mi"}}
+# Load and attach BPF programs (BPF, NET_ADMIN); verifier features for
+# non-root-equivalent loaders, e.g. pointer arithmetic on packet data (PERFMON).
+# Nothing else: no SYS_ADMIN, no privileged container.
+AGENT_CAPABILITIES = ["BPF", "NET_ADMIN", "PERFMON"]
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    namespace: str                   # where the agents, their ConfigMaps and Secrets live
+    agent_image: str                 # used when a pool names no image
+    encap_port: int = 6080
+
+
+def owner_reference(pool: Pool) -> dict:
+    return {"apiVersion": API_VERSION, "kind": pool.role.kind, "name": pool.name, "uid": pool.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(pool: Pool, settings: OperatorSettings, name: str | None = None) -> dict:
+    return {"name": name or names.agent_name(pool.role, pool.name), "namespace": settings.namespace,
+            "labels": names.labels(pool.role, pool.name), "ownerReferences": [owner_reference(pool)]}
+
+
+def agent_args(pool: Pool, settings: OperatorSettings) -> list[str]:
+    args = ["agent", "--role", pool.role.value, "--kubernetes", "--instance", pool.name,
+            "--namespace", settings.namespace,
+            "--configmap", names.agent_name(pool.role, pool.name),
+            "--listen", f"0.0.0.0:{pool.spec.metrics_port}"]
+    if pool.role is PoolRole.PROXY:
+        args += ["--secret", names.salts_secret_name(pool.name)]
+    return args
+
+
+def _http_probe(path: str, port: int, period_s: int) -> dict:
+    # The agent shares the node's network: probe it on loopback.
+    return {"httpGet": {"path": path, "port": port, "host": "127.0.0.1"}, "periodSeconds": period_s}
+
+
+def daemonset(pool: Pool, settings: OperatorSettings) -> dict:
+    spec = pool.spec
+    port = spec.metrics_port
+    container = {
+        "name": "agent",
+        "image": spec.image or settings.agent_image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "args": agent_args(pool, settings),
+        "env": [
+            # The node's own addresses become the encapsulation source (proxies)
+            # and what the operator lists as allowed proxy sources: both read
+            # the node's InternalIPs.
+            {"name": "SYNFLEET_NODE_ADDRESSES", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIPs"}}},
+            {"name": "SYNFLEET_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        ],
+        "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": _http_probe("/readyz", port, period_s=5),
+        "livenessProbe": {**_http_probe("/healthz", port, period_s=10), "failureThreshold": 3},
+        "resources": spec.resources or DEFAULT_RESOURCES,
+        "securityContext": {
+            "privileged": False,
+            "runAsUser": 0,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": AGENT_CAPABILITIES},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "bpffs", "mountPath": BPFFS, "mountPropagation": "HostToContainer"},
+            {"name": "btf", "mountPath": BTF, "readOnly": True},
+        ],
+    }
+    pod_spec = {
+        "serviceAccountName": names.agent_name(pool.role, pool.name),
+        "hostNetwork": True,
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "priorityClassName": spec.priority_class_name,
+        # SIGTERM leaves the data plane running; there is nothing to drain.
+        "terminationGracePeriodSeconds": 10,
+        "nodeSelector": dict(spec.node_selector),
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations],
+        "containers": [container],
+        "volumes": [
+            {"name": "bpffs", "hostPath": {"path": BPFFS, "type": "Directory"}},
+            {"name": "btf", "hostPath": {"path": BTF, "type": "Directory"}},
+        ],
+    }
+    selector = names.selector_labels(pool.role, pool.name)
+    return {
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _meta(pool, settings),
+        "spec": {
+            "selector": {"matchLabels": selector},
+            # One node at a time: a restarting agent keeps its node's data plane
+            # (pinned programs and maps), so a rollout drops no connection.
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {"metadata": {"labels": names.labels(pool.role, pool.name)}, "spec": pod_spec},
+        },
+    }
+
+
+def service_account(pool: Pool, settings: OperatorSettings) -> dict:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(pool, settings),
+            "automountServiceAccountToken": True}
+
+
+def role(pool: Pool, settings: OperatorSettings) -> dict:
+    """Read access to exactly this pool's ConfigMap, and for proxies its salt
+    Secret: a backend's agent can never read a salt."""
+    rules = [{"apiGroups": [""], "resources": ["configmaps"],
+              "resourceNames": [names.agent_name(pool.role, pool.name)], "verbs": ["get", "list", "watch"]}]
+    if pool.role is PoolRole.PROXY:
+        rules.append({"apiGroups": [""], "resources": ["secrets"],
+                      "resourceNames": [names.salts_secret_name(pool.name)], "verbs": ["get", "list", "watch"]})
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": _meta(pool, settings), "rules": rules}
+
+
+def role_binding(pool: Pool, settings: OperatorSettings) -> dict:
+    name = names.agent_name(pool.role, pool.name)
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": _meta(pool, settings),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": settings.namespace}]}
+
+
+def agent_objects(pool: Pool, settings: OperatorSettings) -> list[dict]:
+    """Everything a pool needs besides its ConfigMap and salts, in apply order."""
+    return [service_account(pool, settings), role(pool, settings), role_binding(pool, settings),
+            daemonset(pool, settings)]

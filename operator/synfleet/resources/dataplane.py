@@ -1,0 +1,243 @@
+"""Render every pool's DataplaneConfig from the cluster's policies, pools, nodes,
+Services and EndpointSlices. The ConfigMap holds the agent's document without
+the two per-node parts: `node.addresses` (each agent reads its node's
+addresses from the downward API) and `salts` (proxies read them from the
+salt Secret). Everything else is exactly what `synfleet agent --config` reads.
+
+A policy that cannot be served (missing pool or Service, no address, no
+backend, an address and port another policy owns) is left out with a reason;
+the others are rendered. Every document is validated with the agent's own
+schema, as each node's agent will see it, before it is returned."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+import yaml
+
+from synfleet.config import schema
+from synfleet.dataplane.layout import MAX_POLICIES
+from synfleet.resources import names
+from synfleet.resources.agents import OperatorSettings, owner_reference
+from synfleet.resources.model import Policy, Pool, PoolRole
+from synfleet.resources.salts import PUBLISHED_BEHIND, wanted_epochs
+
+BACKEND_ROTATION_S = 60   # schema-required; a backend never derives an epoch
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    labels: dict[str, str]
+    ipv4: str | None
+    ipv6: str | None
+    ready: bool
+
+    @classmethod
+    def from_object(cls, node: dict) -> "NodeInfo":
+        addresses = [a["address"] for a in (node.get("status") or {}).get("addresses") or []
+                     if a.get("type") == "InternalIP"]
+        by_family = {4: None, 6: None}
+        for a in addresses:
+            family = ipaddress.ip_address(a).version
+            by_family[family] = by_family[family] or a
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (node.get("status") or {}).get("conditions") or [])
+        return cls(name=node["metadata"]["name"], labels=dict(node["metadata"].get("labels") or {}),
+                   ipv4=by_family[4], ipv6=by_family[6],
+                   ready=ready and not node["metadata"].get("deletionTimestamp"))
+
+    @property
+    def addresses(self) -> list[str]:
+        return [a for a in (self.ipv4, self.ipv6) if a]
+
+
+def selects(pool: Pool, node: NodeInfo) -> bool:
+    return all(node.labels.get(k) == v for k, v in pool.spec.node_selector.items())
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PolicyOutcome:
+    policy_id: int | None
+    addresses: list[str] = field(default_factory=list)
+    backends: int = 0
+    problem: Problem | None = None
+
+
+@dataclass
+class ClusterView:
+    """What the renderer reads, as the API server returned it."""
+    proxy_pools: list[Pool]
+    backend_pools: list[Pool]
+    policies: list[Policy]
+    nodes: list[NodeInfo]
+    services: dict[tuple[str, str], dict]            # (namespace, name) -> Service
+    endpoint_slices: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Rendered:
+    configs: dict[tuple[PoolRole, str], dict]        # ConfigMap documents by pool
+    policies: dict[str, PolicyOutcome]               # by namespace/name
+
+
+def allocate_ids(policies: list[Policy]) -> dict[str, int | None]:
+    """Stable ids: a policy keeps the id in its status; the oldest policy wins a
+    collision; the rest get the lowest free id (None when all are taken)."""
+    ordered = sorted(policies, key=lambda p: (p.created, p.key))
+    taken: dict[int, str] = {}
+    for p in ordered:
+        if p.policy_id is not None and 1 <= p.policy_id < MAX_POLICIES and p.policy_id not in taken:
+            taken[p.policy_id] = p.key
+    ids = {key: pid for pid, key in taken.items()}
+    free = (i for i in range(1, MAX_POLICIES) if i not in taken)
+    for p in ordered:
+        if p.key not in ids:
+            ids[p.key] = next(free, None)
+    return {key: ids[key] for key in sorted(ids)}
+
+
+def service_addresses(service: dict, address_types: list[str]) -> list[str]:
+    spec, status = service.get("spec") or {}, service.get("status") or {}
+    found: list[str] = []
+    if "LoadBalancer" in address_types:
+        found += [i["ip"] for i in (status.get("loadBalancer") or {}).get("ingress") or [] if i.get("ip")]
+    if "ExternalIP" in address_types:
+        found += spec.get("externalIPs") or []
+    if "ClusterIP" in address_types:
+        found += [a for a in spec.get("clusterIPs") or [spec.get("clusterIP")] if a and a != "None"]
+    return list(dict.fromkeys(found))
+
+
+def endpoint_nodes(slices: list[dict], namespace: str, service: str) -> set[str]:
+    """Nodes that host a ready endpoint of the Service."""
+    nodes = set()
+    for s in slices:
+        meta = s.get("metadata") or {}
+        if meta.get("namespace") != namespace or \
+                (meta.get("labels") or {}).get("kubernetes.io/service-name") != service:
+            continue
+        for ep in s.get("endpoints") or []:
+            if (ep.get("conditions") or {}).get("ready", True) and ep.get("nodeName"):
+                nodes.add(ep["nodeName"])
+    return nodes
+
+
+def _resolve(p: Policy, view: ClusterView, pools: dict[tuple[PoolRole, str], Pool]) \
+        -> tuple[list[str], list[NodeInfo]] | Problem:
+    """The policy's protected addresses and its backend nodes, or why there are none."""
+    for role, pool_name in ((PoolRole.PROXY, p.spec.proxy_pool), (PoolRole.BACKEND, p.spec.backend_pool)):
+        if (role, pool_name) not in pools:
+            return Problem(f"{role.kind}NotFound", f"{role.kind} {pool_name!r} does not exist")
+    backend_pool = pools[(PoolRole.BACKEND, p.spec.backend_pool)]
+    backends = [n for n in view.nodes if selects(backend_pool, n) and n.ready and n.addresses]
+    addresses = list(p.spec.addresses)
+    if p.spec.service is not None:
+        svc = view.services.get((p.namespace, p.spec.service.name))
+        if svc is None:
+            return Problem("ServiceNotFound", f"Service {p.namespace}/{p.spec.service.name} does not exist")
+        addresses = service_addresses(svc, p.spec.service.address_types)
+        if not addresses:
+            return Problem("NoAddresses", f"Service {p.namespace}/{p.spec.service.name} has no "
+                                          f"{' or '.join(p.spec.service.address_types)} address yet")
+        if (svc.get("spec") or {}).get("externalTrafficPolicy") == "Local":
+            hosting = endpoint_nodes(view.endpoint_slices, p.namespace, p.spec.service.name)
+            backends = [n for n in backends if n.name in hosting]
+    if not backends:
+        return Problem("NoBackends", f"no Ready node of BackendPool {backend_pool.name!r} "
+                                     f"{'hosts an endpoint' if p.spec.service else 'has an address'}")
+    return addresses, backends
+
+
+def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
+    pools = {(p.role, p.name): p for p in view.proxy_pools + view.backend_pools}
+    ids = allocate_ids(view.policies)
+    outcomes: dict[str, PolicyOutcome] = {}
+    entries: dict[tuple[PoolRole, str], list[dict]] = {key: [] for key in pools}
+    proxy_sources: dict[str, set[str]] = {}     # backend pool -> proxy pools feeding it
+    owner: dict[tuple[str, int], str] = {}
+
+    for p in sorted(view.policies, key=lambda p: (p.created, p.key)):
+        pid = ids[p.key]
+        if pid is None:
+            outcomes[p.key] = PolicyOutcome(None, problem=Problem(
+                "TooManyPolicies", f"all {MAX_POLICIES - 1} policy ids are in use"))
+            continue
+        resolved = _resolve(p, view, pools)
+        if isinstance(resolved, Problem):
+            outcomes[p.key] = PolicyOutcome(pid, problem=resolved)
+            continue
+        addresses, backends = resolved
+        endpoints = [(str(ipaddress.ip_address(a)), port) for a in addresses for port in p.spec.ports]
+        clash = next((e for e in endpoints if e in owner), None)
+        if clash:
+            outcomes[p.key] = PolicyOutcome(pid, addresses, problem=Problem(
+                "Conflict", f"{clash[0]} port {clash[1]} is already protected by SynProxyPolicy "
+                            f"{owner[clash]}"))
+            continue
+        owner.update({e: p.key for e in endpoints})
+        common = {"id": pid, "name": p.key, "mode": p.spec.mode.value,
+                  "services": [{"address": a, "port": port} for a, port in endpoints],
+                  "cookie": p.spec.cookie.model_dump(mode="json", by_alias=True)}
+        # One outer address per backend node; the outer family need not match the inner.
+        entries[(PoolRole.PROXY, p.spec.proxy_pool)].append(
+            {**common, "backends": [n.ipv4 or n.ipv6 for n in backends]})
+        entries[(PoolRole.BACKEND, p.spec.backend_pool)].append(common)
+        proxy_sources.setdefault(p.spec.backend_pool, set()).add(p.spec.proxy_pool)
+        outcomes[p.key] = PolicyOutcome(pid, addresses, len(backends))
+
+    configs = {}
+    for (role, name), pool in sorted(pools.items()):
+        doc = {"apiVersion": schema.API_VERSION, "kind": schema.KIND, "role": role.value,
+               "rotationSeconds": pool.spec.salt.rotation_seconds if role is PoolRole.PROXY
+               else BACKEND_ROTATION_S,
+               "node": {"interfaces": [pool.spec.interface], "encapPort": settings.encap_port},
+               "policies": entries[(role, name)]}
+        if role is PoolRole.BACKEND:
+            sources = sorted({a for n in view.nodes for proxy in proxy_sources.get(name, ())
+                              if (PoolRole.PROXY, proxy) in pools and selects(pools[(PoolRole.PROXY, proxy)], n)
+                              for a in n.addresses}, key=lambda a: (ipaddress.ip_address(a).version, a))
+            doc["allowedProxies"] = sources
+        configs[(role, name)] = doc
+    return Rendered(configs=configs, policies=outcomes)
+
+
+def node_document(document: dict, ipv4: str | None, ipv6: str | None,
+                  salts: dict[int, bytes] | None = None) -> schema.DataplaneConfig:
+    """The document one node's agent applies: the ConfigMap's, plus the node's
+    addresses and (proxies) the published salts. Raises schema.ConfigError."""
+    node = dict(document.get("node") or {})
+    node["addresses"] = {k: v for k, v in (("ipv4", ipv4), ("ipv6", ipv6)) if v}
+    full = {**document, "node": node}
+    if salts is not None:
+        full["salts"] = [{"epoch": e, "key": k.hex()} for e, k in sorted(salts.items())]
+    return schema.parse(full)
+
+
+def validate_for_nodes(role: PoolRole, document: dict, nodes: list[NodeInfo]) -> None:
+    """Check the document as every node's agent will: raises schema.ConfigError
+    naming the node whose agent would reject it."""
+    placeholder_salts = {e: bytes(16) for e in wanted_epochs(PUBLISHED_BEHIND)} if role is PoolRole.PROXY else None
+    shapes = {(bool(n.ipv4), bool(n.ipv6)): n for n in nodes if n.addresses}
+    if not shapes:   # no node yet: check the document alone
+        shapes = {(True, True): NodeInfo("(any node)", {}, "192.0.2.1", "2001:db8::1", True)}
+    for n in shapes.values():
+        try:
+            node_document(document, n.ipv4, n.ipv6, placeholder_salts)
+        except schema.ConfigError as err:
+            raise schema.ConfigError(f"the agent on node {n.name} would reject it: {err}") from None
+
+
+def configmap(pool: Pool, settings: OperatorSettings, document: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": names.agent_name(pool.role, pool.name), "namespace": settings.namespace,
+                         "labels": names.labels(pool.role, pool.name),
+                         "ownerReferences": [owner_reference(pool)]},
+            "data": {names.CONFIG_KEY: yaml.safe_dump(document, sort_keys=False)}}

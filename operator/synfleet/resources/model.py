@@ -1,0 +1,113 @@
+"""Typed views of the custom resources (group synfleet.io, v1alpha1) as the API
+server stores them: after its defaults and validation, so the models only
+mirror the CRDs in crds/ and never invent their own defaults."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synfleet.config.schema import Cookie, Mode
+
+GROUP = "synfleet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class PoolRole(str, enum.Enum):
+    PROXY = "proxy"
+    BACKEND = "backend"
+
+    @property
+    def kind(self) -> str:
+        return "ProxyPool" if self is PoolRole.PROXY else "BackendPool"
+
+    @property
+    def plural(self) -> str:
+        return "proxypools" if self is PoolRole.PROXY else "backendpools"
+
+
+class _Spec(BaseModel):
+    # The API server already rejected unknown fields; status and metadata are
+    # read elsewhere.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+
+class Toleration(_Spec):
+    key: str | None = None
+    operator: str | None = None
+    value: str | None = None
+    effect: str | None = None
+    toleration_seconds: int | None = Field(None, alias="tolerationSeconds")
+
+
+class Salt(_Spec):
+    rotation_seconds: int = Field(60, alias="rotationSeconds")
+
+
+class PoolSpec(_Spec):
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    interface: str
+    image: str | None = None
+    image_pull_policy: str = Field("IfNotPresent", alias="imagePullPolicy")
+    resources: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str = Field("system-node-critical", alias="priorityClassName")
+    metrics_port: int = Field(9478, alias="metricsPort")
+    salt: Salt = Field(default_factory=Salt)       # proxy pools only (the CRD has no salt for backends)
+
+
+class ServiceRef(_Spec):
+    name: str
+    address_types: list[str] = Field(default_factory=lambda: ["LoadBalancer", "ExternalIP"],
+                                     alias="addressTypes")
+
+
+class PolicySpec(_Spec):
+    service: ServiceRef | None = None
+    addresses: list[str] = Field(default_factory=list)
+    ports: list[int]
+    proxy_pool: str = Field(alias="proxyPool")
+    backend_pool: str = Field(alias="backendPool")
+    mode: Mode = Mode.ENFORCE
+    cookie: Cookie = Field(default_factory=Cookie)
+
+
+class Pool(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    role: PoolRole
+    name: str
+    uid: str
+    generation: int
+    spec: PoolSpec
+
+    @classmethod
+    def from_object(cls, role: PoolRole, obj: dict) -> "Pool":
+        meta = obj["metadata"]
+        return cls(role=role, name=meta["name"], uid=meta["uid"], generation=meta.get("generation", 1),
+                   spec=PoolSpec.model_validate(obj.get("spec") or {}))
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+    spec: PolicySpec
+    policy_id: int | None = None      # from status: the id allocated earlier
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def from_object(cls, obj: dict) -> "Policy":
+        meta = obj["metadata"]
+        return cls(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"],
+                   generation=meta.get("generation", 1), created=meta.get("creationTimestamp", ""),
+                   spec=PolicySpec.model_validate(obj["spec"]),
+                   policy_id=(obj.get("status") or {}).get("policyId"))

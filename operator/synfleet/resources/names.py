@@ -1,0 +1,30 @@
+"""Names and labels of what the operator makes for a pool. Pool names are at
+most 40 characters (a CRD rule), so every derived name is a valid label value."""
+
+from __future__ import annotations
+
+from synfleet.resources.model import PoolRole
+
+MANAGED_BY = "synfleet-operator"
+LABEL_POOL = "synfleet.io/pool"
+LABEL_ROLE = "synfleet.io/role"
+CONFIG_KEY = "dataplane.yaml"     # the DataplaneConfig document in the pool's ConfigMap
+SALTS_KEY = "salts.yaml"          # epochs and keys in the proxy pool's Secret
+
+
+def agent_name(role: PoolRole, pool: str) -> str:
+    """DaemonSet, ConfigMap, ServiceAccount, Role and RoleBinding of a pool."""
+    return f"synfleet-{role.value}-{pool}"
+
+
+def salts_secret_name(pool: str) -> str:
+    return f"synfleet-salts-{pool}"
+
+
+def selector_labels(role: PoolRole, pool: str) -> dict[str, str]:
+    return {LABEL_ROLE: role.value, LABEL_POOL: pool}
+
+
+def labels(role: PoolRole, pool: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "synfleet-agent", "app.kubernetes.io/component": role.value,
+            "app.kubernetes.io/managed-by": MANAGED_BY, **selector_labels(role, pool)}

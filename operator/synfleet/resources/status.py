@@ -1,0 +1,103 @@
+"""Status subresources: conditions (Ready, Progressing, Degraded) with reasons,
+observedGeneration and node counts, from what the operator observed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from synfleet.resources.dataplane import PolicyOutcome, Problem
+from synfleet.resources.model import Policy, Pool
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(ctype: str, true: bool, reason: str, message: str, generation: int,
+              previous: list[dict] | None, now: str | None = None) -> dict:
+    """A condition whose lastTransitionTime moves only when its status does."""
+    status = "True" if true else "False"
+    old = next((c for c in previous or [] if c.get("type") == ctype), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == status and \
+        old.get("lastTransitionTime") else (now or _now())
+    return {"type": ctype, "status": status, "reason": reason, "message": message,
+            "observedGeneration": generation, "lastTransitionTime": since}
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The DaemonSet's progress, as its controller reports it."""
+    desired: int = 0
+    ready: int = 0
+    updated: int = 0
+    current: bool = False     # the controller has seen the latest template
+
+    @classmethod
+    def from_daemonset(cls, ds: dict | None) -> "Rollout":
+        if not ds:
+            return cls()
+        st = ds.get("status") or {}
+        return cls(desired=st.get("desiredNumberScheduled", 0), ready=st.get("numberReady", 0),
+                   updated=st.get("updatedNumberScheduled", 0),
+                   current=st.get("observedGeneration", 0) >= ds["metadata"].get("generation", 1))
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.ready}/{self.desired}"
+
+    @property
+    def complete(self) -> bool:
+        return self.current and self.desired > 0 and self.ready == self.desired == self.updated
+
+
+def pool_status(pool: Pool, rollout: Rollout, problem: Problem | None, previous: list[dict] | None,
+                salt_epoch: int | None = None) -> dict:
+    g = pool.generation
+    if problem is not None:
+        ready = (False, problem.reason, problem.message)
+    elif rollout.desired == 0 and rollout.current:
+        ready = (False, "NoNodes", f"no node matches nodeSelector {pool.spec.node_selector or '{}'}")
+    elif rollout.complete:
+        ready = (True, "AgentsReady", f"{rollout.nodes} agents ready")
+    else:
+        ready = (False, "RollingOut", f"{rollout.nodes} agents ready, {rollout.updated} updated")
+    progressing = not rollout.complete and problem is None and not (rollout.current and rollout.desired == 0)
+    conditions = [
+        condition("Ready", *ready, g, previous),
+        condition("Progressing", progressing, "RollingOut" if progressing else "Stable",
+                  f"{rollout.updated}/{rollout.desired} agents run the current template", g, previous),
+        condition("Degraded", problem is not None, problem.reason if problem else "AsExpected",
+                  problem.message if problem else "", g, previous),
+    ]
+    status = {"observedGeneration": g, "nodes": rollout.nodes, "nodesReady": rollout.ready,
+              "nodesDesired": rollout.desired, "conditions": conditions}
+    if salt_epoch is not None:
+        status["saltEpoch"] = salt_epoch
+    return status
+
+
+def policy_status(policy: Policy, outcome: PolicyOutcome, proxy_rollout: Rollout,
+                  backend_rollout: Rollout, salt_epoch: int | None, previous: list[dict] | None) -> dict:
+    g = policy.generation
+    problem = outcome.problem
+    if problem is not None:
+        ready = (False, problem.reason, problem.message)
+    elif proxy_rollout.complete and backend_rollout.complete:
+        ready = (True, "Protected", f"{len(outcome.addresses)} addresses protected by "
+                                    f"{proxy_rollout.ready} proxies, {outcome.backends} backends")
+    else:
+        ready = (False, "PoolsNotReady", f"proxies {proxy_rollout.nodes}, backends {backend_rollout.nodes} ready")
+    progressing = problem is None and not ready[0]
+    status = {"observedGeneration": g, "nodes": proxy_rollout.nodes, "addresses": outcome.addresses,
+              "backends": outcome.backends, "conditions": [
+                  condition("Ready", *ready, g, previous),
+                  condition("Progressing", progressing, "PoolsRollingOut" if progressing else "Stable",
+                            ready[2] if progressing else "", g, previous),
+                  condition("Degraded", problem is not None, problem.reason if problem else "AsExpected",
+                            problem.message if problem else "", g, previous)]}
+    if outcome.policy_id is not None:
+        status["policyId"] = outcome.policy_id
+    if salt_epoch is not None:
+        status["saltEpoch"] = salt_epoch
+    return status

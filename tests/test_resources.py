@@ -1,0 +1,258 @@
+"""The pure builders behind the operator: what each custom resource becomes."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import yaml
+
+from synfleet.config import schema
+from synfleet.resources import agents, names, salts
+from synfleet.resources.agents import OperatorSettings
+from synfleet.resources.dataplane import (
+    ClusterView, NodeInfo, allocate_ids, configmap, node_document, render, validate_for_nodes,
+)
+from synfleet.resources.model import Policy, Pool, PoolRole
+from synfleet.resources.status import Rollout, condition, policy_status, pool_status
+
+SETTINGS = OperatorSettings(namespace="synfleet-system", agent_image="ghcr.io/synfleet/agent:0.1.0")
+
+
+def pool(role: PoolRole, name: str, **spec) -> Pool:
+    return Pool.from_object(role, {"metadata": {"name": name, "uid": f"uid-{name}", "generation": 3},
+                                   "spec": {"interface": "eth0", **spec}})
+
+
+def policy(name: str, created: str = "2026-11-25T10:00:00Z", namespace: str = "shop", policy_id=None,
+           **spec) -> Policy:
+    body = {"ports": [443], "proxyPool": "edge", "backendPool": "web", **spec}
+    return Policy.from_object({"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}",
+                                            "generation": 2, "creationTimestamp": created},
+                               "spec": body, "status": {"policyId": policy_id} if policy_id else {}})
+
+
+def node(name: str, *addresses: str, ready: bool = True, **labels: str) -> NodeInfo:
+    return NodeInfo.from_object({
+        "metadata": {"name": name, "labels": labels},
+        "status": {"addresses": [{"type": "Hostname", "address": name}] +
+                   [{"type": "InternalIP", "address": a} for a in addresses],
+                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}})
+
+
+EDGE = pool(PoolRole.PROXY, "edge", nodeSelector={"synfleet.io/edge": "true"})
+WEB = pool(PoolRole.BACKEND, "web", nodeSelector={"tier": "web"})
+NODES = [node("edge-1", "10.0.0.1", "fd00::1", **{"synfleet.io/edge": "true"}),
+         node("edge-2", "10.0.0.2", "fd00::2", **{"synfleet.io/edge": "true"}),
+         node("web-1", "10.0.1.1", "fd00:1::1", tier="web"),
+         node("web-2", "10.0.1.2", "fd00:1::2", tier="web"),
+         node("web-3", "10.0.1.3", tier="web", ready=False)]
+
+
+def view(*policies: Policy, services=None, slices=None, nodes=NODES) -> ClusterView:
+    return ClusterView(proxy_pools=[EDGE], backend_pools=[WEB], policies=list(policies), nodes=nodes,
+                       services=services or {}, endpoint_slices=slices or [])
+
+
+# ---- agent workload ----
+
+def test_agent_daemonset_runs_the_pool_role_with_least_privilege():
+    ds = agents.daemonset(EDGE, SETTINGS)
+    pod = ds["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert ds["metadata"]["namespace"] == "synfleet-system"
+    assert ds["metadata"]["ownerReferences"] == [{
+        "apiVersion": "synfleet.io/v1alpha1", "kind": "ProxyPool", "name": "edge", "uid": "uid-edge",
+        "controller": True, "blockOwnerDeletion": True}]
+    assert pod["hostNetwork"] and pod["priorityClassName"] == "system-node-critical"
+    assert pod["nodeSelector"] == {"synfleet.io/edge": "true"}
+    assert c["image"] == SETTINGS.agent_image
+    assert c["args"][:4] == ["agent", "--role", "proxy", "--kubernetes"]
+    assert c["args"][c["args"].index("--secret") + 1] == "synfleet-salts-edge"
+    sc = c["securityContext"]
+    assert sc["privileged"] is False and sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    assert mounts["/sys/kernel/btf"]["readOnly"] is True
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["readinessProbe"]["httpGet"]["port"] == 9478
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_pool_image_tolerations_and_resources_reach_the_pod():
+    custom = pool(PoolRole.BACKEND, "web", image="registry.local/agent:dev", metricsPort=9600,
+                  tolerations=[{"key": "dedicated", "operator": "Equal", "value": "web", "effect": "NoSchedule"}],
+                  resources={"requests": {"cpu": "100m"}})
+    pod = agents.daemonset(custom, SETTINGS)["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "registry.local/agent:dev"
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "web", "effect": "NoSchedule"}]
+    assert c["resources"] == {"requests": {"cpu": "100m"}}
+    assert "--secret" not in c["args"] and "0.0.0.0:9600" in c["args"]
+
+
+def test_only_proxy_agents_may_read_their_own_salt_secret():
+    proxy_rules = agents.role(EDGE, SETTINGS)["rules"]
+    backend_rules = agents.role(WEB, SETTINGS)["rules"]
+    assert {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["synfleet-salts-edge"],
+            "verbs": ["get", "list", "watch"]} in proxy_rules
+    assert all("secrets" not in r["resources"] for r in backend_rules)
+    assert all(r.get("resourceNames") for r in proxy_rules + backend_rules)
+    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in proxy_rules + backend_rules)
+
+
+# ---- salts ----
+
+def test_rotation_keeps_published_keys_and_publishes_two_epochs_ahead():
+    first = salts.rotate({}, 100)
+    assert sorted(first) == [99, 100, 101, 102]
+    assert all(len(k) == 16 for k in first.values()) and len(set(first.values())) == 4
+    second = salts.rotate(first, 101)
+    assert sorted(second) == [100, 101, 102, 103]
+    assert all(second[e] == first[e] for e in (100, 101, 102))
+    assert salts.rotate(second, 101) == second
+
+
+def test_salt_secret_round_trips_and_is_what_a_proxy_config_accepts():
+    keys = salts.rotate({}, 7)
+    secret = salts.secret(EDGE, SETTINGS, keys)
+    assert secret["metadata"]["name"] == "synfleet-salts-edge" and secret["type"] == "Opaque"
+    assert salts.published_salts(secret) == keys
+    assert salts.salts_document(secret)["rotationSeconds"] == 60
+    assert salts.published_salts(None) == {}
+
+
+# ---- data-plane rendering ----
+
+def test_policy_renders_into_both_pools_with_backends_and_allowed_proxies():
+    p = policy("web", addresses=["203.0.113.10", "2001:db8::10"], ports=[443, 80], mode="monitor",
+               cookie={"windowScale": 9, "timestamps": False})
+    out = render(view(p), SETTINGS)
+    proxy_doc = out.configs[(PoolRole.PROXY, "edge")]
+    backend_doc = out.configs[(PoolRole.BACKEND, "web")]
+    (entry,) = proxy_doc["policies"]
+    assert entry["id"] == 1 and entry["name"] == "shop/web" and entry["mode"] == "monitor"
+    assert {(s["address"], s["port"]) for s in entry["services"]} == {
+        ("203.0.113.10", 443), ("203.0.113.10", 80), ("2001:db8::10", 443), ("2001:db8::10", 80)}
+    assert entry["backends"] == ["10.0.1.1", "10.0.1.2"]          # web-3 is not Ready
+    assert entry["cookie"]["windowScale"] == 9 and entry["cookie"]["timestamps"] is False
+    assert "backends" not in backend_doc["policies"][0]
+    assert backend_doc["allowedProxies"] == ["10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"]
+    assert proxy_doc["rotationSeconds"] == 60 and proxy_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080}
+    assert out.policies["shop/web"].backends == 2 and out.policies["shop/web"].problem is None
+
+    cfg = node_document(proxy_doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5))
+    assert cfg.role is schema.Role.PROXY and cfg.node.addresses.ipv4.compressed == "10.0.0.1"
+    validate_for_nodes(PoolRole.BACKEND, backend_doc, NODES)
+
+
+def test_service_addresses_follow_the_address_types_asked_for():
+    svc = {"spec": {"clusterIP": "10.96.0.7", "clusterIPs": ["10.96.0.7"], "externalIPs": ["198.51.100.7"]},
+           "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}, {"hostname": "lb.example"}]}}}
+    default = policy("a", service={"name": "shop"})
+    every = policy("b", service={"name": "shop", "addressTypes": ["ClusterIP", "LoadBalancer"]}, ports=[8443])
+    out = render(view(default, every, services={("shop", "shop"): svc}), SETTINGS)
+    assert out.policies["shop/a"].addresses == ["203.0.113.7", "198.51.100.7"]
+    assert out.policies["shop/b"].addresses == ["203.0.113.7", "10.96.0.7"]
+
+
+def test_local_traffic_policy_sends_only_to_nodes_hosting_a_ready_endpoint():
+    svc = {"spec": {"externalIPs": ["198.51.100.7"], "externalTrafficPolicy": "Local"}}
+    slices = [{"metadata": {"namespace": "shop", "labels": {"kubernetes.io/service-name": "shop"}},
+               "endpoints": [{"nodeName": "web-2", "conditions": {"ready": True}},
+                             {"nodeName": "web-1", "conditions": {"ready": False}}]}]
+    out = render(view(policy("a", service={"name": "shop"}), services={("shop", "shop"): svc}, slices=slices),
+                 SETTINGS)
+    assert out.configs[(PoolRole.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.2"]
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ({"service": {"name": "missing"}}, "ServiceNotFound"),
+    ({"addresses": ["203.0.113.1"], "proxyPool": "nope"}, "ProxyPoolNotFound"),
+    ({"addresses": ["203.0.113.1"], "backendPool": "nope"}, "BackendPoolNotFound"),
+])
+def test_unservable_policy_is_left_out_with_a_reason(spec, reason):
+    out = render(view(policy("a", **spec)), SETTINGS)
+    assert out.policies["shop/a"].problem.reason == reason
+    assert out.configs[(PoolRole.PROXY, "edge")]["policies"] == []
+
+
+def test_service_without_an_address_yet_and_pool_without_ready_nodes_are_reported():
+    svc = {"spec": {"clusterIP": "10.96.0.9"}, "status": {}}
+    out = render(view(policy("a", service={"name": "s"}), services={("shop", "s"): svc}), SETTINGS)
+    assert out.policies["shop/a"].problem.reason == "NoAddresses"
+    down = [n for n in NODES if "web" not in n.name]
+    out = render(view(policy("b", addresses=["203.0.113.1"]), nodes=down), SETTINGS)
+    assert out.policies["shop/b"].problem.reason == "NoBackends"
+
+
+def test_younger_policy_claiming_a_protected_port_is_in_conflict():
+    old = policy("old", created="2026-11-25T09:00:00Z", addresses=["203.0.113.1"], ports=[443])
+    new = policy("new", created="2026-11-25T10:00:00Z", addresses=["203.0.113.1", "203.0.113.2"], ports=[443])
+    out = render(view(new, old), SETTINGS)
+    assert out.policies["shop/old"].problem is None
+    assert out.policies["shop/new"].problem.reason == "Conflict"
+    assert "203.0.113.1 port 443" in out.policies["shop/new"].problem.message
+    assert "shop/old" in out.policies["shop/new"].problem.message
+    assert [p["name"] for p in out.configs[(PoolRole.PROXY, "edge")]["policies"]] == ["shop/old"]
+
+
+def test_policy_ids_are_stable_and_collisions_go_to_the_oldest():
+    a = policy("a", created="2026-01-01T00:00:00Z", policy_id=5)
+    b = policy("b", created="2026-01-02T00:00:00Z", policy_id=5)
+    c = policy("c", created="2026-01-03T00:00:00Z")
+    assert allocate_ids([c, b, a]) == {"shop/a": 5, "shop/b": 1, "shop/c": 2}
+
+
+def test_document_a_node_cannot_use_is_rejected_naming_the_node():
+    v4_only = [node("edge-9", "10.0.0.9", **{"synfleet.io/edge": "true"})]
+    v6_backends = [node("web-6", "fd00:1::6", tier="web")]
+    out = render(view(policy("a", addresses=["2001:db8::1"]), nodes=v4_only + v6_backends), SETTINGS)
+    doc = out.configs[(PoolRole.PROXY, "edge")]
+    with pytest.raises(schema.ConfigError, match=r"node edge-9 .*ipv6"):
+        validate_for_nodes(PoolRole.PROXY, doc, v4_only)
+
+
+def test_configmap_carries_the_document_owned_by_the_pool():
+    doc = render(view(), SETTINGS).configs[(PoolRole.BACKEND, "web")]
+    cm = configmap(WEB, SETTINGS, doc)
+    assert cm["metadata"]["name"] == "synfleet-backend-web"
+    assert cm["metadata"]["ownerReferences"][0]["kind"] == "BackendPool"
+    assert yaml.safe_load(cm["data"][names.CONFIG_KEY]) == doc
+
+
+# ---- status ----
+
+def test_pool_status_progresses_from_rolling_out_to_ready():
+    rolling = pool_status(EDGE, Rollout(desired=2, ready=1, updated=2, current=True), None, [], 42)
+    ready = {c["type"]: c for c in rolling["conditions"]}
+    assert ready["Ready"]["status"] == "False" and ready["Ready"]["reason"] == "RollingOut"
+    assert ready["Progressing"]["status"] == "True"
+    assert rolling["nodes"] == "1/2" and rolling["saltEpoch"] == 42 and rolling["observedGeneration"] == 3
+    done = pool_status(EDGE, Rollout(desired=2, ready=2, updated=2, current=True), None, rolling["conditions"])
+    conds = {c["type"]: c for c in done["conditions"]}
+    assert conds["Ready"]["status"] == "True" and conds["Progressing"]["status"] == "False"
+    assert conds["Degraded"]["lastTransitionTime"] == ready["Degraded"]["lastTransitionTime"]
+
+
+def test_pool_matching_no_node_is_not_ready_and_says_why():
+    st = pool_status(WEB, Rollout(desired=0, current=True), None, [])
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "NoNodes" and "tier" in ready["message"]
+
+
+def test_condition_transition_time_moves_only_with_its_status():
+    first = condition("Ready", False, "A", "", 1, [], now="2026-01-01T00:00:00Z")
+    same = condition("Ready", False, "B", "", 2, [first], now="2026-01-02T00:00:00Z")
+    flipped = condition("Ready", True, "C", "", 2, [same], now="2026-01-03T00:00:00Z")
+    assert same["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    assert flipped["lastTransitionTime"] == "2026-01-03T00:00:00Z"
+
+
+def test_degraded_policy_status_carries_reason_and_keeps_its_id():
+    out = render(view(policy("a", service={"name": "gone"})), SETTINGS)
+    st = policy_status(policy("a", service={"name": "gone"}), out.policies["shop/a"], Rollout(), Rollout(), None, [])
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert st["policyId"] == 1
+    assert conds["Degraded"]["status"] == "True" and conds["Degraded"]["reason"] == "ServiceNotFound"
+    assert conds["Ready"]["status"] == "False"
