@@ -44,15 +44,25 @@ def _kubernetes_version() -> str:
 BINARIES = {"kube-apiserver-with-etcd": ".", "kube-controller-manager": "./controllermanager"}
 
 
+def _cache_entry() -> dict[str, Path]:
+    sources = sorted(APISERVER_SRC.rglob("*.go")) + [APISERVER_SRC / "go.mod", APISERVER_SRC / "go.sum"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    return {name: CACHE / f"control-plane-{digest}" / name for name in BINARIES}
+
+
+def cached_control_plane() -> dict[str, Path] | None:
+    binaries = _cache_entry()
+    return binaries if all(b.exists() for b in binaries.values()) else None
+
+
 def control_plane_binaries() -> dict[str, Path]:
     """Build (once per source digest) and return the kube-apiserver-with-etcd
     and kube-controller-manager binaries."""
-    sources = sorted(APISERVER_SRC.rglob("*.go")) + [APISERVER_SRC / "go.mod", APISERVER_SRC / "go.sum"]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
-    out = CACHE / f"control-plane-{digest}"
-    binaries = {name: out / name for name in BINARIES}
-    if all(b.exists() for b in binaries.values()):
-        return binaries
+    cached = cached_control_plane()
+    if cached:
+        return cached
+    binaries = _cache_entry()
+    out = next(iter(binaries.values())).parent
     if shutil.which("go") is None:
         raise RuntimeError("building the test kube-apiserver needs Go (https://go.dev/dl)")
     version = _kubernetes_version()
@@ -104,6 +114,7 @@ class KubeCluster:
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = workdir / "admin.kubeconfig"
+        self.ca_file = workdir / "certs" / "apiserver.crt"
         self.tools = kube_tools()
         self._proc: subprocess.Popen | None = None
         self._kcm: subprocess.Popen | None = None
@@ -127,13 +138,12 @@ class KubeCluster:
              "--token-auth-file", str(w / "tokens.csv"), "--authorization-mode", "RBAC",
              "--service-cluster-ip-range", "10.96.0.0/16"],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.write_kubeconfig(self.kubeconfig, ADMIN_TOKEN)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"kube-apiserver exited: {(w / 'apiserver.log').read_text()[-3000:]}")
             try:
-                if self.get("/readyz", raw=True) == b"ok":
+                if self.ca_file.exists() and self.get("/readyz", raw=True) == b"ok":
                     break
             except OSError:
                 pass
@@ -141,6 +151,7 @@ class KubeCluster:
         else:
             self.stop()
             raise RuntimeError("kube-apiserver not ready after 120 s")
+        self.write_kubeconfig(self.kubeconfig, ADMIN_TOKEN)
         # Only the garbage collector: owner references work as in a cluster,
         # while the tests write DaemonSet status as its controller would.
         self._kcm_log = open(w / "controller-manager.log", "wb")
@@ -166,7 +177,10 @@ class KubeCluster:
     def write_kubeconfig(self, path: Path, token: str, namespace: str = "default") -> Path:
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.url, "insecure-skip-tls-verify": True}}],
+            # kube-apiserver writes its self-signed serving certificate and the
+            # CA that signed it into --cert-dir on start.
+            "clusters": [{"name": "test", "cluster": {"server": self.url,
+                                                      "certificate-authority": str(self.ca_file)}}],
             "users": [{"name": "user", "user": {"token": token}}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user",
                                                       "namespace": namespace}}]}))
@@ -180,9 +194,7 @@ class KubeCluster:
                                      data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Authorization": f"Bearer {token}",
                                               "Content-Type": content_type})
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+        ctx = ssl.create_default_context(cafile=self.ca_file)
         with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
             return resp.read()
 
@@ -211,3 +223,54 @@ class KubeCluster:
                          {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                           "spec": {"expirationSeconds": 3600}})
         return resp["status"]["token"]
+
+
+class OperatorProcess:
+    """`synfleet operator` as a local process, authenticated as the chart's
+    ServiceAccount: it can do exactly what the chart's RBAC lets it do."""
+
+    def __init__(self, cluster: KubeCluster, namespace: str, service_account: str, peering: str,
+                 name: str = "operator") -> None:
+        self.cluster = cluster
+        self.log_path = cluster.workdir / f"{name}.log"
+        token = cluster.service_account_token(namespace, service_account)
+        kubeconfig = cluster.write_kubeconfig(cluster.workdir / f"{name}.kubeconfig", token, namespace)
+        self.metrics_port = free_port()
+        self.args = ["python3", "-m", "synfleet.cli", "operator", "--namespace", namespace,
+                     "--agent-image", "ghcr.io/synfleet/agent:test", "--peering", peering,
+                     "--metrics-port", str(self.metrics_port),
+                     "--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        self.env.pop("KUBERNETES_SERVICE_HOST", None)
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> "OperatorProcess":
+        self._log = open(self.log_path, "ab")
+        self._proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, kill: bool = False) -> None:
+        if self.running():
+            if kill:
+                self._proc.kill()
+            else:
+                self._proc.terminate()
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc is not None:
+            self._log.close()
+            self._proc = None

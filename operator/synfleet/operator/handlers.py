@@ -1,0 +1,90 @@
+"""kopf handlers: thin. Each one hands the object to the Reconciler; the logic
+and its tests live in synfleet.resources."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+
+import kopf
+
+from synfleet.operator.kube import Kube
+from synfleet.operator.metrics import OperatorMetrics
+from synfleet.operator.reconcile import Reconciler
+from synfleet.resources.dataplane import NodeInfo
+from synfleet.resources.model import GROUP, VERSION, PoolRole
+from synfleet.resources.names import MANAGED_BY
+
+SALT_CHECK_S = 5.0     # how often a proxy pool's salts are checked; keys are published epochs ahead
+
+
+def plain(value):
+    """kopf's body views as plain dicts and lists, for the pydantic models."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+def _post_event(obj: dict, etype: str, reason: str, message: str) -> None:
+    kopf.event(obj, type=etype, reason=reason, message=message)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    # Peering: with two replicas the lower priority pauses while the higher one
+    # lives (kopf freezes both on a tie, so the priority is random, not fixed).
+    settings.peering.mandatory = True
+    settings.peering.priority = random.randint(1, 2**31 - 1)
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    memo.reconciler = Reconciler(Kube(), memo.settings, memo.metrics, _post_event)
+    memo.node_fingerprints = {}
+
+
+@kopf.on.resume(GROUP, VERSION, "proxypools")
+@kopf.on.create(GROUP, VERSION, "proxypools")
+@kopf.on.update(GROUP, VERSION, "proxypools", field="spec")
+def proxy_pool(body, memo: kopf.Memo, **_) -> None:
+    memo.reconciler.ensure_pool(PoolRole.PROXY, plain(body))
+
+
+@kopf.on.resume(GROUP, VERSION, "backendpools")
+@kopf.on.create(GROUP, VERSION, "backendpools")
+@kopf.on.update(GROUP, VERSION, "backendpools", field="spec")
+def backend_pool(body, memo: kopf.Memo, **_) -> None:
+    memo.reconciler.ensure_pool(PoolRole.BACKEND, plain(body))
+
+
+@kopf.timer(GROUP, VERSION, "proxypools", interval=SALT_CHECK_S, initial_delay=SALT_CHECK_S)
+def salts(body, memo: kopf.Memo, **_) -> None:
+    memo.reconciler.rotate_salts(plain(body))
+
+
+@kopf.on.event(GROUP, VERSION, "synproxypolicies")
+@kopf.on.event("", "v1", "services")
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
+@kopf.on.event("apps", "v1", "daemonsets", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+def rerender(memo: kopf.Memo, **_) -> None:
+    memo.reconciler.request_render()
+
+
+@kopf.on.event(GROUP, VERSION, "proxypools")
+@kopf.on.event(GROUP, VERSION, "backendpools")
+def pool_gone(type, memo: kopf.Memo, **_) -> None:
+    # What a pool made goes with it (owner references); its policies turn Degraded.
+    if type == "DELETED":
+        memo.reconciler.request_render()
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_changed(type, body, memo: kopf.Memo, **_) -> None:
+    # Nodes heartbeat constantly; only labels, addresses and readiness matter.
+    name = body["metadata"]["name"]
+    fingerprint = None if type == "DELETED" else NodeInfo.from_object(plain(body))
+    if memo.node_fingerprints.get(name) == fingerprint:
+        return
+    memo.node_fingerprints[name] = fingerprint
+    memo.reconciler.request_render()

@@ -1,0 +1,35 @@
+"""`synfleet operator`: run the kopf operator cluster-wide, with its metrics
+and liveness endpoints."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import kopf
+from prometheus_client import start_http_server
+
+from synfleet.operator.metrics import OperatorMetrics
+from synfleet.resources.agents import OperatorSettings
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    settings: OperatorSettings
+    peering: str = "synfleet"
+    metrics_port: int | None = 8080
+    liveness: str | None = "http://0.0.0.0:8081/healthz"
+
+
+def run(opts: OperatorOptions) -> None:
+    import synfleet.operator.handlers  # noqa: F401  (registers the handlers with kopf)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf logs every successful handler run at INFO (a line per watch event and
+    # per timer tick); failures stay visible at WARNING and above.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    metrics = OperatorMetrics()
+    if opts.metrics_port:
+        start_http_server(opts.metrics_port, registry=metrics.registry)
+    kopf.run(clusterwide=True, peering_name=opts.peering, liveness_endpoint=opts.liveness,
+             memo=kopf.Memo(settings=opts.settings, metrics=metrics))

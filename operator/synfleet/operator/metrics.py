@@ -1,0 +1,40 @@
+"""The operator's Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+
+
+class OperatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.renders = Counter("synfleet_operator_renders", "data-plane renders of the whole fleet",
+                               registry=self.registry)
+        self.reconciles = Counter("synfleet_operator_reconciles", "pool reconciles", ["kind"],
+                                  registry=self.registry)
+        self.errors = Counter("synfleet_operator_errors", "reconcile and render failures", ["stage"],
+                              registry=self.registry)
+        self.rotations = Counter("synfleet_operator_salt_rotations", "salt Secret updates", ["pool"],
+                                 registry=self.registry)
+        self.policies = Gauge("synfleet_operator_policies", "SynProxyPolicies by Ready state", ["ready"],
+                              registry=self.registry)
+        self._last_rotation: dict[str, float] = {}
+        self.registry.register(self)
+
+    def rotated(self, pool: str) -> None:
+        self.rotations.labels(pool).inc()
+        self._last_rotation[pool] = time.monotonic()
+
+    def forget_pool(self, pool: str) -> None:
+        self._last_rotation.pop(pool, None)
+
+    def collect(self):
+        since = GaugeMetricFamily("synfleet_operator_seconds_since_salt_rotation",
+                                  "seconds since this operator last updated the pool's salts", labels=["pool"])
+        now = time.monotonic()
+        for pool, at in sorted(self._last_rotation.items()):
+            since.add_metric([pool], now - at)
+        yield since

@@ -1,0 +1,167 @@
+"""What the handlers call: read the cluster, build with synfleet.resources,
+write back. Every write is a server-side apply or a status patch made only when
+the content changed, so repeating any step is harmless."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from synfleet.config.schema import ConfigError
+from synfleet.cookie import current_epoch
+from synfleet.resources import agents, names, salts
+from synfleet.resources.agents import OperatorSettings
+from synfleet.resources.dataplane import (
+    ClusterView, NodeInfo, Problem, configmap, render, selects, validate_for_nodes,
+)
+from synfleet.resources.model import API_VERSION, Policy, Pool, PoolRole
+from synfleet.resources.status import Rollout, policy_status, pool_status
+from synfleet.operator.kube import Kube
+from synfleet.operator.metrics import OperatorMetrics
+
+log = logging.getLogger("synfleet.operator")
+
+# (object, type "Normal"/"Warning", reason, message) -> posts a Kubernetes Event
+EventPoster = Callable[[dict, str, str, str], None]
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics,
+                 post_event: EventPoster) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.metrics = metrics
+        self.post_event = post_event
+        self._render_lock = threading.Lock()
+        self._dirty = threading.Event()
+
+    # ---- pools ----
+
+    def ensure_pool(self, role: PoolRole, body: dict) -> None:
+        pool = Pool.from_object(role, body)
+        self.metrics.reconciles.labels(role.kind).inc()
+        for obj in agents.agent_objects(pool, self.settings):
+            self.kube.apply(obj)
+        if role is PoolRole.PROXY:
+            self.rotate_salts(body)
+        self.request_render()
+
+    def rotate_salts(self, body: dict) -> None:
+        """Publish the keys the pool needs now; a no-op inside an epoch."""
+        pool = Pool.from_object(PoolRole.PROXY, body)
+        now = current_epoch(pool.spec.salt.rotation_seconds)
+        existing = self.kube.get("v1", "Secret", names.salts_secret_name(pool.name), self.settings.namespace)
+        published = salts.published_salts(existing)
+        wanted = salts.rotate(published, now)
+        same_rotation = salts.salts_document(existing).get("rotationSeconds") == pool.spec.salt.rotation_seconds
+        if wanted == published and same_rotation:
+            return
+        self.kube.apply(salts.secret(pool, self.settings, wanted))
+        self.metrics.rotated(pool.name)
+        log.info("salts published for pool %s: epochs %s (current %d)", pool.name, sorted(wanted), now)
+        self.request_render()   # status shows the new epoch
+
+    # ---- the whole fleet ----
+
+    def request_render(self) -> None:
+        """Render now, or make the render in progress run once more: bursts of
+        events (start-up, a node storm) coalesce instead of queueing."""
+        self._dirty.set()
+        while self._dirty.is_set():
+            if not self._render_lock.acquire(blocking=False):
+                return      # the holder sees the flag and renders again
+            try:
+                self._dirty.clear()
+                self._render_once()
+            except Exception:
+                self.metrics.errors.labels("render").inc()
+                raise
+            finally:
+                self._render_lock.release()
+
+    def _read_view(self) -> tuple[ClusterView, dict[str, dict], dict[tuple[PoolRole, str], dict]]:
+        pool_objs = {(role, o["metadata"]["name"]): o for role in PoolRole
+                     for o in self.kube.list(API_VERSION, role.kind)}
+        policy_objs = {f'{o["metadata"]["namespace"]}/{o["metadata"]["name"]}': o
+                       for o in self.kube.list(API_VERSION, "SynProxyPolicy")}
+        policies = [Policy.from_object(o) for o in policy_objs.values()]
+        services, slices = {}, []
+        for p in policies:
+            if p.spec.service is None or (p.namespace, p.spec.service.name) in services:
+                continue
+            svc = self.kube.get("v1", "Service", p.spec.service.name, p.namespace)
+            if svc is not None:
+                services[(p.namespace, p.spec.service.name)] = svc
+                slices += self.kube.list("discovery.k8s.io/v1", "EndpointSlice", p.namespace,
+                                         label_selector=f"kubernetes.io/service-name={p.spec.service.name}")
+        view = ClusterView(
+            proxy_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is PoolRole.PROXY],
+            backend_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is PoolRole.BACKEND],
+            policies=policies,
+            nodes=[NodeInfo.from_object(n) for n in self.kube.list("v1", "Node")],
+            services=services, endpoint_slices=slices)
+        return view, policy_objs, pool_objs
+
+    def _render_once(self) -> None:
+        view, policy_objs, pool_objs = self._read_view()
+        rendered = render(view, self.settings)
+        self.metrics.renders.inc()
+        pools = {(p.role, p.name): p for p in view.proxy_pools + view.backend_pools}
+        problems: dict[tuple[PoolRole, str], Problem] = {}
+        for key, document in rendered.configs.items():
+            pool = pools[key]
+            try:
+                validate_for_nodes(pool.role, document, [n for n in view.nodes if selects(pool, n)])
+            except ConfigError as err:
+                # The previous ConfigMap stays: agents keep the last good configuration.
+                problems[key] = Problem("InvalidDataplaneConfig", str(err))
+                self.metrics.errors.labels("validate").inc()
+                continue
+            self.kube.apply(configmap(pool, self.settings, document))
+
+        daemonsets = {d["metadata"]["name"]: d for d in self.kube.list(
+            "apps/v1", "DaemonSet", self.settings.namespace,
+            label_selector=f"app.kubernetes.io/managed-by={names.MANAGED_BY}")}
+        rollouts = {key: Rollout.from_daemonset(daemonsets.get(names.agent_name(*key)))
+                    for key in pools}
+        epochs = {name: self._published_epoch(pool) for (role, name), pool in pools.items()
+                  if role is PoolRole.PROXY}
+        for key, pool in pools.items():
+            obj = pool_objs[key]
+            status = pool_status(pool, rollouts[key], problems.get(key), _conditions(obj),
+                                 epochs.get(pool.name))
+            self._write_status(obj, status)
+
+        ready_count = {"True": 0, "False": 0}
+        for p in view.policies:
+            obj = policy_objs[p.key]
+            outcome = rendered.policies[p.key]
+            missing = Rollout()
+            status = policy_status(p, outcome, rollouts.get((PoolRole.PROXY, p.spec.proxy_pool), missing),
+                                   rollouts.get((PoolRole.BACKEND, p.spec.backend_pool), missing),
+                                   epochs.get(p.spec.proxy_pool), _conditions(obj))
+            ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+            ready_count[ready["status"]] += 1
+            before = next((c for c in _conditions(obj) if c["type"] == "Ready"), {})
+            if (before.get("status"), before.get("reason")) != (ready["status"], ready["reason"]):
+                problem = outcome.problem is not None
+                self.post_event(obj, "Warning" if problem else "Normal", ready["reason"], ready["message"])
+            self._write_status(obj, status)
+        for state, count in ready_count.items():
+            self.metrics.policies.labels(state).set(count)
+
+    def _published_epoch(self, pool: Pool) -> int | None:
+        """The pool's current epoch if its key is published, else None."""
+        secret = self.kube.get("v1", "Secret", names.salts_secret_name(pool.name), self.settings.namespace)
+        now = current_epoch(pool.spec.salt.rotation_seconds)
+        return now if now in salts.published_salts(secret) else None
+
+    def _write_status(self, obj: dict, status: dict) -> None:
+        current = obj.get("status") or {}
+        if any(current.get(k) != v for k, v in status.items()):
+            self.kube.patch_status(obj, status)
+
+
+def _conditions(obj: dict) -> list[dict]:
+    return (obj.get("status") or {}).get("conditions") or []
