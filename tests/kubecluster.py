@@ -236,10 +236,10 @@ class OperatorProcess:
         token = cluster.service_account_token(namespace, service_account)
         kubeconfig = cluster.write_kubeconfig(cluster.workdir / f"{name}.kubeconfig", token, namespace)
         self.metrics_port = free_port()
+        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.args = ["python3", "-m", "synfleet.cli", "operator", "--namespace", namespace,
                      "--agent-image", "ghcr.io/synfleet/agent:test", "--peering", peering,
-                     "--metrics-port", str(self.metrics_port),
-                     "--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+                     "--metrics-port", str(self.metrics_port), "--liveness", self.liveness]
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         self.env.pop("KUBERNETES_SERVICE_HOST", None)
         self._proc: subprocess.Popen | None = None
@@ -254,8 +254,20 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
+        """The /metrics page; empty while the process is not serving it."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+                return r.read().decode()
+        except OSError:
+            return ""
+
+    def metric(self, sample: str) -> float:
+        """The value of one sample line, e.g. 'synfleet_operator_renders_total'; 0 when absent."""
+        for line in self.metrics().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == sample:
+                return float(value)
+        return 0.0
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -6,16 +6,22 @@ and write DaemonSet status the way the DaemonSet controller would."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import require_kube
-from kubecluster import KubeCluster, OperatorProcess
+from conftest import require_bpf, require_kube
+from kubecluster import KubeCluster, OperatorProcess, free_port
+from synfleet.agent.agent import uninstall
 from synfleet.resources import names, salts
 from synfleet.resources.dataplane import node_document
+from synfleet.testbed.netns import unique_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "synfleet"
@@ -202,3 +208,227 @@ def test_status_progresses_as_the_daemonsets_roll_out(fleet):
     printed = fleet.kubectl("get", "synproxypolicies,proxypools,backendpools", "-A").stdout
     print(printed)
     assert "True" in printed and "enforce" in printed
+
+
+INVALID = [
+    # (what is wrong, object, text the API server's answer must contain)
+    ("CIDR instead of an address", web_policy(addresses=["10.0.0.0/24"]), "spec.addresses[0]"),
+    ("host name instead of an address", web_policy(addresses=["web.example.com"]), "must be an IPv4 or IPv6"),
+    ("loopback address", web_policy(addresses=["127.0.0.1"]), "must be a unicast address"),
+    ("port 0", web_policy(ports=[0]), "spec.ports[0]"),
+    ("port 70000", web_policy(ports=[70000]), "spec.ports[0]"),
+    ("port listed twice", web_policy(ports=[443, 443]), "spec.ports[1]: Duplicate value"),
+    ("unknown mode", web_policy(mode="block"), 'spec.mode: Unsupported value: "block"'),
+    ("service and addresses both", web_policy(service={"name": "web"}), "set exactly one of spec.service"),
+    ("neither service nor addresses", spp("web", ports=[443], proxyPool="edge", backendPool="web"),
+     "set exactly one of spec.service"),
+    ("service name not a DNS label", spp("web", service={"name": "Web_Svc"}, ports=[443], proxyPool="edge",
+                                         backendPool="web"), "spec.service.name"),
+    ("unknown service address type", spp("web", service={"name": "web", "addressTypes": ["NodePort"]},
+                                         ports=[443], proxyPool="edge", backendPool="web"),
+     "spec.service.addressTypes[0]"),
+    ("missing proxy pool", spp("web", addresses=["203.0.113.1"], ports=[443], backendPool="web"),
+     "spec.proxyPool: Required value"),
+    ("window scale 15", web_policy(cookie={"windowScale": 15}), "spec.cookie.windowScale"),
+    ("MTU below IPv6's minimum", web_policy(cookie={"mtu": 1000}), "spec.cookie.mtu"),
+    ("MSS table not ascending", web_policy(cookie={"mssV4": [1460, 1300, 1440, 1460]}),
+     "cookie.mssV4 must hold 4 strictly ascending values"),
+    ("MSS below the kernel's minimum", web_policy(cookie={"mssV4": [500, 1300, 1440, 1460]}),
+     "spec.cookie.mssV4[0]"),
+    ("unknown field", web_policy(cookie={"windowscale": 7}), 'unknown field "spec.cookie.windowscale"'),
+    ("rotation below 10 s", proxy_pool("edge", rotation_s=5), "spec.salt.rotationSeconds"),
+    ("rotation above a day", proxy_pool("edge", rotation_s=100000), "spec.salt.rotationSeconds"),
+    ("interface name with a slash", proxy_pool("edge", interface="eth0/1"), "spec.interface"),
+    ("interface name too long", backend_pool("web", interface="a-very-long-ifname"), "spec.interface"),
+    ("toleration Exists with a value", backend_pool("web", tolerations=[
+        {"key": "k", "operator": "Exists", "value": "v"}]), "a toleration with operator Exists takes no value"),
+    ("metrics on a privileged port", backend_pool("web", metricsPort=80), "spec.metricsPort"),
+    ("pool name too long", proxy_pool("p" * 41), "metadata.name must be at most 40 characters"),
+    ("pool without interface", {"apiVersion": "synfleet.io/v1alpha1", "kind": "BackendPool",
+                                "metadata": {"name": "web"}, "spec": {}}, "spec.interface: Required value"),
+]
+
+
+@pytest.mark.parametrize("what, obj, message", INVALID, ids=[i[0] for i in INVALID])
+def test_invalid_object_is_rejected_at_admission_naming_the_field(kube, what, obj, message):
+    r = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(obj), check=False)
+    assert r.returncode != 0, f"{what}: accepted"
+    assert message in r.stderr, r.stderr
+
+
+def test_salts_rotate_on_schedule_keeping_every_key_until_it_expires(fleet, operator):
+    from synfleet.cookie import current_epoch
+
+    apply(fleet, proxy_pool("fast", rotation_s=10))
+    first = wait_for("the fast pool's salts", lambda: salts.published_salts(get(fleet, "secret", "synfleet-salts-fast")))
+    now = current_epoch(10)
+    # Published in the epoch it was read in, or the one before (a boundary in between).
+    assert sorted(first) in ([now - 1, now, now + 1, now + 2], [now - 2, now - 1, now, now + 1])
+    rotated = wait_for("the next rotation", lambda: (s := salts.published_salts(
+        get(fleet, "secret", "synfleet-salts-fast"))) and s != first and s, timeout=25)
+    assert max(rotated) == max(first) + 1 and min(rotated) == min(first) + 1
+    assert all(rotated[e] == first[e] for e in set(first) & set(rotated))
+    new_epoch = max(rotated)
+    assert new_epoch >= current_epoch(10) + 1, "a key is published at least one epoch before it signs"
+    metrics = operator.metrics()
+    assert 'synfleet_operator_salt_rotations_total{pool="fast"}' in metrics
+    assert 'synfleet_operator_seconds_since_salt_rotation{pool="fast"}' in metrics
+    fleet.kubectl("delete", "proxypool", "fast")
+
+
+def test_policy_update_rerenders_and_deletes_clean_up(fleet):
+    apply(fleet, web_policy("shortlived", addresses=["203.0.113.77"], ports=[8443]))
+    names_in = lambda: [p["name"] for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]]  # noqa: E731
+    wait_for("the new policy rendered", lambda: f"{APP_NS}/shortlived" in names_in())
+    apply(fleet, web_policy("shortlived", addresses=["203.0.113.77"], ports=[8443, 9443], mode="monitor"))
+
+    def updated():
+        entry = next(p for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]
+                     if p["name"] == f"{APP_NS}/shortlived")
+        return entry["mode"] == "monitor" and {s["port"] for s in entry["services"]} == {8443, 9443}
+    wait_for("the update rendered", updated)
+
+    fleet.kubectl("delete", "synproxypolicy", "shortlived", "-n", APP_NS)
+    wait_for("the deleted policy gone from the ConfigMap", lambda: f"{APP_NS}/shortlived" not in names_in())
+
+    apply(fleet, backend_pool("doomed"))
+    made = [("daemonset", "synfleet-backend-doomed"), ("configmap", "synfleet-backend-doomed"),
+            ("serviceaccount", "synfleet-backend-doomed"), ("role", "synfleet-backend-doomed"),
+            ("rolebinding", "synfleet-backend-doomed")]
+    wait_for("the pool's objects", lambda: all(get(fleet, kind, name) for kind, name in made))
+    fleet.kubectl("delete", "backendpool", "doomed")
+    # The garbage collector follows the owner references.
+    wait_for("the pool's objects collected", lambda: not any(get(fleet, kind, name) for kind, name in made),
+             timeout=60)
+
+
+def test_policy_naming_a_missing_service_is_degraded_with_the_reason_and_recovers(fleet):
+    apply(fleet, spp("checkout", service={"name": "checkout"}, ports=[443], proxyPool="edge", backendPool="web"))
+    policy = wait_for("Degraded", lambda: (p := get(fleet, "synproxypolicy", "checkout", APP_NS))
+                      and condition(p, "Degraded").get("status") == "True" and p)
+    assert condition(policy, "Degraded")["reason"] == "ServiceNotFound"
+    assert f"Service {APP_NS}/checkout does not exist" in condition(policy, "Degraded")["message"]
+    apply(fleet, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "checkout", "namespace": APP_NS},
+                  "spec": {"ports": [{"port": 443}], "externalIPs": ["198.51.100.20"]}})
+    wait_for("the Service's address protected", lambda: (p := get(fleet, "synproxypolicy", "checkout", APP_NS))
+             and p["status"].get("addresses") == ["198.51.100.20"]
+             and condition(p, "Degraded").get("status") == "False")
+    warnings = fleet.kubectl("get", "events", "-n", APP_NS, "--field-selector",
+                             "involvedObject.name=checkout,type=Warning", "-o", "json").stdout
+    assert "ServiceNotFound" in {e["reason"] for e in json.loads(warnings)["items"]}
+    fleet.kubectl("delete", "synproxypolicy", "checkout", "-n", APP_NS)
+
+
+def test_operator_restart_resumes_without_duplicates_or_rewrites(fleet, operator):
+    apply(fleet, web_policy())
+    wait_for("rendered", lambda: configmap_document(fleet, "synfleet-proxy-edge")["policies"])
+    before = {kind: fleet.kubectl("get", kind, "-n", NAMESPACE, "-o", "json").stdout
+              for kind in ("daemonsets", "configmaps", "secrets", "roles")}
+    versions = lambda raw: {i["metadata"]["name"]: i["metadata"]["resourceVersion"]  # noqa: E731
+                            for i in json.loads(raw)["items"]}
+    operator.stop(kill=True)
+    operator.start()
+    wait_for("the restarted operator to resume both pools and render", lambda: all(operator.metric(m) >= 1 for m in (
+        'synfleet_operator_reconciles_total{kind="ProxyPool"}',
+        'synfleet_operator_reconciles_total{kind="BackendPool"}', "synfleet_operator_renders_total")),
+        timeout=60)
+    for kind, raw in before.items():
+        after = versions(fleet.kubectl("get", kind, "-n", NAMESPACE, "-o", "json").stdout)
+        assert after.keys() == versions(raw).keys(), kind
+        if kind != "secrets":   # a salt rotation may fall in the window
+            assert after == versions(raw), f"{kind} rewritten by a restart"
+
+
+def test_with_two_replicas_only_one_acts_and_the_other_takes_over(fleet, operator):
+    standby = OperatorProcess(fleet, NAMESPACE, RELEASE, peering=RELEASE, name="operator-b").start()
+    try:
+        wait_for("the second replica serving metrics", standby.metrics)
+        time.sleep(3)    # both have announced themselves in the ClusterKopfPeering
+        peering = get(fleet, "clusterkopfpeering", RELEASE, namespace=None)
+        assert len(peering.get("status") or {}) == 2, peering
+        apply(fleet, proxy_pool("twin"))
+        published = "salts published for pool twin:"
+        wait_for("one replica publishing the twin pool's salts",
+                 lambda: published in operator.log() or published in standby.log())
+        time.sleep(6)    # a timer tick of the other replica, had it been active
+        actors = [op for op in (operator, standby) if published in op.log()]
+        assert len(actors) == 1, "both replicas acted"
+        (active,) = actors
+        idle = standby if active is operator else operator
+
+        active.stop()      # SIGTERM: it leaves the peering, the other resumes at once
+        apply(fleet, proxy_pool("twin2"))
+        wait_for("the standby taking over", lambda: "salts published for pool twin2:" in idle.log(), timeout=60)
+    finally:
+        for name in ("twin", "twin2"):
+            fleet.kubectl("delete", "proxypool", name, "--ignore-not-found")
+        standby.stop()
+        if not operator.running():
+            operator.start()
+
+
+@pytest.fixture
+def lab_link():
+    """A veth pair in this namespace for the agent to attach to: no address, no
+    traffic (the API server is on this namespace's loopback, so the agent runs here)."""
+    require_bpf()
+    name = unique_name("sfk")
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True)
+    subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    yield name
+    subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def test_agent_in_cluster_mode_follows_its_configmap_and_salt_rotation(fleet, lab_link, tmp_path):
+    apply(fleet, proxy_pool("lab", rotation_s=10, interface=lab_link, nodeSelector={"synfleet.io/proxy": "lab"}))
+    add_node(fleet, "lab-1", ["10.0.2.1", "fd00:2::1"], **{"synfleet.io/proxy": "lab"})
+    apply(fleet, web_policy("lab", addresses=["203.0.113.50"], ports=[443], proxyPool="lab"))
+    wait_for("the lab pool rendered", lambda: (d := configmap_document(fleet, "synfleet-proxy-lab")) and d["policies"])
+    # The agent authenticates as its pool's ServiceAccount: RBAC as in a cluster.
+    token = fleet.service_account_token(NAMESPACE, "synfleet-proxy-lab")
+    kubeconfig = fleet.write_kubeconfig(tmp_path / "agent.kubeconfig", token, NAMESPACE)
+    port, instance = free_port(), unique_name("kube-agent")
+    log = open(tmp_path / "agent.log", "wb")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "synfleet.cli", "agent", "--role", "proxy", "--kubernetes",
+         "--namespace", NAMESPACE, "--configmap", "synfleet-proxy-lab", "--secret", "synfleet-salts-lab",
+         "--node-addresses", "10.0.2.1,fd00:2::1", "--kubeconfig", str(kubeconfig),
+         "--instance", instance, "--listen", f"127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT)
+
+    def metric(name: str) -> float | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        return next((sample.value for family in text_string_to_metric_families(text)
+                     for sample in family.samples if sample.name == name), None)
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for("the agent ready", lambda: agent.poll() is None and ready(), timeout=60)
+        generation = metric("synfleet_config_generation")
+        assert generation >= 1
+        apply(fleet, web_policy("lab", addresses=["203.0.113.50"], ports=[443, 8443], proxyPool="lab"))
+        wait_for("the agent applying the changed ConfigMap",
+                 lambda: (metric("synfleet_config_generation") or 0) > generation)
+        epoch = metric("synfleet_salt_epoch")
+        wait_for("the agent following the next salt epoch",
+                 lambda: (metric("synfleet_salt_epoch") or 0) > epoch and ready(), timeout=25)
+        assert metric("synfleet_salt_epochs_ahead") >= 1, "the next epoch's key arrived before its epoch"
+        assert metric("synfleet_config_errors_total") == 0
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        log.close()
+        uninstall(instance)
+        fleet.kubectl("delete", "synproxypolicy", "lab", "-n", APP_NS, "--ignore-not-found")
+        fleet.kubectl("delete", "proxypool", "lab", "--ignore-not-found")
+    print((tmp_path / "agent.log").read_text()[-2000:])
