@@ -432,3 +432,11 @@ def test_agent_in_cluster_mode_follows_its_configmap_and_salt_rotation(fleet, la
         fleet.kubectl("delete", "synproxypolicy", "lab", "-n", APP_NS, "--ignore-not-found")
         fleet.kubectl("delete", "proxypool", "lab", "--ignore-not-found")
     print((tmp_path / "agent.log").read_text()[-2000:])
+
+
+def test_examples_apply_through_kustomize(kube):
+    rendered = kube.kubectl("kustomize", str(ROOT / "examples")).stdout
+    kinds = [d["kind"] for d in yaml.safe_load_all(rendered) if d]
+    assert sorted(kinds) == ["BackendPool", "ProxyPool", "SynProxyPolicy", "SynProxyPolicy"]
+    r = kube.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "examples"))
+    assert r.stdout.count("(server dry run)") == 4
