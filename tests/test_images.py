@@ -11,6 +11,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from synfleet.testbed.netns import home_namespace
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,8 +38,10 @@ def test_dockerfile_build_steps_produce_a_package_with_the_bpf_objects(tmp_path)
             shutil.copy(path, context / src)
     # The bpf stage, then the package stage (as a wheel, to look inside).
     subprocess.run(["make", "-s", "-C", str(context / "bpf")], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "-w", str(tmp_path / "wheel"), str(context)], check=True)
+    # pip fetches the build backend (setuptools) as `docker build` would.
+    with home_namespace():
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "-w", str(tmp_path / "wheel"), str(context)], check=True)
     (wheel,) = (tmp_path / "wheel").glob("synfleet-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"synfleet/bpf/objects/proxy.bpf.o", "synfleet/bpf/objects/backend.bpf.o"} <= names

@@ -15,6 +15,30 @@ from typing import Iterator
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
+# The namespace this process started in, the one with the machine's network:
+# tests keep their thread inside a test namespace for a whole session, and some
+# steps (downloads) must still reach out.
+_HOME = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+
+@contextlib.contextmanager
+def _thread_in(target_fd: int, name: str) -> Iterator[None]:
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if _libc.setns(target_fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name}")
+        yield
+    finally:
+        _libc.setns(own, CLONE_NEWNET)
+        os.close(own)
+
+
+def home_namespace() -> contextlib.AbstractContextManager[None]:
+    """Run this thread (and what it starts) in the process's original namespace."""
+    home, here = os.fstat(_HOME), os.stat("/proc/thread-self/ns/net")
+    if (home.st_dev, home.st_ino) == (here.st_dev, here.st_ino):
+        return contextlib.nullcontext()     # already there; setns would need privileges
+    return _thread_in(_HOME, "the original network namespace")
 
 
 def sh(*args: str, check: bool = True) -> str:
@@ -49,15 +73,11 @@ class NetNS:
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
         """Run this thread inside the namespace (for sockets and BPF test runs)."""
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
         try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {self.name}")
-            yield
+            with _thread_in(target, self.name):
+                yield
         finally:
-            _libc.setns(own, CLONE_NEWNET)
-            os.close(own)
             os.close(target)
 
     def delete(self) -> None:
