@@ -244,7 +244,9 @@ class OperatorProcess:
         self.args = ["python3", "-m", "synfleet.cli", "operator", "--namespace", namespace,
                      "--agent-image", "ghcr.io/synfleet/agent:test", "--peering", peering,
                      "--metrics-port", str(self.metrics_port), "--liveness", self.liveness]
-        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        # kopf names its peering entry after POD_ID (the chart sets the pod's name).
+        self.peer_id = f"{name}-{free_port()}"
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_ID": self.peer_id}
         self.env.pop("KUBERNETES_SERVICE_HOST", None)
         self._proc: subprocess.Popen | None = None
 

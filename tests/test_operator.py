@@ -91,6 +91,20 @@ def report_rollout(kube: KubeCluster, ds_name: str, ready: int, desired: int) ->
         "observedGeneration": ds["metadata"]["generation"]}})
 
 
+def pool_objects(role: str, pool: str) -> list[tuple[str, str]]:
+    made = [(kind, f"synfleet-{role}-{pool}") for kind in
+            ("daemonset", "configmap", "serviceaccount", "role", "rolebinding")]
+    return made + ([("secret", f"synfleet-salts-{pool}")] if role == "proxy" else [])
+
+
+def delete_pool(kube: KubeCluster, role: str, pool: str) -> None:
+    """Delete a pool and wait until the garbage collector, following the owner
+    references, has removed everything the operator made for it."""
+    kube.kubectl("delete", f"{role}pool", pool)
+    wait_for(f"{role} pool {pool}'s objects collected",
+             lambda: not any(get(kube, kind, name) for kind, name in pool_objects(role, pool)), timeout=60)
+
+
 def condition(obj: dict, ctype: str) -> dict:
     return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == ctype), {})
 
@@ -273,7 +287,7 @@ def test_salts_rotate_on_schedule_keeping_every_key_until_it_expires(fleet, oper
     metrics = operator.metrics()
     assert 'synfleet_operator_salt_rotations_total{pool="fast"}' in metrics
     assert 'synfleet_operator_seconds_since_salt_rotation{pool="fast"}' in metrics
-    fleet.kubectl("delete", "proxypool", "fast")
+    delete_pool(fleet, "proxy", "fast")
 
 
 def test_policy_update_rerenders_and_deletes_clean_up(fleet):
@@ -292,15 +306,27 @@ def test_policy_update_rerenders_and_deletes_clean_up(fleet):
     wait_for("the deleted policy gone from the ConfigMap", lambda: f"{APP_NS}/shortlived" not in names_in())
 
     apply(fleet, backend_pool("doomed"))
-    made = [("daemonset", "synfleet-backend-doomed"), ("configmap", "synfleet-backend-doomed"),
-            ("serviceaccount", "synfleet-backend-doomed"), ("role", "synfleet-backend-doomed"),
-            ("rolebinding", "synfleet-backend-doomed")]
-    wait_for("the pool's objects", lambda: all(get(fleet, kind, name) for kind, name in made))
-    fleet.kubectl("delete", "backendpool", "doomed")
-    # The garbage collector follows the owner references.
-    wait_for("the pool's objects collected", lambda: not any(get(fleet, kind, name) for kind, name in made),
-             timeout=60)
+    wait_for("the pool's objects", lambda: all(get(fleet, kind, name) for kind, name in pool_objects("backend", "doomed")))
+    delete_pool(fleet, "backend", "doomed")
 
+
+def test_backend_nodes_joining_failing_and_leaving_rerender_the_proxies(fleet):
+    apply(fleet, web_policy())
+    backends = lambda: next(p["backends"] for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]  # noqa: E731
+                            if p["name"] == f"{APP_NS}/web")
+    add_node(fleet, "web-3", ["10.0.1.3", "fd00:1::3"], **{"synfleet.io/backend": "web"})
+    wait_for("web-3 in the proxies' backend table", lambda: backends() == ["10.0.1.1", "10.0.1.2", "10.0.1.3"])
+    fleet.merge_patch("/api/v1/nodes/web-3/status", {"status": {"conditions": [
+        {"type": "Ready", "status": "False", "reason": "KubeletStopped", "message": "test",
+         "lastHeartbeatTime": "2026-11-25T00:00:00Z", "lastTransitionTime": "2026-11-25T00:00:00Z"}]}})
+    wait_for("the NotReady node out of the table", lambda: backends() == ["10.0.1.1", "10.0.1.2"])
+    fleet.kubectl("delete", "node", "web-3")
+    add_node(fleet, "edge-3", ["10.0.0.3"], **{"synfleet.io/proxy": "edge"})
+    wait_for("a new proxy node allowed by the backends",
+             lambda: "10.0.0.3" in configmap_document(fleet, "synfleet-backend-web")["allowedProxies"])
+    fleet.kubectl("delete", "node", "edge-3")
+    wait_for("the removed proxy node no longer allowed",
+             lambda: "10.0.0.3" not in configmap_document(fleet, "synfleet-backend-web")["allowedProxies"])
 
 def test_policy_naming_a_missing_service_is_degraded_with_the_reason_and_recovers(fleet):
     apply(fleet, spp("checkout", service={"name": "checkout"}, ports=[443], proxyPool="edge", backendPool="web"))
@@ -342,10 +368,10 @@ def test_operator_restart_resumes_without_duplicates_or_rewrites(fleet, operator
 def test_with_two_replicas_only_one_acts_and_the_other_takes_over(fleet, operator):
     standby = OperatorProcess(fleet, NAMESPACE, RELEASE, peering=RELEASE, name="operator-b").start()
     try:
-        wait_for("the second replica serving metrics", standby.metrics)
-        time.sleep(3)    # both have announced themselves in the ClusterKopfPeering
-        peering = get(fleet, "clusterkopfpeering", RELEASE, namespace=None)
-        assert len(peering.get("status") or {}) == 2, peering
+        peers = wait_for("both replicas in the peering", lambda: (p := (get(
+            fleet, "clusterkopfpeering", RELEASE, namespace=None).get("status") or {}))
+            and {operator.peer_id, standby.peer_id} <= p.keys() and p)
+        assert peers[operator.peer_id]["priority"] != peers[standby.peer_id]["priority"]
         apply(fleet, proxy_pool("twin"))
         published = "salts published for pool twin:"
         wait_for("one replica publishing the twin pool's salts",
@@ -361,7 +387,8 @@ def test_with_two_replicas_only_one_acts_and_the_other_takes_over(fleet, operato
         wait_for("the standby taking over", lambda: "salts published for pool twin2:" in idle.log(), timeout=60)
     finally:
         for name in ("twin", "twin2"):
-            fleet.kubectl("delete", "proxypool", name, "--ignore-not-found")
+            if get(fleet, "proxypool", name, None):
+                delete_pool(fleet, "proxy", name)
         standby.stop()
         if not operator.running():
             operator.start()
@@ -430,7 +457,7 @@ def test_agent_in_cluster_mode_follows_its_configmap_and_salt_rotation(fleet, la
         log.close()
         uninstall(instance)
         fleet.kubectl("delete", "synproxypolicy", "lab", "-n", APP_NS, "--ignore-not-found")
-        fleet.kubectl("delete", "proxypool", "lab", "--ignore-not-found")
+        delete_pool(fleet, "proxy", "lab")
     print((tmp_path / "agent.log").read_text()[-2000:])
 
 

@@ -129,9 +129,8 @@ class Reconciler:
                   if role is PoolRole.PROXY}
         for key, pool in pools.items():
             obj = pool_objs[key]
-            status = pool_status(pool, rollouts[key], problems.get(key), _conditions(obj),
-                                 epochs.get(pool.name))
-            self._write_status(obj, status)
+            self._report(obj, pool_status(pool, rollouts[key], problems.get(key), _conditions(obj),
+                                          epochs.get(pool.name)), problems.get(key) is not None)
 
         ready_count = {"True": 0, "False": 0}
         for p in view.policies:
@@ -141,13 +140,7 @@ class Reconciler:
             status = policy_status(p, outcome, rollouts.get((PoolRole.PROXY, p.spec.proxy_pool), missing),
                                    rollouts.get((PoolRole.BACKEND, p.spec.backend_pool), missing),
                                    epochs.get(p.spec.proxy_pool), _conditions(obj))
-            ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-            ready_count[ready["status"]] += 1
-            before = next((c for c in _conditions(obj) if c["type"] == "Ready"), {})
-            if (before.get("status"), before.get("reason")) != (ready["status"], ready["reason"]):
-                problem = outcome.problem is not None
-                self.post_event(obj, "Warning" if problem else "Normal", ready["reason"], ready["message"])
-            self._write_status(obj, status)
+            ready_count[self._report(obj, status, outcome.problem is not None)] += 1
         for state, count in ready_count.items():
             self.metrics.policies.labels(state).set(count)
 
@@ -157,10 +150,17 @@ class Reconciler:
         now = current_epoch(pool.spec.salt.rotation_seconds)
         return now if now in salts.published_salts(secret) else None
 
-    def _write_status(self, obj: dict, status: dict) -> None:
+    def _report(self, obj: dict, status: dict, degraded: bool) -> str:
+        """Write the status if it changed, with an Event when Ready changes
+        status or reason; returns the Ready status."""
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        before = next((c for c in _conditions(obj) if c["type"] == "Ready"), {})
+        if (before.get("status"), before.get("reason")) != (ready["status"], ready["reason"]):
+            self.post_event(obj, "Warning" if degraded else "Normal", ready["reason"], ready["message"])
         current = obj.get("status") or {}
         if any(current.get(k) != v for k, v in status.items()):
             self.kube.patch_status(obj, status)
+        return ready["status"]
 
 
 def _conditions(obj: dict) -> list[dict]:
