@@ -13,6 +13,7 @@
 
 #include "synfleet.h"
 #include "sf_net.h"
+#include "sf_skb.h"
 #include "sf_tcp.h"
 #include "sf_maps.h"
 
@@ -333,8 +334,7 @@ static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_
 	return segment_receive(skb, &s, pol, true, hdr.sf.flags & SF_ENCAP_F_VALIDATED);
 }
 
-SEC("tc")
-int synfleet_backend(struct __sk_buff *skb)
+static __noinline int backend_packet(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
@@ -358,6 +358,14 @@ int synfleet_backend(struct __sk_buff *skb)
 	if (encapsulated)
 		return encap_receive(skb, cfg, &o, proto);
 	return plain_receive(skb, cfg, proto);
+}
+
+SEC("tc")
+int synfleet_backend(struct __sk_buff *skb)
+{
+	if (headers_make_linear(skb))
+		return TC_ACT_OK;
+	return backend_packet(skb);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -13,6 +13,7 @@
 
 #include "synfleet.h"
 #include "sf_net.h"
+#include "sf_skb.h"
 #include "sf_csum.h"
 #include "sf_cookie.h"
 #include "sf_flow.h"
@@ -587,8 +588,7 @@ static __always_inline int encap_forward(struct __sk_buff *skb, struct pkt *p,
 	return drop(SF_CTR_NO_BACKEND);
 }
 
-SEC("tc")
-int synfleet_proxy(struct __sk_buff *skb)
+static __noinline int proxy_packet(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
@@ -631,6 +631,14 @@ int synfleet_proxy(struct __sk_buff *skb)
 		p.encap_flags = SF_ENCAP_F_VALIDATED;
 	}
 	return encap_forward(skb, &p, cfg);
+}
+
+SEC("tc")
+int synfleet_proxy(struct __sk_buff *skb)
+{
+	if (headers_make_linear(skb))
+		return TC_ACT_OK;
+	return proxy_packet(skb);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -22,6 +22,30 @@ def _bench_dataplane(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_flood(args: argparse.Namespace) -> int:
+    from synfleet.bench.flood import DEFENCES, run
+
+    say = (lambda *a, **k: None) if args.json else print
+    defences = tuple(args.defences.split(",")) if args.defences else DEFENCES
+    unknown = set(defences) - set(DEFENCES)
+    if unknown:
+        print(f"synfleet bench flood: unknown defence {', '.join(sorted(unknown))}; "
+              f"choose from {', '.join(DEFENCES)}", file=sys.stderr)
+        return 2
+    result = run(defences=defences, seconds=args.seconds, progress=say)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"\nSYN+ACKs answered per second (generator: {result['generator_pps']:,} SYN/s into a TC drop)")
+    for name, r in result["defences"].items():
+        cpu = r["cpu_s_per_million"]
+        print(f"  {name:<12} {r['max_answered_rate']:>12,.0f}/s   "
+              f"{'-' if cpu is None else f'{cpu:.2f}':>6} CPU s per million")
+    for pair, ratio in result["ratios"].items():
+        print(f"  {pair:<22} {ratio['max_answered_rate']:.2f}x")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from synfleet.check import run_check
 
@@ -115,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--rounds", type=int, default=3, help="measurements per path; the best is kept")
     dp.add_argument("--json", action="store_true", help="print one JSON object")
     dp.set_defaults(func=_bench_dataplane)
+    fl = bench_sub.add_parser("flood", help="SYN+ACKs per second of synfleet, kernel SYN cookies, "
+                                             "nftables synproxy and a zero-work floor (needs root, "
+                                             "trafgen, nft)")
+    fl.add_argument("--defences", help="comma-separated subset (default: all)")
+    fl.add_argument("--seconds", type=float, default=3.0, help="length of each rate step (default 3)")
+    fl.add_argument("--json", action="store_true", help="print one JSON object")
+    fl.set_defaults(func=_bench_flood)
     demo = sub.add_parser("demo", help="a fleet in network namespaces under a SYN flood, with a "
                                        "summary and a chart (needs root)")
     demo.add_argument("--flood-rate", type=int, default=40000, help="SYNs per second (default 40000)")

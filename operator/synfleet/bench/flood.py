@@ -1,0 +1,358 @@
+"""`synfleet bench flood`: the SYN rate each defence answers, on one topology,
+under one generator.
+
+    attacker ──eth0── defence node ──eth1── server
+    (trafgen)         (kernel | nf-synproxy | synfleet | floor)
+
+- `kernel`: the defence node is the server itself: a listener on the service
+  address with net.ipv4.tcp_syncookies=2 (cookies for every SYN).
+- `nf-synproxy`: the defence node forwards to the server through nftables'
+  `synproxy` statement (set up as the nftables wiki does: SYNs untracked in
+  raw prerouting, synproxy on invalid/untracked in forward, loose tracking off).
+- `synfleet`: the proxy program on the defence node's eth0 (the backend
+  program and the service on the server).
+- `floor`: a TC program that swaps addresses and sends the packet back
+  (bpf/reflect.bpf.c): packet I/O with zero work.
+
+The generator is netsniff-ng's trafgen (one thread, random sources in
+10.66.0.0/16, Linux-like SYN options, valid checksums). The attacker drops the
+answers at TC ingress (bpf/sink.bpf.c) and counts them on its interface. On
+veth the receiver's work runs on the sender's CPU, so an answered rate is the
+defence's per-packet cost plus the generator's: `generator_pps` (trafgen into a
+TC program that drops everything) and `floor` put each figure in proportion.
+
+Each defence is offered rising rates until the answered rate stops rising;
+the best answered rate is its `max_answered_rate`, and the whole machine's busy
+CPU time during that step divided by the SYNs answered is `cpu_s_per_million`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from synfleet.bpf import BpfObject, TcHook, object_path
+from synfleet.cookie import current_epoch
+from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
+from synfleet.testbed.configs import SERVICE_PORT, testbed_config
+from synfleet.testbed.netns import NetNS, unique_name, veth
+
+DEFENCES = ("kernel", "nf-synproxy", "synfleet", "floor")
+SERVICE = "198.19.0.10"
+FLOOD_PREFIX = "10.66.0.0/16"
+ATTACKER, DEFENCE_NEAR, DEFENCE_FAR, SERVER = "10.77.0.66", "10.77.0.1", "10.77.1.1", "10.77.1.2"
+ROTATION_S = 3600
+MAX_STEP_S = 30.0
+# Linux's SYN options without timestamps: MSS 1460, SACK permitted, window scale 7.
+SYN_OPTIONS = "0x02, 0x04, 0x05, 0xb4, 0x04, 0x02, 0x01, 0x03, 0x03, 0x07, 0x01, 0x01"
+NFT_SYNPROXY = f"""
+table ip synfleet_bench {{
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        ip daddr {SERVICE} tcp dport {SERVICE_PORT} tcp flags syn notrack
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        ip daddr {SERVICE} tcp dport {SERVICE_PORT} ct state invalid,untracked \\
+            synproxy mss 1460 wscale 7 timestamp sack-perm
+        ct state invalid drop
+    }}
+}}
+"""
+
+
+@dataclass
+class Step:
+    offered_target_pps: int | None     # None: as fast as the generator goes
+    offered_pps: float
+    answered_pps: float
+    cpu_busy_s: float
+    seconds: float
+
+
+@dataclass
+class DefenceResult:
+    max_answered_rate: float = 0.0
+    cpu_s_per_million: float | None = None
+    steps: list[Step] = field(default_factory=list)
+
+
+def _cpu_busy_s() -> float:
+    """Busy CPU seconds of the whole machine so far (all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _kill_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGKILL a process's whole session and wait until none of it is left."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        while time.monotonic() < deadline:
+            os.killpg(proc.pid, 0)      # ProcessLookupError once the group is empty
+            time.sleep(0.01)
+        raise RuntimeError(f"trafgen (session {proc.pid}) still running {timeout} s after SIGKILL")
+
+
+class FloodLab:
+    """The three namespaces and their links; `close()` removes everything."""
+
+    def __init__(self) -> None:
+        tag = unique_name("sfb")[4:]
+        self.workdir = tempfile.mkdtemp(prefix=f"synfleet-bench-{tag}-")
+        self.attacker = NetNS(f"sfb-{tag}-att")
+        self.defence = NetNS(f"sfb-{tag}-dfn")
+        self.server = NetNS(f"sfb-{tag}-srv")
+        self._objects: list = []
+        self._hooks: list[tuple[NetNS, TcHook]] = []
+        self._listener: subprocess.Popen | None = None
+        self._kept = (0, 0)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        veth(self.attacker, "eth0", self.defence, "eth0")
+        veth(self.defence, "eth1", self.server, "eth0")
+        self.attacker.ip("addr", "add", f"{ATTACKER}/24", "dev", "eth0")
+        self.defence.ip("addr", "add", f"{DEFENCE_NEAR}/24", "dev", "eth0")
+        self.defence.ip("addr", "add", f"{DEFENCE_FAR}/24", "dev", "eth1")
+        self.server.ip("addr", "add", f"{SERVER}/24", "dev", "eth0")
+        self.server.ip("addr", "add", f"{SERVICE}/32", "dev", "lo")
+        self.server.ip("route", "add", "default", "via", DEFENCE_FAR)
+        self.defence.ip("route", "add", FLOOD_PREFIX, "via", ATTACKER)
+        self.defence.ip("route", "add", f"{SERVICE}/32", "via", SERVER)
+        self.attacker.ip("route", "add", f"{SERVICE}/32", "via", DEFENCE_NEAR)
+        self.defence.sysctl("net.ipv4.conf.all.forwarding", 1)
+        for ns in (self.attacker, self.defence, self.server):
+            ns.sysctl("net.ipv4.conf.all.rp_filter", 0)
+        self.mac = {}
+        for ns, ifname, addr in ((self.attacker, "eth0", ATTACKER), (self.defence, "eth0", DEFENCE_NEAR),
+                                 (self.defence, "eth1", DEFENCE_FAR), (self.server, "eth0", SERVER)):
+            self.mac[addr] = json.loads(ns.ip("-j", "link", "show", ifname))[0]["address"]
+        # Permanent neighbours: no ARP under load, and none for the spoofed sources.
+        for ns, ifname, peer in ((self.attacker, "eth0", DEFENCE_NEAR), (self.defence, "eth0", ATTACKER),
+                                 (self.defence, "eth1", SERVER), (self.server, "eth0", DEFENCE_FAR)):
+            ns.ip("neigh", "replace", peer, "lladdr", self.mac[peer], "dev", ifname, "nud", "permanent")
+        self._attach_object(self.attacker, "eth0", "sink")
+        # The attacker's sink stays for every defence; what comes after is per defence.
+        self._kept = (len(self._objects), len(self._hooks))
+
+    # ---- BPF helpers ----
+
+    def _attach(self, ns: NetNS, ifname: str, program) -> None:
+        with ns.entered():
+            hook = TcHook(socket.if_nametoindex(ifname))
+            hook.attach(program)
+        self._hooks.append((ns, hook))
+
+    def _attach_object(self, ns: NetNS, ifname: str, name: str) -> None:
+        obj = BpfObject(object_path(name)).load()
+        self._objects.append(obj)
+        self._attach(ns, ifname, obj.program(name))
+
+    def _detach(self, keep: tuple[int, int] = (0, 0)) -> None:
+        """Detach and close what was attached after the first `keep` objects and hooks."""
+        keep_objects, keep_hooks = keep
+        for ns, hook in reversed(self._hooks[keep_hooks:]):
+            with ns.entered():
+                hook.destroy_clsact()
+        del self._hooks[keep_hooks:]
+        for obj in self._objects[keep_objects:]:
+            obj.close()
+        del self._objects[keep_objects:]
+
+    # ---- defences ----
+
+    def _listen(self, ns: NetNS) -> None:
+        """A listener on the service port that accepts and closes."""
+        self._listener = ns.popen("python3", "-c", (
+            "import socket\n"
+            f"s = socket.create_server(('{SERVICE}', {SERVICE_PORT}), backlog=4096)\n"
+            "print('ready', flush=True)\n"
+            "while True:\n"
+            "    s.accept()[0].close()\n"), stdout=subprocess.PIPE)
+        if self._listener.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the benchmark's listener did not start")
+
+    @contextlib.contextmanager
+    def defended_by(self, defence: str) -> Iterator[None]:
+        """Set the defence up, yield, and take it down again."""
+        undo: list[Callable[[], None]] = []
+        try:
+            if defence == "generator":
+                self._attach_object(self.defence, "eth0", "sink")
+            elif defence == "floor":
+                self._attach_object(self.defence, "eth0", "reflect")
+            elif defence == "kernel":
+                self.defence.ip("addr", "add", f"{SERVICE}/32", "dev", "lo")
+                undo.append(lambda: self.defence.ip("addr", "del", f"{SERVICE}/32", "dev", "lo"))
+                self.defence.sysctl("net.ipv4.tcp_syncookies", 2)
+                self._listen(self.defence)
+            elif defence == "nf-synproxy":
+                self.defence.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0)
+                rules = os.path.join(self.workdir, "synproxy.nft")
+                with open(rules, "w") as f:
+                    f.write(NFT_SYNPROXY)
+                self.defence.run("nft", "-f", rules)
+                undo.append(lambda: self.defence.run("nft", "delete", "table", "ip", "synfleet_bench"))
+                self._listen(self.server)
+            elif defence == "synfleet":
+                self._synfleet()
+                self._listen(self.server)
+            else:
+                raise ValueError(f"unknown defence {defence!r}; choose from {', '.join(DEFENCES)}")
+            yield
+        finally:
+            if self._listener is not None:
+                self._listener.kill()
+                self._listener.wait()
+                self._listener = None
+            for step in reversed(undo):
+                step()
+            self._detach(keep=self._kept)
+
+    def _synfleet(self) -> None:
+        epoch = current_epoch(ROTATION_S)
+        salts = {e: secrets.token_bytes(16) for e in (epoch - 1, epoch, epoch + 1)}
+        services = {4: SERVICE}
+        proxy = ProxyDataplane()
+        self._objects.append(proxy)
+        proxy.set_salts(salts)
+        proxy.apply(testbed_config("proxy", interfaces=["eth0"], node_v4=DEFENCE_NEAR, node_v6="2001:db8:77::1",
+                                   services=services, rotation_s=ROTATION_S, backends={4: [SERVER]},
+                                   salts=salts))
+        self._attach(self.defence, "eth0", proxy.program)
+        backend = BackendDataplane()
+        self._objects.append(backend)
+        backend.apply(testbed_config("backend", interfaces=["eth0"], node_v4=SERVER, node_v6="2001:db8:77::2",
+                                     services=services, rotation_s=ROTATION_S, allowed_proxies=[DEFENCE_NEAR]))
+        self._attach(self.server, "eth0", backend.program)
+
+    # ---- traffic ----
+
+    def _counters(self) -> tuple[int, int]:
+        stats = json.loads(self.attacker.ip("-j", "-s", "link", "show", "eth0"))[0]["stats64"]
+        return stats["tx"]["packets"], stats["rx"]["packets"]
+
+    def flood_step(self, rate: int | None, seconds: float) -> Step:
+        """Offer `rate` SYNs per second (None: as fast as trafgen goes) for `seconds`."""
+        if not 0 < seconds <= MAX_STEP_S:
+            raise ValueError(f"a step lasts (0, {MAX_STEP_S}] seconds")
+        cfg = os.path.join(self.workdir, "syn.cfg")
+        with open(cfg, "w") as f:
+            f.write("{\n"
+                    f"  eth(da={self.mac[DEFENCE_NEAR]}, sa={self.mac[ATTACKER]}, type=0x0800),\n"
+                    f"  ipv4(sa=10.66.0.0, sa[2]=drnd(), sa[3]=drnd(), da={SERVICE}, ttl=64, df),\n"
+                    f"  tcp(sp=drnd(), dp={SERVICE_PORT}, seq=drnd(), syn, window=64240, doff=8),\n"
+                    f"  {SYN_OPTIONS}\n"
+                    "}\n")
+        args = ["trafgen", "-o", "eth0", "-i", cfg, "--cpus", "1", "-q"]
+        if rate:
+            args += ["-b", f"{rate}pps", "-n", str(int(rate * seconds))]
+        tx0, rx0 = self._counters()
+        cpu0, t0 = _cpu_busy_s(), time.monotonic()
+        # trafgen forks its sender: the session groups them for one kill.
+        gen = self.attacker.popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        try:
+            gen.wait(timeout=seconds * 1.2 if rate else seconds)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            # trafgen ignores SIGINT and SIGTERM while sending; the device counts what it sent.
+            _kill_group(gen)
+        # A killed trafgen's TX ring still drains: the step ends when the counters stop.
+        counters = self._counters()
+        while True:
+            elapsed, cpu1 = time.monotonic() - t0, _cpu_busy_s()
+            time.sleep(0.05)
+            settled, counters = counters, self._counters()
+            if counters == settled:
+                break
+        tx1, rx1 = counters
+        return Step(rate, (tx1 - tx0) / elapsed, (rx1 - rx0) / elapsed, cpu1 - cpu0, elapsed)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.kill()
+            self._listener.wait()
+        self._detach()
+        for ns in (self.attacker, self.defence, self.server):
+            ns.delete()
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.workdir):
+                os.unlink(os.path.join(self.workdir, name))
+            os.rmdir(self.workdir)
+
+    def __enter__(self) -> "FloodLab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def measure_defence(lab: FloodLab, defence: str, rates: list[int], seconds: float,
+                    progress: Callable[[str], None]) -> DefenceResult:
+    """Step the offered rate up until the answered rate stops rising by 2 %,
+    then offer as much as trafgen can (its TX ring is faster than its paced
+    mode, so this last step is often the best)."""
+    result = DefenceResult()
+
+    def offer(rate: int | None) -> bool:
+        step = lab.flood_step(rate, seconds)
+        result.steps.append(step)
+        progress(f"  {defence:<12} offered {step.offered_pps:>9.0f}/s  answered {step.answered_pps:>9.0f}/s")
+        if step.answered_pps <= result.max_answered_rate:
+            return False
+        grew = step.answered_pps > 1.02 * result.max_answered_rate
+        result.max_answered_rate = step.answered_pps
+        answered = step.answered_pps * step.seconds
+        result.cpu_s_per_million = step.cpu_busy_s / (answered / 1e6) if answered else None
+        return grew
+
+    with lab.defended_by(defence):
+        for rate in rates:
+            if not offer(rate):
+                break
+        offer(None)
+    return result
+
+
+def run(defences: tuple[str, ...] = DEFENCES, rates: list[int] | None = None, seconds: float = 3.0,
+        progress: Callable[[str], None] = print) -> dict:
+    unknown = [d for d in defences if d not in DEFENCES]
+    if unknown:
+        raise ValueError(f"unknown defence {unknown[0]!r}; choose from {', '.join(DEFENCES)}")
+    rates = rates or [50_000, 100_000, 200_000, 300_000, 400_000, 500_000]
+    with FloodLab() as lab:
+        def generator() -> float:
+            with lab.defended_by("generator"):
+                pps = lab.flood_step(None, seconds).offered_pps
+            progress(f"  generator    {pps:>9.0f}/s into a TC drop")
+            return pps
+        # Before and after the defences: the better of the two, as the machine allows.
+        first = generator()
+        results = {d: measure_defence(lab, d, rates, seconds, progress) for d in defences}
+        generator_pps = max(first, generator())
+    out = {"defences": {d: asdict(r) for d, r in results.items()},
+           "generator_pps": round(generator_pps), "ratios": {}}
+    best = {d: r.max_answered_rate for d, r in results.items()}
+    if "synfleet" in best:
+        for other in ("kernel", "nf-synproxy", "floor"):
+            if best.get(other):
+                out["ratios"][f"synfleet/{other}"] = {"max_answered_rate": round(best["synfleet"] / best[other], 3)}
+    return out
