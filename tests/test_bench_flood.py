@@ -30,7 +30,7 @@ def namespaces() -> set[str]:
 
 def test_every_defence_answers_a_low_rate_flood_and_everything_is_removed():
     before = namespaces()
-    result = flood.run(rates=[20_000], seconds=0.5, progress=lambda _: None)
+    result = flood.run(rates=[20_000], seconds=0.5, progress=lambda _: None, memory_points=(200,))
     assert set(result["defences"]) == set(flood.DEFENCES)
     for name, r in result["defences"].items():
         first = r["steps"][0]
@@ -43,8 +43,21 @@ def test_every_defence_answers_a_low_rate_flood_and_everything_is_removed():
         assert ring["offered_target_pps"] is None
         assert ring["answered_pps"] == pytest.approx(ring["offered_pps"], rel=0.05), name
         assert r["cpu_s_per_million"] > 0
+        if name == "floor":
+            assert r["legit"] == {} and r["memory"] == []
+            continue
+        for pct in ("25", "50", "100"):
+            legit = r["legit"][pct]
+            assert legit["attempts"] > 0 and 0 <= legit["ok"] <= legit["attempts"]
+            assert legit["ok"] == 0 or legit["connect_p50_ms"] <= legit["connect_p99_ms"]
+        assert [m["connections"] for m in r["memory"]] == [0, 200]
+    # nftables' synproxy tracks every connection it let through; synfleet's proxy nothing.
+    nft = result["defences"]["nf-synproxy"]["memory"]
+    assert nft[1]["conntrack_entries"] - nft[0]["conntrack_entries"] >= 200
+    assert [m["conntrack_entries"] for m in result["defences"]["synfleet"]["memory"]] == [0, 0]
     assert result["generator_pps"] > 20_000
     assert set(result["ratios"]) == {"synfleet/kernel", "synfleet/nf-synproxy", "synfleet/floor"}
+    assert set(result["ratios"]["synfleet/kernel"]) == {"max_answered_rate", "legit_success_at_100"}
     assert namespaces() == before
     assert subprocess.run(["pgrep", "-x", "trafgen"], capture_output=True).returncode == 1
 

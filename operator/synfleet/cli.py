@@ -23,7 +23,7 @@ def _bench_dataplane(args: argparse.Namespace) -> int:
 
 
 def _bench_flood(args: argparse.Namespace) -> int:
-    from synfleet.bench.flood import DEFENCES, run
+    from synfleet.bench.flood import DEFENCES, chart, run
 
     say = (lambda *a, **k: None) if args.json else print
     defences = tuple(args.defences.split(",")) if args.defences else DEFENCES
@@ -33,6 +33,8 @@ def _bench_flood(args: argparse.Namespace) -> int:
               f"choose from {', '.join(DEFENCES)}", file=sys.stderr)
         return 2
     result = run(defences=defences, seconds=args.seconds, progress=say)
+    if args.chart:
+        chart(result, args.chart)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -41,8 +43,21 @@ def _bench_flood(args: argparse.Namespace) -> int:
         cpu = r["cpu_s_per_million"]
         print(f"  {name:<12} {r['max_answered_rate']:>12,.0f}/s   "
               f"{'-' if cpu is None else f'{cpu:.2f}':>6} CPU s per million")
+    print("\nlegitimate handshakes ok during floods at 25 / 50 / 100 % of each defence's best rate")
+    for name, r in result["defences"].items():
+        if r["legit"]:
+            print(f"  {name:<12} " + "   ".join(
+                f"{100 * v['success']:.1f} % (p50 {v['connect_p50_ms']} ms, p99 {v['connect_p99_ms']} ms)"
+                for v in r["legit"].values()))
+    print("\ndefence node state with 2,500 / 5,000 / 10,000 connections established through it")
+    for name, r in result["defences"].items():
+        if r["memory"]:
+            print(f"  {name:<12} conntrack entries " + " / ".join(str(m["conntrack_entries"]) for m in r["memory"][1:])
+                  + f"  ({r['memory'][-1]['conntrack_bytes']:,} B at 10,000)")
     for pair, ratio in result["ratios"].items():
-        print(f"  {pair:<22} {ratio['max_answered_rate']:.2f}x")
+        print(f"  {pair:<22} " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    if args.chart:
+        print(f"\nchart: {args.chart}")
     return 0
 
 
@@ -145,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     fl.add_argument("--defences", help="comma-separated subset (default: all)")
     fl.add_argument("--seconds", type=float, default=3.0, help="length of each rate step (default 3)")
     fl.add_argument("--json", action="store_true", help="print one JSON object")
+    fl.add_argument("--chart", default="synfleet-bench-flood.png", help="PNG chart path ('' for none)")
     fl.set_defaults(func=_bench_flood)
     demo = sub.add_parser("demo", help="a fleet in network namespaces under a SYN flood, with a "
                                        "summary and a chart (needs root)")

@@ -32,10 +32,13 @@ import contextlib
 import json
 import os
 import secrets
+import resource
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -50,6 +53,10 @@ DEFENCES = ("kernel", "nf-synproxy", "synfleet", "floor")
 SERVICE = "198.19.0.10"
 FLOOD_PREFIX = "10.66.0.0/16"
 ATTACKER, DEFENCE_NEAR, DEFENCE_FAR, SERVER = "10.77.0.66", "10.77.0.1", "10.77.1.1", "10.77.1.2"
+CLIENT, DEFENCE_CLIENT_SIDE = "10.77.2.2", "10.77.2.1"
+LEGIT_FRACTIONS = (25, 50, 100)        # % of a defence's best answered rate
+MEMORY_POINTS = (2_500, 5_000, 10_000)     # established connections
+CONNECT_TIMEOUT_S = 3.0
 ROTATION_S = 3600
 MAX_STEP_S = 30.0
 # Linux's SYN options without timestamps: MSS 1460, SACK permitted, window scale 7.
@@ -80,10 +87,62 @@ class Step:
 
 
 @dataclass
+class Legit:
+    """Legitimate clients' handshakes during a flood step."""
+    flood_pps: float
+    attempts: int
+    ok: int
+    success: float
+    connect_p50_ms: float | None
+    connect_p99_ms: float | None
+
+    @classmethod
+    def of(cls, connect_ms: list[float | None], flood_pps: float) -> "Legit":
+        done = sorted(ms for ms in connect_ms if ms is not None)
+        pick = lambda q: round(done[min(len(done) - 1, int(q * len(done)))], 3) if done else None  # noqa: E731
+        return cls(round(flood_pps), len(connect_ms), len(done),
+                   round(len(done) / len(connect_ms), 4) if connect_ms else 0.0, pick(0.50), pick(0.99))
+
+
+@dataclass
+class Memory:
+    """What the defence node holds with `connections` established through it."""
+    connections: int
+    conntrack_entries: int
+    conntrack_bytes: int
+    tcp_sockets: int
+
+
+@dataclass
 class DefenceResult:
     max_answered_rate: float = 0.0
     cpu_s_per_million: float | None = None
     steps: list[Step] = field(default_factory=list)
+    legit: dict[str, Legit] = field(default_factory=dict)      # by % of max_answered_rate
+    memory: list[Memory] = field(default_factory=list)
+
+
+def _connect_ms() -> float | None:
+    """One handshake to the service, timed; None when it fails. Reset-closed."""
+    sock = socket.socket()
+    try:
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        start = time.monotonic()
+        sock.connect((SERVICE, SERVICE_PORT))
+        return (time.monotonic() - start) * 1000
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def _conntrack_object_bytes() -> int:
+    with open("/proc/slabinfo") as f:
+        for line in f:
+            if line.startswith("nf_conntrack "):
+                return int(line.split()[3])
+    return 0
 
 
 def _cpu_busy_s() -> float:
@@ -114,6 +173,7 @@ class FloodLab:
         self.attacker = NetNS(f"sfb-{tag}-att")
         self.defence = NetNS(f"sfb-{tag}-dfn")
         self.server = NetNS(f"sfb-{tag}-srv")
+        self.client = NetNS(f"sfb-{tag}-cli")
         self._objects: list = []
         self._hooks: list[tuple[NetNS, TcHook]] = []
         self._listener: subprocess.Popen | None = None
@@ -127,6 +187,10 @@ class FloodLab:
     def _build(self) -> None:
         veth(self.attacker, "eth0", self.defence, "eth0")
         veth(self.defence, "eth1", self.server, "eth0")
+        veth(self.client, "eth0", self.defence, "eth2")
+        self.client.ip("addr", "add", f"{CLIENT}/24", "dev", "eth0")
+        self.defence.ip("addr", "add", f"{DEFENCE_CLIENT_SIDE}/24", "dev", "eth2")
+        self.client.ip("route", "add", f"{SERVICE}/32", "via", DEFENCE_CLIENT_SIDE)
         self.attacker.ip("addr", "add", f"{ATTACKER}/24", "dev", "eth0")
         self.defence.ip("addr", "add", f"{DEFENCE_NEAR}/24", "dev", "eth0")
         self.defence.ip("addr", "add", f"{DEFENCE_FAR}/24", "dev", "eth1")
@@ -137,15 +201,17 @@ class FloodLab:
         self.defence.ip("route", "add", f"{SERVICE}/32", "via", SERVER)
         self.attacker.ip("route", "add", f"{SERVICE}/32", "via", DEFENCE_NEAR)
         self.defence.sysctl("net.ipv4.conf.all.forwarding", 1)
-        for ns in (self.attacker, self.defence, self.server):
+        for ns in (self.attacker, self.defence, self.server, self.client):
             ns.sysctl("net.ipv4.conf.all.rp_filter", 0)
         self.mac = {}
         for ns, ifname, addr in ((self.attacker, "eth0", ATTACKER), (self.defence, "eth0", DEFENCE_NEAR),
-                                 (self.defence, "eth1", DEFENCE_FAR), (self.server, "eth0", SERVER)):
+                                 (self.defence, "eth1", DEFENCE_FAR), (self.server, "eth0", SERVER),
+                                 (self.client, "eth0", CLIENT), (self.defence, "eth2", DEFENCE_CLIENT_SIDE)):
             self.mac[addr] = json.loads(ns.ip("-j", "link", "show", ifname))[0]["address"]
         # Permanent neighbours: no ARP under load, and none for the spoofed sources.
         for ns, ifname, peer in ((self.attacker, "eth0", DEFENCE_NEAR), (self.defence, "eth0", ATTACKER),
-                                 (self.defence, "eth1", SERVER), (self.server, "eth0", DEFENCE_FAR)):
+                                 (self.defence, "eth1", SERVER), (self.server, "eth0", DEFENCE_FAR),
+                                 (self.client, "eth0", DEFENCE_CLIENT_SIDE), (self.defence, "eth2", CLIENT)):
             ns.ip("neigh", "replace", peer, "lladdr", self.mac[peer], "dev", ifname, "nud", "permanent")
         self._attach_object(self.attacker, "eth0", "sink")
         # The attacker's sink stays for every defence; what comes after is per defence.
@@ -178,13 +244,20 @@ class FloodLab:
     # ---- defences ----
 
     def _listen(self, ns: NetNS) -> None:
-        """A listener on the service port that accepts and closes."""
+        """A listener on the service port that accepts and holds connections
+        (the memory figure needs them established), the oldest closed when
+        the file limit nears."""
         self._listener = ns.popen("python3", "-c", (
-            "import socket\n"
+            "import collections, resource, socket\n"
+            "limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))\n"
             f"s = socket.create_server(('{SERVICE}', {SERVICE_PORT}), backlog=4096)\n"
+            "held = collections.deque()\n"
             "print('ready', flush=True)\n"
             "while True:\n"
-            "    s.accept()[0].close()\n"), stdout=subprocess.PIPE)
+            "    held.append(s.accept()[0])\n"
+            "    if len(held) > limit - 64:\n"
+            "        held.popleft().close()\n"), stdout=subprocess.PIPE)
         if self._listener.stdout.readline().strip() != b"ready":
             raise RuntimeError("the benchmark's listener did not start")
 
@@ -236,6 +309,7 @@ class FloodLab:
                                    services=services, rotation_s=ROTATION_S, backends={4: [SERVER]},
                                    salts=salts))
         self._attach(self.defence, "eth0", proxy.program)
+        self._attach(self.defence, "eth2", proxy.program)
         backend = BackendDataplane()
         self._objects.append(backend)
         backend.apply(testbed_config("backend", interfaces=["eth0"], node_v4=SERVER, node_v6="2001:db8:77::2",
@@ -286,12 +360,59 @@ class FloodLab:
         tx1, rx1 = counters
         return Step(rate, (tx1 - tx0) / elapsed, (rx1 - rx0) / elapsed, cpu1 - cpu0, elapsed)
 
+    def legit_during(self, rate: int, seconds: float) -> Legit:
+        """Clients connect one after another from their namespace while a
+        flood of `rate` SYN/s runs."""
+        connects: list[float | None] = []
+        stop = threading.Event()
+
+        def clients() -> None:
+            with self.client.entered():
+                while not stop.is_set():
+                    connects.append(_connect_ms())
+
+        worker = threading.Thread(target=clients)
+        worker.start()
+        try:
+            step = self.flood_step(rate, seconds)
+        finally:
+            stop.set()
+            worker.join()
+        return Legit.of(connects, step.offered_pps)
+
+    def _defence_memory(self, connections: int) -> Memory:
+        count = self.defence.run("sh", "-c", "cat /proc/sys/net/netfilter/nf_conntrack_count 2>/dev/null || echo 0")
+        sockstat = self.defence.run("cat", "/proc/net/sockstat")
+        tcp = next(line.split() for line in sockstat.splitlines() if line.startswith("TCP:"))
+        entries = int(count.strip() or 0)
+        # "inuse" is this namespace's; "alloc" would count the whole machine.
+        return Memory(connections, entries, entries * _conntrack_object_bytes(),
+                      int(tcp[tcp.index("inuse") + 1]))
+
+    def memory_with_established(self, counts: tuple[int, ...]) -> list[Memory]:
+        """Open connections through the defence up to each count, measuring the
+        defence node at each; all are reset afterwards."""
+        held: list[socket.socket] = []
+        points = [self._defence_memory(0)]
+        try:
+            with self.client.entered():
+                for target in counts:
+                    while len(held) < target:
+                        sock = socket.create_connection((SERVICE, SERVICE_PORT), timeout=CONNECT_TIMEOUT_S)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        held.append(sock)
+                    points.append(self._defence_memory(target))
+        finally:
+            for sock in held:
+                sock.close()
+        return points
+
     def close(self) -> None:
         if self._listener is not None:
             self._listener.kill()
             self._listener.wait()
         self._detach()
-        for ns in (self.attacker, self.defence, self.server):
+        for ns in (self.attacker, self.defence, self.server, self.client):
             ns.delete()
         with contextlib.suppress(OSError):
             for name in os.listdir(self.workdir):
@@ -306,10 +427,13 @@ class FloodLab:
 
 
 def measure_defence(lab: FloodLab, defence: str, rates: list[int], seconds: float,
-                    progress: Callable[[str], None]) -> DefenceResult:
+                    progress: Callable[[str], None],
+                    memory_points: tuple[int, ...] = MEMORY_POINTS) -> DefenceResult:
     """Step the offered rate up until the answered rate stops rising by 2 %,
     then offer as much as trafgen can (its TX ring is faster than its paced
-    mode, so this last step is often the best)."""
+    mode on some machines). Then, for the defences that serve TCP, legitimate
+    clients during floods at fractions of that rate, and the defence node's
+    memory as established connections grow."""
     result = DefenceResult()
 
     def offer(rate: int | None) -> bool:
@@ -329,30 +453,105 @@ def measure_defence(lab: FloodLab, defence: str, rates: list[int], seconds: floa
             if not offer(rate):
                 break
         offer(None)
+        if defence == "floor":
+            return result       # it answers SYNs and serves nothing
+        # Memory first, while the conntrack table holds nothing from earlier clients.
+        result.memory = lab.memory_with_established(memory_points)
+        last = result.memory[-1]
+        progress(f"  {defence:<12} {last.connections} established: {last.conntrack_entries} conntrack entries "
+                 f"({last.conntrack_bytes} B), {last.tcp_sockets} TCP sockets on the defence node")
+        for pct in LEGIT_FRACTIONS:
+            legit = lab.legit_during(max(1, round(result.max_answered_rate * pct / 100)), seconds)
+            result.legit[str(pct)] = legit
+            progress(f"  {defence:<12} {pct:>3} % flood: {legit.ok}/{legit.attempts} handshakes, "
+                     f"p50 {legit.connect_p50_ms} ms, p99 {legit.connect_p99_ms} ms")
     return result
 
 
 def run(defences: tuple[str, ...] = DEFENCES, rates: list[int] | None = None, seconds: float = 3.0,
-        progress: Callable[[str], None] = print) -> dict:
+        progress: Callable[[str], None] = print, memory_points: tuple[int, ...] = MEMORY_POINTS) -> dict:
     unknown = [d for d in defences if d not in DEFENCES]
     if unknown:
         raise ValueError(f"unknown defence {unknown[0]!r}; choose from {', '.join(DEFENCES)}")
     rates = rates or [50_000, 100_000, 200_000, 300_000, 400_000, 500_000]
-    with FloodLab() as lab:
-        def generator() -> float:
-            with lab.defended_by("generator"):
-                pps = lab.flood_step(None, seconds).offered_pps
-            progress(f"  generator    {pps:>9.0f}/s into a TC drop")
-            return pps
-        # Before and after the defences: the better of the two, as the machine allows.
-        first = generator()
-        results = {d: measure_defence(lab, d, rates, seconds, progress) for d in defences}
-        generator_pps = max(first, generator())
+    # 10,000 client sockets held at once, plus everything else.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    def generator() -> float:
+        """What trafgen sends into a TC drop, stepped like the defences."""
+        best = 0.0
+        with FloodLab() as lab, lab.defended_by("generator"):
+            for rate in [*rates, None]:
+                pps = lab.flood_step(rate, seconds).offered_pps
+                grew, best = pps > 1.02 * best, max(best, pps)
+                if rate is not None and not grew:
+                    break
+        progress(f"  generator    {best:>9.0f}/s into a TC drop")
+        return best
+
+    # Fresh namespaces for every defence: nothing (a conntrack table, say) carries over.
+    # The generator before and after: the better of the two, as the machine allows.
+    first = generator()
+    results = {}
+    for d in defences:
+        with FloodLab() as lab:
+            results[d] = measure_defence(lab, d, rates, seconds, progress, memory_points)
+    generator_pps = max(first, generator())
     out = {"defences": {d: asdict(r) for d, r in results.items()},
            "generator_pps": round(generator_pps), "ratios": {}}
-    best = {d: r.max_answered_rate for d, r in results.items()}
-    if "synfleet" in best:
-        for other in ("kernel", "nf-synproxy", "floor"):
-            if best.get(other):
-                out["ratios"][f"synfleet/{other}"] = {"max_answered_rate": round(best["synfleet"] / best[other], 3)}
+    ours = results.get("synfleet")
+    for name, other in results.items():
+        if ours is None or name == "synfleet" or not other.max_answered_rate:
+            continue
+        ratio = {"max_answered_rate": round(ours.max_answered_rate / other.max_answered_rate, 3)}
+        if "100" in other.legit and other.legit["100"].success:
+            ratio["legit_success_at_100"] = round(ours.legit["100"].success / other.legit["100"].success, 3)
+        out["ratios"][f"synfleet/{name}"] = ratio
     return out
+
+
+def chart(result: dict, path: str) -> None:
+    """Answered against offered rate per defence, and legitimate handshake
+    success under each defence's floods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rates, legit) = plt.subplots(1, 2, figsize=(12, 4.8))
+    # Every SYN a defence sees is answered below its knee; above it the shared
+    # CPU slows the generator itself, so the paced target is the x axis.
+    targets = sorted({s["offered_target_pps"] for r in result["defences"].values() for s in r["steps"]
+                      if s["offered_target_pps"]})
+    ring_x = len(targets)
+    for name, r in result["defences"].items():
+        xs = [targets.index(s["offered_target_pps"]) if s["offered_target_pps"] else ring_x for s in r["steps"]]
+        rates.plot(xs, [s["answered_pps"] / 1e3 for s in r["steps"]], marker="o",
+                   label=f"{name} (best {r['max_answered_rate'] / 1e3:.0f}k)")
+    rates.axhline(result["generator_pps"] / 1e3, color="grey", linestyle=":",
+                  label=f"generator into a drop {result['generator_pps'] / 1e3:.0f}k")
+    rates.set_xticks(range(ring_x + 1))
+    rates.set_xticklabels([f"{t / 1e3:.0f}k" for t in targets] + ["TX ring"])
+    rates.set_xlabel("trafgen's paced rate (SYN/s), then its TX ring flat out")
+    rates.set_ylabel("SYN+ACKs answered per second (thousands)")
+    rates.set_title("SYN flood answered, one veth path, one trafgen thread")
+    rates.legend(fontsize=8)
+    served = {n: r for n, r in result["defences"].items() if r["legit"]}
+    width = 0.8 / max(1, len(served))
+    for i, (name, r) in enumerate(served.items()):
+        xs = [j + i * width for j in range(len(LEGIT_FRACTIONS))]
+        ys = [100 * r["legit"][str(p)]["success"] for p in LEGIT_FRACTIONS]
+        bars = legit.bar(xs, ys, width, label=name)
+        for bar, p in zip(bars, LEGIT_FRACTIONS):
+            p99 = r["legit"][str(p)]["connect_p99_ms"]
+            legit.annotate(f"p99 {p99} ms" if p99 is not None else "none", (bar.get_x(), 2), rotation=90,
+                           fontsize=7, color="white")
+    legit.set_xticks([j + 0.4 - width / 2 for j in range(len(LEGIT_FRACTIONS))])
+    legit.set_xticklabels([f"{p} % of its best rate" for p in LEGIT_FRACTIONS])
+    legit.set_ylim(0, 105)
+    legit.set_ylabel("legitimate handshakes ok (%)")
+    legit.set_title("clients connecting during each defence's flood")
+    legit.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
