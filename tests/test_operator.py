@@ -21,6 +21,7 @@ from kubecluster import KubeCluster, OperatorProcess, free_port
 from synfleet.agent.agent import uninstall
 from synfleet.resources import names, salts
 from synfleet.resources.dataplane import node_document
+from synfleet.resources.model import PoolRole
 from synfleet.testbed.netns import unique_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,19 @@ def backend_pool(name: str, **spec) -> dict:
 def spp(name: str, **spec) -> dict:
     return {"apiVersion": "synfleet.io/v1alpha1", "kind": "SynProxyPolicy",
             "metadata": {"name": name, "namespace": APP_NS}, "spec": spec}
+
+
+def add_agent_pod(kube: KubeCluster, role: str, pool: str, node: str, ready: bool = True) -> None:
+    """An agent pod on `node` as the DaemonSet controller and the kubelet would
+    leave it (the operator puts only nodes with a Ready backend agent in tables)."""
+    name = f"synfleet-{role}-{pool}-{node}"
+    apply(kube, {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": name, "namespace": NAMESPACE,
+                              "labels": names.labels(PoolRole(role), pool)},
+                 "spec": {"nodeName": node, "serviceAccountName": f"synfleet-{role}-{pool}",
+                          "containers": [{"name": "agent", "image": "ghcr.io/synfleet/agent:test"}]}})
+    kube.merge_patch(f"/api/v1/namespaces/{NAMESPACE}/pods/{name}/status", {"status": {
+        "phase": "Running", "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}})
 
 
 def report_rollout(kube: KubeCluster, ds_name: str, ready: int, desired: int) -> None:
@@ -143,6 +157,9 @@ def fleet(kube, operator):
     apply(kube, proxy_pool("edge"), backend_pool("web"))
     wait_for("both DaemonSets", lambda: get(kube, "daemonset", "synfleet-proxy-edge")
              and get(kube, "daemonset", "synfleet-backend-web"))
+    for i in (1, 2):
+        add_agent_pod(kube, "backend", "web", f"web-{i}")
+    report_rollout(kube, "synfleet-backend-web", ready=2, desired=2)
     return kube
 
 
@@ -315,12 +332,21 @@ def test_backend_nodes_joining_failing_and_leaving_rerender_the_proxies(fleet):
     backends = lambda: next(p["backends"] for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]  # noqa: E731
                             if p["name"] == f"{APP_NS}/web")
     add_node(fleet, "web-3", ["10.0.1.3", "fd00:1::3"], **{"synfleet.io/backend": "web"})
+    add_agent_pod(fleet, "backend", "web", "web-3", ready=False)
+    report_rollout(fleet, "synfleet-backend-web", ready=2, desired=3)
+    time.sleep(2)
+    assert backends() == ["10.0.1.1", "10.0.1.2"], "a node whose agent is not Ready gets no flows"
+    add_agent_pod(fleet, "backend", "web", "web-3", ready=True)
+    report_rollout(fleet, "synfleet-backend-web", ready=3, desired=3)
     wait_for("web-3 in the proxies' backend table", lambda: backends() == ["10.0.1.1", "10.0.1.2", "10.0.1.3"])
     fleet.merge_patch("/api/v1/nodes/web-3/status", {"status": {"conditions": [
         {"type": "Ready", "status": "False", "reason": "KubeletStopped", "message": "test",
          "lastHeartbeatTime": "2026-11-25T00:00:00Z", "lastTransitionTime": "2026-11-25T00:00:00Z"}]}})
     wait_for("the NotReady node out of the table", lambda: backends() == ["10.0.1.1", "10.0.1.2"])
     fleet.kubectl("delete", "node", "web-3")
+    # No kubelet confirms a graceful termination here: delete at once.
+    fleet.kubectl("delete", "pod", "synfleet-backend-web-web-3", "-n", NAMESPACE, "--grace-period=0", "--force")
+    report_rollout(fleet, "synfleet-backend-web", ready=2, desired=2)
     add_node(fleet, "edge-3", ["10.0.0.3"], **{"synfleet.io/proxy": "edge"})
     wait_for("a new proxy node allowed by the backends",
              lambda: "10.0.0.3" in configmap_document(fleet, "synfleet-backend-web")["allowedProxies"])

@@ -11,7 +11,8 @@ from synfleet.config import schema
 from synfleet.resources import agents, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
-    ClusterView, NodeInfo, allocate_ids, configmap, node_document, render, validate_for_nodes,
+    ClusterView, NodeInfo, allocate_ids, configmap, node_document, ready_agent_nodes, render,
+    validate_for_nodes,
 )
 from synfleet.resources.model import Policy, Pool, PoolRole
 from synfleet.resources.status import Rollout, condition, policy_status, pool_status
@@ -49,9 +50,12 @@ NODES = [node("edge-1", "10.0.0.1", "fd00::1", **{"synfleet.io/edge": "true"}),
          node("web-3", "10.0.1.3", tier="web", ready=False)]
 
 
-def view(*policies: Policy, services=None, slices=None, nodes=NODES) -> ClusterView:
+READY_AGENTS = {"web": {"web-1", "web-2", "web-3", "web-6"}}
+
+
+def view(*policies: Policy, services=None, slices=None, nodes=NODES, agents=READY_AGENTS) -> ClusterView:
     return ClusterView(proxy_pools=[EDGE], backend_pools=[WEB], policies=list(policies), nodes=nodes,
-                       services=services or {}, endpoint_slices=slices or [])
+                       services=services or {}, endpoint_slices=slices or [], ready_backend_agents=agents)
 
 
 # ---- agent workload ----
@@ -144,6 +148,24 @@ def test_policy_renders_into_both_pools_with_backends_and_allowed_proxies():
     cfg = node_document(proxy_doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5))
     assert cfg.role is schema.Role.PROXY and cfg.node.addresses.ipv4.compressed == "10.0.0.1"
     validate_for_nodes(PoolRole.BACKEND, backend_doc, NODES)
+
+
+def agent_pod(node: str, ready: bool, role: str = "backend", pool: str = "web") -> dict:
+    return {"metadata": {"name": f"agent-{node}", "labels": names.labels(PoolRole(role), pool)},
+            "spec": {"nodeName": node},
+            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def test_only_nodes_with_a_ready_backend_agent_receive_flows():
+    pods = [agent_pod("web-1", True), agent_pod("web-2", False), agent_pod("edge-1", True, "proxy", "edge"),
+            {"metadata": {"name": "starting", "labels": names.labels(PoolRole.BACKEND, "web")}, "spec": {}}]
+    agents = ready_agent_nodes(pods)
+    assert agents == {"web": {"web-1"}}
+    out = render(view(policy("a", addresses=["203.0.113.1"]), agents=agents), SETTINGS)
+    assert out.configs[(PoolRole.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.1"]
+    out = render(view(policy("a", addresses=["203.0.113.1"]), agents={}), SETTINGS)
+    assert out.policies["shop/a"].problem.reason == "NoBackends"
+    assert "Ready agent" in out.policies["shop/a"].problem.message
 
 
 def test_service_addresses_follow_the_address_types_asked_for():

@@ -13,7 +13,7 @@ from synfleet.cookie import current_epoch
 from synfleet.resources import agents, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
-    ClusterView, NodeInfo, Problem, configmap, render, selects, validate_for_nodes,
+    ClusterView, NodeInfo, Problem, configmap, ready_agent_nodes, render, selects, validate_for_nodes,
 )
 from synfleet.resources.model import API_VERSION, Policy, Pool, PoolRole
 from synfleet.resources.status import Rollout, policy_status, pool_status
@@ -100,7 +100,12 @@ class Reconciler:
             backend_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is PoolRole.BACKEND],
             policies=policies,
             nodes=[NodeInfo.from_object(n) for n in self.kube.list("v1", "Node")],
-            services=services, endpoint_slices=slices)
+            services=services, endpoint_slices=slices,
+            # The agents' DaemonSet status changes with their pods' readiness,
+            # and that event renders: no cluster-wide pod watch is needed.
+            ready_backend_agents=ready_agent_nodes(self.kube.list(
+                "v1", "Pod", self.settings.namespace,
+                label_selector=f"app.kubernetes.io/managed-by={names.MANAGED_BY}")))
         return view, policy_objs, pool_objs
 
     def _render_once(self) -> None:

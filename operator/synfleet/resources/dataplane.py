@@ -53,6 +53,20 @@ class NodeInfo:
         return [a for a in (self.ipv4, self.ipv6) if a]
 
 
+def ready_agent_nodes(pods: list[dict]) -> dict[str, set[str]]:
+    """Nodes with a Ready backend agent, by pool, from the agents' pods."""
+    ready: dict[str, set[str]] = {}
+    for pod in pods:
+        labels = pod["metadata"].get("labels") or {}
+        if labels.get(names.LABEL_ROLE) != PoolRole.BACKEND.value or pod["metadata"].get("deletionTimestamp"):
+            continue
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node and any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            ready.setdefault(labels[names.LABEL_POOL], set()).add(node)
+    return ready
+
+
 def selects(pool: Pool, node: NodeInfo) -> bool:
     return all(node.labels.get(k) == v for k, v in pool.spec.node_selector.items())
 
@@ -80,6 +94,9 @@ class ClusterView:
     nodes: list[NodeInfo]
     services: dict[tuple[str, str], dict]            # (namespace, name) -> Service
     endpoint_slices: list[dict] = field(default_factory=list)
+    # Nodes whose backend agent pod is Ready, by BackendPool: only they can
+    # accept a validated handshake, so only they go into the proxies' tables.
+    ready_backend_agents: dict[str, set[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -137,7 +154,9 @@ def _resolve(p: Policy, view: ClusterView, pools: dict[tuple[PoolRole, str], Poo
         if (role, pool_name) not in pools:
             return Problem(f"{role.kind}NotFound", f"{role.kind} {pool_name!r} does not exist")
     backend_pool = pools[(PoolRole.BACKEND, p.spec.backend_pool)]
-    backends = [n for n in view.nodes if selects(backend_pool, n) and n.ready and n.addresses]
+    agents = view.ready_backend_agents.get(backend_pool.name, set())
+    backends = [n for n in view.nodes
+                if selects(backend_pool, n) and n.ready and n.addresses and n.name in agents]
     addresses = list(p.spec.addresses)
     if p.spec.service is not None:
         svc = view.services.get((p.namespace, p.spec.service.name))
@@ -151,7 +170,7 @@ def _resolve(p: Policy, view: ClusterView, pools: dict[tuple[PoolRole, str], Poo
             hosting = endpoint_nodes(view.endpoint_slices, p.namespace, p.spec.service.name)
             backends = [n for n in backends if n.name in hosting]
     if not backends:
-        return Problem("NoBackends", f"no Ready node of BackendPool {backend_pool.name!r} "
+        return Problem("NoBackends", f"no Ready node of BackendPool {backend_pool.name!r} with a Ready agent "
                                      f"{'hosts an endpoint' if p.spec.service else 'has an address'}")
     return addresses, backends
 
