@@ -44,14 +44,19 @@ def _capability_missing() -> str | None:
     return None
 
 
+def skip_unless_required(required_by: str, what: str, reason: str) -> None:
+    """Skip with the reason printed, or fail where `required_by`=1 (CI) says
+    these tests must run."""
+    if os.environ.get(required_by) == "1":
+        pytest.fail(f"{required_by}=1 but this machine {reason}")
+    print(f"skipping {what} test: this machine {reason}")
+    pytest.skip(reason)
+
+
 def require_bpf() -> None:
     reason = _capability_missing()
-    if reason is None:
-        return
-    if os.environ.get("SYNFLEET_REQUIRE_BPF") == "1":
-        pytest.fail(f"SYNFLEET_REQUIRE_BPF=1 but this machine {reason}")
-    print(f"skipping BPF test: this machine {reason}")
-    pytest.skip(reason)
+    if reason is not None:
+        skip_unless_required("SYNFLEET_REQUIRE_BPF", "BPF", reason)
 
 
 def _mid_epoch_clock_offset(rotation_s: int) -> float:
@@ -73,13 +78,8 @@ def require_kube() -> None:
     missing = [tool for tool in ("openssl",) if shutil.which(tool) is None]
     if shutil.which("go") is None and cached_control_plane() is None:
         missing.append("go (to build kube-apiserver)")
-    if not missing:
-        return
-    reason = f"needs {', '.join(missing)}"
-    if os.environ.get("SYNFLEET_REQUIRE_KUBE") == "1":
-        pytest.fail(f"SYNFLEET_REQUIRE_KUBE=1 but this machine {reason}")
-    print(f"skipping Kubernetes test: this machine {reason}")
-    pytest.skip(reason)
+    if missing:
+        skip_unless_required("SYNFLEET_REQUIRE_KUBE", "Kubernetes", f"needs {', '.join(missing)}")
 
 
 def tai_epoch() -> int:

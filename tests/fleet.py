@@ -115,12 +115,13 @@ def tcp_info_options(sock: socket.socket) -> dict:
 def wait_for(predicate, what: str, timeout: float = 10.0):
     """Poll until `predicate()` is truthy and return its value; fail naming `what`."""
     deadline = time.monotonic() + timeout
+    value = None
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {value!r}")
 
 
 def ingress_program_id(ns: NetNS, ifname: str) -> int | None:

@@ -17,6 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import require_bpf, require_kube
+from fleet import wait_for
 from kubecluster import KubeCluster, OperatorProcess, free_port
 from synfleet.agent.agent import uninstall
 from synfleet.resources import names, salts
@@ -31,16 +32,8 @@ RELEASE = "synfleet"          # the chart names everything after the release: "s
 APP_NS = "shop"
 
 
-def wait_for(what: str, probe, timeout: float = 30.0, interval: float = 0.3):
-    """Poll `probe` until it returns something truthy; fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+# The API server, the operator and the garbage collector each take their time.
+KUBE_TIMEOUT_S = 30.0
 
 
 def apply(kube: KubeCluster, *docs: dict) -> None:
@@ -115,8 +108,8 @@ def delete_pool(kube: KubeCluster, role: str, pool: str) -> None:
     """Delete a pool and wait until the garbage collector, following the owner
     references, has removed everything the operator made for it."""
     kube.kubectl("delete", f"{role}pool", pool)
-    wait_for(f"{role} pool {pool}'s objects collected",
-             lambda: not any(get(kube, kind, name) for kind, name in pool_objects(role, pool)), timeout=60)
+    wait_for(lambda: not any(get(kube, kind, name) for kind, name in pool_objects(role, pool)),
+             f"{role} pool {pool}'s objects collected", timeout=60)
 
 
 def condition(obj: dict, ctype: str) -> dict:
@@ -155,8 +148,8 @@ def fleet(kube, operator):
         add_node(kube, f"edge-{i}", [f"10.0.0.{i}", f"fd00::{i}"], **{"synfleet.io/proxy": "edge"})
         add_node(kube, f"web-{i}", [f"10.0.1.{i}", f"fd00:1::{i}"], **{"synfleet.io/backend": "web"})
     apply(kube, proxy_pool("edge"), backend_pool("web"))
-    wait_for("both DaemonSets", lambda: get(kube, "daemonset", "synfleet-proxy-edge")
-             and get(kube, "daemonset", "synfleet-backend-web"))
+    wait_for(lambda: get(kube, "daemonset", "synfleet-proxy-edge")
+             and get(kube, "daemonset", "synfleet-backend-web"), "both DaemonSets", timeout=KUBE_TIMEOUT_S)
     for i in (1, 2):
         add_agent_pod(kube, "backend", "web", f"web-{i}")
     report_rollout(kube, "synfleet-backend-web", ready=2, desired=2)
@@ -186,8 +179,8 @@ def test_chart_installs_crds_rbac_peering_and_the_operator_deployment(kube):
 
 def test_pools_and_policy_become_daemonsets_salts_configmaps_and_rbac(fleet):
     apply(fleet, web_policy())
-    proxy_doc = wait_for("the policy in the proxy ConfigMap",
-                         lambda: (d := configmap_document(fleet, "synfleet-proxy-edge")) and d["policies"] and d)
+    proxy_doc = wait_for(lambda: (d := configmap_document(fleet, "synfleet-proxy-edge")) and d["policies"] and d,
+                         "the policy in the proxy ConfigMap", timeout=KUBE_TIMEOUT_S)
     (entry,) = proxy_doc["policies"]
     assert entry["name"] == f"{APP_NS}/web" and entry["mode"] == "enforce"
     assert entry["backends"] == ["10.0.1.1", "10.0.1.2"]
@@ -218,16 +211,16 @@ def test_status_progresses_as_the_daemonsets_roll_out(fleet):
     apply(fleet, web_policy())
     for ds in ("synfleet-proxy-edge", "synfleet-backend-web"):
         report_rollout(fleet, ds, ready=1, desired=2)
-    pool = wait_for("ProxyPool edge rolling out", lambda: (p := get(fleet, "proxypool", "edge", None))
-                    and p["status"].get("nodes") == "1/2" and p)
+    pool = wait_for(lambda: (p := get(fleet, "proxypool", "edge", None))
+                    and p["status"].get("nodes") == "1/2" and p, "ProxyPool edge rolling out", timeout=KUBE_TIMEOUT_S)
     assert condition(pool, "Ready")["status"] == "False" and condition(pool, "Progressing")["status"] == "True"
     policy = get(fleet, "synproxypolicy", "web", APP_NS)
     assert condition(policy, "Ready")["reason"] == "PoolsNotReady"
 
     for ds in ("synfleet-proxy-edge", "synfleet-backend-web"):
         report_rollout(fleet, ds, ready=2, desired=2)
-    policy = wait_for("the policy Ready", lambda: (p := get(fleet, "synproxypolicy", "web", APP_NS))
-                      and condition(p, "Ready").get("status") == "True" and p)
+    policy = wait_for(lambda: (p := get(fleet, "synproxypolicy", "web", APP_NS))
+                      and condition(p, "Ready").get("status") == "True" and p, "the policy Ready", timeout=KUBE_TIMEOUT_S)
     assert condition(policy, "Ready")["reason"] == "Protected"
     assert condition(policy, "Degraded")["status"] == "False"
     assert policy["status"]["observedGeneration"] == policy["metadata"]["generation"]
@@ -291,12 +284,12 @@ def test_salts_rotate_on_schedule_keeping_every_key_until_it_expires(fleet, oper
     from synfleet.cookie import current_epoch
 
     apply(fleet, proxy_pool("fast", rotation_s=10))
-    first = wait_for("the fast pool's salts", lambda: salts.published_salts(get(fleet, "secret", "synfleet-salts-fast")))
+    first = wait_for(lambda: salts.published_salts(get(fleet, "secret", "synfleet-salts-fast")), "the fast pool's salts", timeout=KUBE_TIMEOUT_S)
     now = current_epoch(10)
     # Published in the epoch it was read in, or the one before (a boundary in between).
     assert sorted(first) in ([now - 1, now, now + 1, now + 2], [now - 2, now - 1, now, now + 1])
-    rotated = wait_for("the next rotation", lambda: (s := salts.published_salts(
-        get(fleet, "secret", "synfleet-salts-fast"))) and s != first and s, timeout=25)
+    rotated = wait_for(lambda: (s := salts.published_salts(
+        get(fleet, "secret", "synfleet-salts-fast"))) and s != first and s, "the next rotation", timeout=25)
     assert max(rotated) == max(first) + 1 and min(rotated) == min(first) + 1
     assert all(rotated[e] == first[e] for e in set(first) & set(rotated))
     new_epoch = max(rotated)
@@ -310,20 +303,20 @@ def test_salts_rotate_on_schedule_keeping_every_key_until_it_expires(fleet, oper
 def test_policy_update_rerenders_and_deletes_clean_up(fleet):
     apply(fleet, web_policy("shortlived", addresses=["203.0.113.77"], ports=[8443]))
     names_in = lambda: [p["name"] for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]]  # noqa: E731
-    wait_for("the new policy rendered", lambda: f"{APP_NS}/shortlived" in names_in())
+    wait_for(lambda: f"{APP_NS}/shortlived" in names_in(), "the new policy rendered", timeout=KUBE_TIMEOUT_S)
     apply(fleet, web_policy("shortlived", addresses=["203.0.113.77"], ports=[8443, 9443], mode="monitor"))
 
     def updated():
         entry = next(p for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]
                      if p["name"] == f"{APP_NS}/shortlived")
         return entry["mode"] == "monitor" and {s["port"] for s in entry["services"]} == {8443, 9443}
-    wait_for("the update rendered", updated)
+    wait_for(updated, "the update rendered", timeout=KUBE_TIMEOUT_S)
 
     fleet.kubectl("delete", "synproxypolicy", "shortlived", "-n", APP_NS)
-    wait_for("the deleted policy gone from the ConfigMap", lambda: f"{APP_NS}/shortlived" not in names_in())
+    wait_for(lambda: f"{APP_NS}/shortlived" not in names_in(), "the deleted policy gone from the ConfigMap", timeout=KUBE_TIMEOUT_S)
 
     apply(fleet, backend_pool("doomed"))
-    wait_for("the pool's objects", lambda: all(get(fleet, kind, name) for kind, name in pool_objects("backend", "doomed")))
+    wait_for(lambda: all(get(fleet, kind, name) for kind, name in pool_objects("backend", "doomed")), "the pool's objects", timeout=KUBE_TIMEOUT_S)
     delete_pool(fleet, "backend", "doomed")
 
 
@@ -338,33 +331,33 @@ def test_backend_nodes_joining_failing_and_leaving_rerender_the_proxies(fleet):
     assert backends() == ["10.0.1.1", "10.0.1.2"], "a node whose agent is not Ready gets no flows"
     add_agent_pod(fleet, "backend", "web", "web-3", ready=True)
     report_rollout(fleet, "synfleet-backend-web", ready=3, desired=3)
-    wait_for("web-3 in the proxies' backend table", lambda: backends() == ["10.0.1.1", "10.0.1.2", "10.0.1.3"])
+    wait_for(lambda: backends() == ["10.0.1.1", "10.0.1.2", "10.0.1.3"], "web-3 in the proxies' backend table", timeout=KUBE_TIMEOUT_S)
     fleet.merge_patch("/api/v1/nodes/web-3/status", {"status": {"conditions": [
         {"type": "Ready", "status": "False", "reason": "KubeletStopped", "message": "test",
          "lastHeartbeatTime": "2026-11-25T00:00:00Z", "lastTransitionTime": "2026-11-25T00:00:00Z"}]}})
-    wait_for("the NotReady node out of the table", lambda: backends() == ["10.0.1.1", "10.0.1.2"])
+    wait_for(lambda: backends() == ["10.0.1.1", "10.0.1.2"], "the NotReady node out of the table", timeout=KUBE_TIMEOUT_S)
     fleet.kubectl("delete", "node", "web-3")
     # No kubelet confirms a graceful termination here: delete at once.
     fleet.kubectl("delete", "pod", "synfleet-backend-web-web-3", "-n", NAMESPACE, "--grace-period=0", "--force")
     report_rollout(fleet, "synfleet-backend-web", ready=2, desired=2)
     add_node(fleet, "edge-3", ["10.0.0.3"], **{"synfleet.io/proxy": "edge"})
-    wait_for("a new proxy node allowed by the backends",
-             lambda: "10.0.0.3" in configmap_document(fleet, "synfleet-backend-web")["allowedProxies"])
+    wait_for(lambda: "10.0.0.3" in configmap_document(fleet, "synfleet-backend-web")["allowedProxies"],
+             "a new proxy node allowed by the backends", timeout=KUBE_TIMEOUT_S)
     fleet.kubectl("delete", "node", "edge-3")
-    wait_for("the removed proxy node no longer allowed",
-             lambda: "10.0.0.3" not in configmap_document(fleet, "synfleet-backend-web")["allowedProxies"])
+    wait_for(lambda: "10.0.0.3" not in configmap_document(fleet, "synfleet-backend-web")["allowedProxies"],
+             "the removed proxy node no longer allowed", timeout=KUBE_TIMEOUT_S)
 
 def test_policy_naming_a_missing_service_is_degraded_with_the_reason_and_recovers(fleet):
     apply(fleet, spp("checkout", service={"name": "checkout"}, ports=[443], proxyPool="edge", backendPool="web"))
-    policy = wait_for("Degraded", lambda: (p := get(fleet, "synproxypolicy", "checkout", APP_NS))
-                      and condition(p, "Degraded").get("status") == "True" and p)
+    policy = wait_for(lambda: (p := get(fleet, "synproxypolicy", "checkout", APP_NS))
+                      and condition(p, "Degraded").get("status") == "True" and p, "Degraded", timeout=KUBE_TIMEOUT_S)
     assert condition(policy, "Degraded")["reason"] == "ServiceNotFound"
     assert f"Service {APP_NS}/checkout does not exist" in condition(policy, "Degraded")["message"]
     apply(fleet, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "checkout", "namespace": APP_NS},
                   "spec": {"ports": [{"port": 443}], "externalIPs": ["198.51.100.20"]}})
-    wait_for("the Service's address protected", lambda: (p := get(fleet, "synproxypolicy", "checkout", APP_NS))
+    wait_for(lambda: (p := get(fleet, "synproxypolicy", "checkout", APP_NS))
              and p["status"].get("addresses") == ["198.51.100.20"]
-             and condition(p, "Degraded").get("status") == "False")
+             and condition(p, "Degraded").get("status") == "False", "the Service's address protected", timeout=KUBE_TIMEOUT_S)
     warnings = fleet.kubectl("get", "events", "-n", APP_NS, "--field-selector",
                              "involvedObject.name=checkout,type=Warning", "-o", "json").stdout
     assert "ServiceNotFound" in {e["reason"] for e in json.loads(warnings)["items"]}
@@ -373,16 +366,16 @@ def test_policy_naming_a_missing_service_is_degraded_with_the_reason_and_recover
 
 def test_operator_restart_resumes_without_duplicates_or_rewrites(fleet, operator):
     apply(fleet, web_policy())
-    wait_for("rendered", lambda: configmap_document(fleet, "synfleet-proxy-edge")["policies"])
+    wait_for(lambda: configmap_document(fleet, "synfleet-proxy-edge")["policies"], "rendered", timeout=KUBE_TIMEOUT_S)
     before = {kind: fleet.kubectl("get", kind, "-n", NAMESPACE, "-o", "json").stdout
               for kind in ("daemonsets", "configmaps", "secrets", "roles")}
     versions = lambda raw: {i["metadata"]["name"]: i["metadata"]["resourceVersion"]  # noqa: E731
                             for i in json.loads(raw)["items"]}
     operator.stop(kill=True)
     operator.start()
-    wait_for("the restarted operator to resume both pools and render", lambda: all(operator.metric(m) >= 1 for m in (
+    wait_for(lambda: all(operator.metric(m) >= 1 for m in (
         'synfleet_operator_reconciles_total{kind="ProxyPool"}',
-        'synfleet_operator_reconciles_total{kind="BackendPool"}', "synfleet_operator_renders_total")),
+        'synfleet_operator_reconciles_total{kind="BackendPool"}', "synfleet_operator_renders_total")), "the restarted operator to resume both pools and render",
         timeout=60)
     for kind, raw in before.items():
         after = versions(fleet.kubectl("get", kind, "-n", NAMESPACE, "-o", "json").stdout)
@@ -394,14 +387,14 @@ def test_operator_restart_resumes_without_duplicates_or_rewrites(fleet, operator
 def test_with_two_replicas_only_one_acts_and_the_other_takes_over(fleet, operator):
     standby = OperatorProcess(fleet, NAMESPACE, RELEASE, peering=RELEASE, name="operator-b").start()
     try:
-        peers = wait_for("both replicas in the peering", lambda: (p := (get(
+        peers = wait_for(lambda: (p := (get(
             fleet, "clusterkopfpeering", RELEASE, namespace=None).get("status") or {}))
-            and {operator.peer_id, standby.peer_id} <= p.keys() and p)
+            and {operator.peer_id, standby.peer_id} <= p.keys() and p, "both replicas in the peering", timeout=KUBE_TIMEOUT_S)
         assert peers[operator.peer_id]["priority"] != peers[standby.peer_id]["priority"]
         apply(fleet, proxy_pool("twin"))
         published = "salts published for pool twin:"
-        wait_for("one replica publishing the twin pool's salts",
-                 lambda: published in operator.log() or published in standby.log())
+        wait_for(lambda: published in operator.log() or published in standby.log(),
+                 "one replica publishing the twin pool's salts", timeout=KUBE_TIMEOUT_S)
         time.sleep(6)    # a timer tick of the other replica, had it been active
         actors = [op for op in (operator, standby) if published in op.log()]
         assert len(actors) == 1, "both replicas acted"
@@ -410,7 +403,7 @@ def test_with_two_replicas_only_one_acts_and_the_other_takes_over(fleet, operato
 
         active.stop()      # SIGTERM: it leaves the peering, the other resumes at once
         apply(fleet, proxy_pool("twin2"))
-        wait_for("the standby taking over", lambda: "salts published for pool twin2:" in idle.log(), timeout=60)
+        wait_for(lambda: "salts published for pool twin2:" in idle.log(), "the standby taking over", timeout=60)
     finally:
         for name in ("twin", "twin2"):
             if get(fleet, "proxypool", name, None):
@@ -436,7 +429,7 @@ def test_agent_in_cluster_mode_follows_its_configmap_and_salt_rotation(fleet, la
     apply(fleet, proxy_pool("lab", rotation_s=10, interface=lab_link, nodeSelector={"synfleet.io/proxy": "lab"}))
     add_node(fleet, "lab-1", ["10.0.2.1", "fd00:2::1"], **{"synfleet.io/proxy": "lab"})
     apply(fleet, web_policy("lab", addresses=["203.0.113.50"], ports=[443], proxyPool="lab"))
-    wait_for("the lab pool rendered", lambda: (d := configmap_document(fleet, "synfleet-proxy-lab")) and d["policies"])
+    wait_for(lambda: (d := configmap_document(fleet, "synfleet-proxy-lab")) and d["policies"], "the lab pool rendered", timeout=KUBE_TIMEOUT_S)
     # The agent authenticates as its pool's ServiceAccount: RBAC as in a cluster.
     token = fleet.service_account_token(NAMESPACE, "synfleet-proxy-lab")
     kubeconfig = fleet.write_kubeconfig(tmp_path / "agent.kubeconfig", token, NAMESPACE)
@@ -466,15 +459,15 @@ def test_agent_in_cluster_mode_follows_its_configmap_and_salt_rotation(fleet, la
             return False
 
     try:
-        wait_for("the agent ready", lambda: agent.poll() is None and ready(), timeout=60)
+        wait_for(lambda: agent.poll() is None and ready(), "the agent ready", timeout=60)
         generation = metric("synfleet_config_generation")
         assert generation >= 1
         apply(fleet, web_policy("lab", addresses=["203.0.113.50"], ports=[443, 8443], proxyPool="lab"))
-        wait_for("the agent applying the changed ConfigMap",
-                 lambda: (metric("synfleet_config_generation") or 0) > generation)
+        wait_for(lambda: (metric("synfleet_config_generation") or 0) > generation,
+                 "the agent applying the changed ConfigMap", timeout=KUBE_TIMEOUT_S)
         epoch = metric("synfleet_salt_epoch")
-        wait_for("the agent following the next salt epoch",
-                 lambda: (metric("synfleet_salt_epoch") or 0) > epoch and ready(), timeout=25)
+        wait_for(lambda: (metric("synfleet_salt_epoch") or 0) > epoch and ready(),
+                 "the agent following the next salt epoch", timeout=25)
         assert metric("synfleet_salt_epochs_ahead") >= 1, "the next epoch's key arrived before its epoch"
         assert metric("synfleet_config_errors_total") == 0
     finally:

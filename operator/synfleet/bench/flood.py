@@ -261,6 +261,12 @@ class FloodLab:
         if self._listener.stdout.readline().strip() != b"ready":
             raise RuntimeError("the benchmark's listener did not start")
 
+    def _stop_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.kill()
+            self._listener.wait()
+            self._listener = None
+
     @contextlib.contextmanager
     def defended_by(self, defence: str) -> Iterator[None]:
         """Set the defence up, yield, and take it down again."""
@@ -290,10 +296,7 @@ class FloodLab:
                 raise ValueError(f"unknown defence {defence!r}; choose from {', '.join(DEFENCES)}")
             yield
         finally:
-            if self._listener is not None:
-                self._listener.kill()
-                self._listener.wait()
-                self._listener = None
+            self._stop_listener()
             for step in reversed(undo):
                 step()
             self._detach(keep=self._kept)
@@ -408,9 +411,7 @@ class FloodLab:
         return points
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.kill()
-            self._listener.wait()
+        self._stop_listener()
         self._detach()
         for ns in (self.attacker, self.defence, self.server, self.client):
             ns.delete()

@@ -73,9 +73,11 @@ def rerender(memo: kopf.Memo, **_) -> None:
 
 @kopf.on.event(GROUP, VERSION, "proxypools")
 @kopf.on.event(GROUP, VERSION, "backendpools")
-def pool_gone(type, memo: kopf.Memo, **_) -> None:
+def pool_gone(type, body, memo: kopf.Memo, **_) -> None:
     # What a pool made goes with it (owner references); its policies turn Degraded.
     if type == "DELETED":
+        if body.get("kind") == PoolRole.PROXY.kind:
+            memo.metrics.forget_pool(body["metadata"]["name"])
         memo.reconciler.request_render()
 
 

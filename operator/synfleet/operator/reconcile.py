@@ -44,23 +44,28 @@ class Reconciler:
         for obj in agents.agent_objects(pool, self.settings):
             self.kube.apply(obj)
         if role is PoolRole.PROXY:
-            self.rotate_salts(body)
+            self._publish_salts(pool)
         self.request_render()
 
     def rotate_salts(self, body: dict) -> None:
-        """Publish the keys the pool needs now; a no-op inside an epoch."""
-        pool = Pool.from_object(PoolRole.PROXY, body)
+        """Publish the keys the pool needs now (a no-op inside an epoch); a
+        change is rendered so that statuses show the new epoch."""
+        if self._publish_salts(Pool.from_object(PoolRole.PROXY, body)):
+            self.request_render()
+
+    def _publish_salts(self, pool: Pool) -> bool:
+        """Whether the pool's Secret had to change."""
         now = current_epoch(pool.spec.salt.rotation_seconds)
         existing = self.kube.get("v1", "Secret", names.salts_secret_name(pool.name), self.settings.namespace)
         published = salts.published_salts(existing)
         wanted = salts.rotate(published, now)
         same_rotation = salts.salts_document(existing).get("rotationSeconds") == pool.spec.salt.rotation_seconds
         if wanted == published and same_rotation:
-            return
+            return False
         self.kube.apply(salts.secret(pool, self.settings, wanted))
         self.metrics.rotated(pool.name)
         log.info("salts published for pool %s: epochs %s (current %d)", pool.name, sorted(wanted), now)
-        self.request_render()   # status shows the new epoch
+        return True
 
     # ---- the whole fleet ----
 
@@ -105,7 +110,7 @@ class Reconciler:
             # and that event renders: no cluster-wide pod watch is needed.
             ready_backend_agents=ready_agent_nodes(self.kube.list(
                 "v1", "Pod", self.settings.namespace,
-                label_selector=f"app.kubernetes.io/managed-by={names.MANAGED_BY}")))
+                label_selector=names.MANAGED_SELECTOR)))
         return view, policy_objs, pool_objs
 
     def _render_once(self) -> None:
@@ -127,7 +132,7 @@ class Reconciler:
 
         daemonsets = {d["metadata"]["name"]: d for d in self.kube.list(
             "apps/v1", "DaemonSet", self.settings.namespace,
-            label_selector=f"app.kubernetes.io/managed-by={names.MANAGED_BY}")}
+            label_selector=names.MANAGED_SELECTOR)}
         rollouts = {key: Rollout.from_daemonset(daemonsets.get(names.agent_name(*key)))
                     for key in pools}
         epochs = {name: self._published_epoch(pool) for (role, name), pool in pools.items()

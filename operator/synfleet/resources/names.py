@@ -6,6 +6,7 @@ from __future__ import annotations
 from synfleet.resources.model import PoolRole
 
 MANAGED_BY = "synfleet-operator"
+MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"    # what the operator made
 LABEL_POOL = "synfleet.io/pool"
 LABEL_ROLE = "synfleet.io/role"
 CONFIG_KEY = "dataplane.yaml"     # the DataplaneConfig document in the pool's ConfigMap
