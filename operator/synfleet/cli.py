@@ -28,8 +28,8 @@ def _bench_flood(args: argparse.Namespace) -> int:
     say = (lambda *a, **k: None) if args.json else print
     defences = tuple(args.defences.split(",")) if args.defences else DEFENCES
     try:
-        result = run(defences=defences, seconds=args.seconds, progress=say)
-    except ValueError as err:      # an unknown defence, refused before anything is built
+        result = run(defences=defences, seconds=args.seconds, progress=say, generator=args.generator)
+    except ValueError as err:      # an unknown defence or generator, refused before anything is built
         print(f"synfleet bench flood: {err}", file=sys.stderr)
         return 2
     if args.chart:
@@ -37,7 +37,8 @@ def _bench_flood(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"\nSYN+ACKs answered per second (generator: {result['generator_pps']:,} SYN/s into a TC drop)")
+    print(f"\nSYN+ACKs answered per second ({args.generator} generator: {result['generator_pps']:,} SYN/s "
+          "into a TC drop)")
     for name, r in result["defences"].items():
         cpu = r["cpu_s_per_million"]
         print(f"  {name:<12} {r['max_answered_rate']:>12,.0f}/s   "
@@ -143,6 +144,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="synfleet", description=__doc__)
+    from synfleet.bench import GENERATORS
+
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="load the data plane, run a real handshake in network "
                                          "namespaces, and print what it did")
@@ -156,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     dp.set_defaults(func=_bench_dataplane)
     fl = bench_sub.add_parser("flood", help="SYN+ACKs per second of synfleet, kernel SYN cookies, "
                                              "nftables synproxy and a zero-work floor (needs root, "
-                                             "trafgen, nft)")
+                                             "nft, two CPUs; trafgen for --generator trafgen)")
     fl.add_argument("--defences", help="comma-separated subset (default: all)")
+    fl.add_argument("--generator", choices=GENERATORS, default="xdp",
+                    help="xdp: BPF live frames from one CPU, the defence on another (default); "
+                         "trafgen: netsniff-ng's trafgen, sharing the defence's CPU")
     fl.add_argument("--seconds", type=float, default=3.0, help="length of each rate step (default 3)")
     fl.add_argument("--json", action="store_true", help="print one JSON object")
     fl.add_argument("--chart", default="synfleet-bench-flood.png", help="PNG chart path ('' for none)")

@@ -33,7 +33,6 @@ import json
 import os
 import secrets
 import resource
-import signal
 import socket
 import struct
 import subprocess
@@ -43,6 +42,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from synfleet.bench import GENERATORS
+from synfleet.bench.generators import (TrafgenSynGenerator, XdpSynGenerator, pinned_to,
+                                       syn_template)
 from synfleet.bpf import BpfObject, TcHook, object_path
 from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
@@ -59,8 +61,6 @@ MEMORY_POINTS = (2_500, 5_000, 10_000)     # established connections
 CONNECT_TIMEOUT_S = 3.0
 ROTATION_S = 3600
 MAX_STEP_S = 30.0
-# Linux's SYN options without timestamps: MSS 1460, SACK permitted, window scale 7.
-SYN_OPTIONS = "0x02, 0x04, 0x05, 0xb4, 0x04, 0x02, 0x01, 0x03, 0x03, 0x07, 0x01, 0x01"
 NFT_SYNPROXY = f"""
 table ip synfleet_bench {{
     chain prerouting {{
@@ -145,29 +145,37 @@ def _conntrack_object_bytes() -> int:
     return 0
 
 
-def _cpu_busy_s() -> float:
-    """Busy CPU seconds of the whole machine so far (all but idle and iowait)."""
+def _cpu_busy_s(cpu: int | None) -> float:
+    """Busy seconds so far (all but idle and iowait) of one CPU, or of the whole machine."""
+    label = "cpu" if cpu is None else f"cpu{cpu}"
     with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
+        ticks = next([int(x) for x in line.split()[1:]] for line in f if line.split()[0] == label)
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def _kill_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """SIGKILL a process's whole session and wait until none of it is left."""
-    deadline = time.monotonic() + timeout
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        while time.monotonic() < deadline:
-            os.killpg(proc.pid, 0)      # ProcessLookupError once the group is empty
-            time.sleep(0.01)
-        raise RuntimeError(f"trafgen (session {proc.pid}) still running {timeout} s after SIGKILL")
+def _napi_threads() -> set[int]:
+    pids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+            if f.read().startswith("napi/"):
+                pids.add(int(pid))
+    return pids
 
 
 class FloodLab:
     """The three namespaces and their links; `close()` removes everything."""
 
-    def __init__(self) -> None:
+    def __init__(self, generator: str = "xdp") -> None:
+        if generator not in GENERATORS:
+            raise ValueError(f"unknown generator {generator!r}; choose from {', '.join(GENERATORS)}")
+        cpus = sorted(os.sched_getaffinity(0))
+        if generator == "xdp" and len(cpus) < 2:
+            raise RuntimeError("the xdp generator needs two CPUs: one floods, the other defends")
+        # xdp: the generator and the clients on the first CPU, the defence node's
+        # receive work on the last. trafgen: wherever the scheduler puts them.
+        self.generator_cpu, self.defence_cpu = (cpus[0], cpus[-1]) if generator == "xdp" else (None, None)
+        self.generator_name = generator
+        self.generator = None
         tag = unique_name("sfb")[4:]
         self.workdir = tempfile.mkdtemp(prefix=f"synfleet-bench-{tag}-")
         self.attacker = NetNS(f"sfb-{tag}-att")
@@ -213,9 +221,31 @@ class FloodLab:
                                  (self.defence, "eth1", SERVER), (self.server, "eth0", DEFENCE_FAR),
                                  (self.client, "eth0", DEFENCE_CLIENT_SIDE), (self.defence, "eth2", CLIENT)):
             ns.ip("neigh", "replace", peer, "lladdr", self.mac[peer], "dev", ifname, "nud", "permanent")
+        if self.defence_cpu is not None:
+            self._defence_core()
+        template = syn_template(self.mac[DEFENCE_NEAR], self.mac[ATTACKER], SERVICE, SERVICE_PORT)
+        self.generator = (XdpSynGenerator(self.attacker, "eth0", template, self.generator_cpu)
+                          if self.generator_name == "xdp"
+                          else TrafgenSynGenerator(self.attacker, "eth0", template, self.workdir))
         self._attach_object(self.attacker, "eth0", "sink")
         # The attacker's sink stays for every defence; what comes after is per defence.
         self._kept = (len(self._objects), len(self._hooks))
+
+    def _defence_core(self) -> None:
+        """Give the defence node's receive work a CPU of its own, as a NIC's
+        interrupt affinity would: the flood's link runs its NAPI in a kernel
+        thread pinned there (live frames need the peer's NAPI anyway), and the
+        clients' link steers its packets there too (RPS), so that legitimate
+        handshakes compete with the flood for the same core."""
+        self.defence.run("ethtool", "-K", "eth0", "gro", "on")
+        before = _napi_threads()
+        self.defence.run("sh", "-c", "echo 1 > /sys/class/net/eth0/threaded")
+        threads = _napi_threads() - before
+        if not threads:
+            raise RuntimeError("no NAPI thread appeared for the defence node's eth0")
+        for pid in threads:
+            os.sched_setaffinity(pid, {self.defence_cpu})
+        self.defence.run("sh", "-c", f"echo {1 << self.defence_cpu:x} > /sys/class/net/eth2/queues/rx-0/rps_cpus")
 
     # ---- BPF helpers ----
 
@@ -326,42 +356,22 @@ class FloodLab:
         return stats["tx"]["packets"], stats["rx"]["packets"]
 
     def flood_step(self, rate: int | None, seconds: float) -> Step:
-        """Offer `rate` SYNs per second (None: as fast as trafgen goes) for `seconds`."""
+        """Offer `rate` SYNs per second (None: as fast as the generator goes) for `seconds`."""
         if not 0 < seconds <= MAX_STEP_S:
             raise ValueError(f"a step lasts (0, {MAX_STEP_S}] seconds")
-        cfg = os.path.join(self.workdir, "syn.cfg")
-        with open(cfg, "w") as f:
-            f.write("{\n"
-                    f"  eth(da={self.mac[DEFENCE_NEAR]}, sa={self.mac[ATTACKER]}, type=0x0800),\n"
-                    f"  ipv4(sa=10.66.0.0, sa[2]=drnd(), sa[3]=drnd(), da={SERVICE}, ttl=64, df),\n"
-                    f"  tcp(sp=drnd(), dp={SERVICE_PORT}, seq=drnd(), syn, window=64240, doff=8),\n"
-                    f"  {SYN_OPTIONS}\n"
-                    "}\n")
-        args = ["trafgen", "-o", "eth0", "-i", cfg, "--cpus", "1", "-q"]
-        if rate:
-            args += ["-b", f"{rate}pps", "-n", str(int(rate * seconds))]
         tx0, rx0 = self._counters()
-        cpu0, t0 = _cpu_busy_s(), time.monotonic()
-        # trafgen forks its sender: the session groups them for one kill.
-        gen = self.attacker.popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
-        try:
-            gen.wait(timeout=seconds * 1.2 if rate else seconds)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            # trafgen ignores SIGINT and SIGTERM while sending; the device counts what it sent.
-            _kill_group(gen)
-        # A killed trafgen's TX ring still drains: the step ends when the counters stop.
+        cpu0, t0 = _cpu_busy_s(self.defence_cpu), time.monotonic()
+        sent = self.generator.send(rate, seconds)
+        # Frames still queued drain: the step ends when the counters stop.
         counters = self._counters()
         while True:
-            elapsed, cpu1 = time.monotonic() - t0, _cpu_busy_s()
+            elapsed, cpu1 = time.monotonic() - t0, _cpu_busy_s(self.defence_cpu)
             time.sleep(0.05)
             settled, counters = counters, self._counters()
             if counters == settled:
                 break
         tx1, rx1 = counters
-        return Step(rate, (tx1 - tx0) / elapsed, (rx1 - rx0) / elapsed, cpu1 - cpu0, elapsed)
+        return Step(rate, (tx1 - tx0 if sent is None else sent) / elapsed, (rx1 - rx0) / elapsed, cpu1 - cpu0, elapsed)
 
     def legit_during(self, rate: int, seconds: float) -> Legit:
         """Clients connect one after another from their namespace while a
@@ -370,7 +380,8 @@ class FloodLab:
         stop = threading.Event()
 
         def clients() -> None:
-            with self.client.entered():
+            pin = pinned_to(self.generator_cpu) if self.generator_cpu is not None else contextlib.nullcontext()
+            with self.client.entered(), pin:
                 while not stop.is_set():
                     connects.append(_connect_ms())
 
@@ -413,6 +424,8 @@ class FloodLab:
     def close(self) -> None:
         self._stop_listener()
         self._detach()
+        if self.generator is not None:
+            self.generator.close()
         for ns in (self.attacker, self.defence, self.server, self.client):
             ns.delete()
         with contextlib.suppress(OSError):
@@ -470,18 +483,21 @@ def measure_defence(lab: FloodLab, defence: str, rates: list[int], seconds: floa
 
 
 def run(defences: tuple[str, ...] = DEFENCES, rates: list[int] | None = None, seconds: float = 3.0,
-        progress: Callable[[str], None] = print, memory_points: tuple[int, ...] = MEMORY_POINTS) -> dict:
+        progress: Callable[[str], None] = print, memory_points: tuple[int, ...] = MEMORY_POINTS,
+        generator: str = "xdp") -> dict:
     unknown = [d for d in defences if d not in DEFENCES]
     if unknown:
         raise ValueError(f"unknown defence {unknown[0]!r}; choose from {', '.join(DEFENCES)}")
-    rates = rates or [50_000, 100_000, 200_000, 300_000, 400_000, 500_000]
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown generator {generator!r}; choose from {', '.join(GENERATORS)}")
+    rates = rates or [50_000, 100_000, 200_000, 300_000, 400_000, 500_000, 700_000, 1_000_000]
     # 10,000 client sockets held at once, plus everything else.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    def generator() -> float:
-        """What trafgen sends into a TC drop, stepped like the defences."""
+    def generator_rate() -> float:
+        """What the generator sends into a TC drop, stepped like the defences."""
         best = 0.0
-        with FloodLab() as lab, lab.defended_by("generator"):
+        with FloodLab(generator) as lab, lab.defended_by("generator"):
             for rate in [*rates, None]:
                 pps = lab.flood_step(rate, seconds).offered_pps
                 grew, best = pps > 1.02 * best, max(best, pps)
@@ -492,12 +508,12 @@ def run(defences: tuple[str, ...] = DEFENCES, rates: list[int] | None = None, se
 
     # Fresh namespaces for every defence: nothing (a conntrack table, say) carries over.
     # The generator before and after: the better of the two, as the machine allows.
-    first = generator()
+    first = generator_rate()
     results = {}
     for d in defences:
-        with FloodLab() as lab:
+        with FloodLab(generator) as lab:
             results[d] = measure_defence(lab, d, rates, seconds, progress, memory_points)
-    generator_pps = max(first, generator())
+    generator_pps = max(first, generator_rate())
     out = {"defences": {d: asdict(r) for d, r in results.items()},
            "generator_pps": round(generator_pps), "ratios": {}}
     ours = results.get("synfleet")

@@ -265,6 +265,14 @@ class _TestRunOpts(ctypes.Structure):
     ]
 
 
+class _XdpMd(ctypes.Structure):
+    _fields_ = [(name, _u32) for name in ("data", "data_end", "data_meta", "ingress_ifindex",
+                                          "rx_queue_index", "egress_ifindex")]
+
+
+BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+
+
 @dataclass(frozen=True)
 class TestRun:
     retval: int
@@ -301,6 +309,18 @@ class Program(_OwnedFd):
                             data_size_out=len(out), repeat=repeat)
         _check(_lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)), f"test run of {self.name}")
         return TestRun(opts.retval, out.raw[:opts.data_size_out], opts.duration)
+
+    def run_live_frames(self, frame: bytes, ifindex: int, repeat: int, batch_size: int = 64) -> None:
+        """Run an XDP program `repeat` times on copies of `frame` as if received
+        on `ifindex` (in the caller's network namespace), and carry out its
+        verdicts: XDP_TX sends the frame out of that interface."""
+        inp = ctypes.create_string_buffer(bytes(frame), len(frame))
+        ctx = _XdpMd(data_end=len(frame), ingress_ifindex=ifindex)
+        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.cast(inp, _vp),
+                            data_size_in=len(frame), ctx_in=ctypes.cast(ctypes.pointer(ctx), _vp),
+                            ctx_size_in=ctypes.sizeof(ctx), repeat=repeat,
+                            flags=BPF_F_TEST_XDP_LIVE_FRAMES, batch_size=batch_size)
+        _check(_lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)), f"live-frames run of {self.name}")
 
     def pin(self, path: str) -> None:
         _check(_lib.bpf_obj_pin(self.fd, path.encode()), f"pin program {self.name} at {path}")

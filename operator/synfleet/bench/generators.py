@@ -1,0 +1,164 @@
+"""SYN flood generators for `synfleet bench flood`, both sending from the
+attacker namespace's eth0 a Linux-like SYN (MSS 1460, SACK permitted, window
+scale 7) to the service from random sources in 10.66.0.0/16, random ports and
+ISNs, valid checksums.
+
+- `xdp`: bpf/syngen.bpf.c run by BPF_PROG_TEST_RUN in live-frames mode on the
+  generator's CPU. A frame costs the generator tens of nanoseconds, so one
+  core floods faster than any defence here answers.
+- `trafgen`: netsniff-ng's trafgen, one thread, paced with `-b` or flat out
+  from its TX ring (whose frames carry their headers in page fragments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+from synfleet.bpf import BpfObject, object_path
+from synfleet.net import frames
+from synfleet.testbed.netns import NetNS
+
+FLOOD_SOURCE = "10.66.0.0"        # the /16 the sources are drawn from
+# Linux's SYN options without timestamps: MSS 1460, SACK permitted, window scale 7.
+SYN_OPTIONS = bytes([0x02, 0x04, 0x05, 0xB4, 0x04, 0x02, 0x01, 0x03, 0x03, 0x07, 0x01, 0x01])
+
+
+def syn_template(dst_mac: str, src_mac: str, service: str, port: int) -> bytes:
+    frame = frames.tcp(FLOOD_SOURCE, service, 0, port, frames.SYN, 0, 0, options=SYN_OPTIONS)
+    return bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + frame[12:]
+
+
+@contextlib.contextmanager
+def pinned_to(cpu: int) -> Iterator[None]:
+    """Run the calling thread on one CPU only, for the block."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+class XdpSynGenerator:
+    """bpf/syngen.bpf.c's `syn_flood`, paced by the program itself."""
+
+    name = "xdp"
+    # A BPF_PROG_TEST_RUN call sets its page pool up and tears it down, which
+    # sleeps for tens of milliseconds (an RCU grace period): threads on the
+    # generator's CPU take turns, one sending while the others sleep, and each
+    # call is sized (from the one before) to last about CALL_S, so that the
+    # sleeps are short beside it and a step ends close to its deadline.
+    THREADS = 3
+    CALL_S = 0.1
+    MIN_RUNS, FIRST_RUNS, MAX_RUNS = 1 << 12, 1 << 18, 1 << 24
+
+    def __init__(self, attacker: NetNS, ifname: str, template: bytes, cpu: int) -> None:
+        self.attacker, self.ifname, self.template, self.cpu = attacker, ifname, template, cpu
+        self.runs = [self.FIRST_RUNS] * self.THREADS
+        self.obj = BpfObject(object_path("syngen")).load()
+        try:
+            size = self.obj.btf_struct_size("syngen_frame")
+            if size != len(template):
+                raise ValueError(f"syngen.bpf.c sends {size}-byte frames; the template has {len(template)}")
+            self.program = self.obj.program("syn_flood")
+            self.obj.map("template").update(struct.pack("<I", 0), template)
+            self.pace = self.obj.map("pace")
+        except BaseException:
+            self.obj.close()
+            raise
+
+    def _sent(self) -> int:
+        return struct.unpack("<QQQ", self.pace.lookup(struct.pack("<I", 0)))[2]
+
+    def send(self, rate: int | None, seconds: float) -> int | None:
+        """Frames sent, including those the defence's full receive ring then dropped."""
+        interval_ns = round(1e9 / rate) if rate else 0
+        before = self._sent()
+        self.pace.update(struct.pack("<I", 0), struct.pack("<QQQ", interval_ns, 0, before))
+        deadline = time.monotonic() + seconds
+        failures: list[BaseException] = []
+
+        def sender(i: int) -> None:
+            try:
+                with self.attacker.entered(), pinned_to(self.cpu):
+                    ifindex = socket.if_nametoindex(self.ifname)
+                    while (start := time.monotonic()) < deadline and not failures:
+                        self.program.run_live_frames(self.template, ifindex, self.runs[i])
+                        took = max(time.monotonic() - start, 1e-3)
+                        self.runs[i] = min(max(int(self.runs[i] * self.CALL_S / took), self.MIN_RUNS),
+                                           self.MAX_RUNS)
+            except BaseException as err:     # re-raised in the caller's thread
+                failures.append(err)
+
+        threads = [threading.Thread(target=sender, args=(i,), name=f"syngen-{i}") for i in range(self.THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+        return self._sent() - before
+
+    def close(self) -> None:
+        self.obj.close()
+
+
+class TrafgenSynGenerator:
+    """netsniff-ng's trafgen in its own session, killed at the step's end."""
+
+    name = "trafgen"
+
+    def __init__(self, attacker: NetNS, ifname: str, template: bytes, workdir: str) -> None:
+        self.attacker, self.ifname = attacker, ifname
+        eth, ip, tcp = template[:14], template[14:34], template[34:]
+        self.config = os.path.join(workdir, "syn.cfg")
+        mac = lambda b: ":".join(f"{x:02x}" for x in b)  # noqa: E731
+        with open(self.config, "w") as f:
+            f.write("{\n"
+                    f"  eth(da={mac(eth[:6])}, sa={mac(eth[6:12])}, type=0x0800),\n"
+                    f"  ipv4(sa={FLOOD_SOURCE}, sa[2]=drnd(), sa[3]=drnd(), da={socket.inet_ntoa(ip[16:20])},"
+                    " ttl=64, df),\n"
+                    f"  tcp(sp=drnd(), dp={struct.unpack('!H', tcp[2:4])[0]}, seq=drnd(), syn, window=64240,"
+                    f" doff={tcp[12] >> 4}),\n"
+                    f"  {', '.join(f'0x{b:02x}' for b in tcp[20:])}\n"
+                    "}\n")
+
+    def send(self, rate: int | None, seconds: float) -> int | None:
+        """None: what was sent is what the device counted."""
+        args = ["trafgen", "-o", self.ifname, "-i", self.config, "--cpus", "1", "-q"]
+        if rate:
+            args += ["-b", f"{rate}pps", "-n", str(int(rate * seconds))]
+        # trafgen forks its sender: the session groups them for one kill.
+        gen = self.attacker.popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        try:
+            gen.wait(timeout=seconds * 1.2 if rate else seconds)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            # trafgen ignores SIGINT and SIGTERM while sending; the device counts what it sent.
+            _kill_group(gen)
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _kill_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGKILL a process's whole session and wait until none of it is left."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        while time.monotonic() < deadline:
+            os.killpg(proc.pid, 0)      # ProcessLookupError once the group is empty
+            time.sleep(0.01)
+        raise RuntimeError(f"trafgen (session {proc.pid}) still running {timeout} s after SIGKILL")
