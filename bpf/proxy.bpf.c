@@ -19,17 +19,10 @@
 #include "sf_flow.h"
 #include "sf_tcp.h"
 #include "sf_maps.h"
+#include "sf_synack.h"
 
 /* Continue processing: a value no TC verdict uses. */
 #define SF_CONTINUE 0x100
-#define SYNACK_WINDOW 65535
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, SF_SALT_SLOTS);
-	__type(key, __u32);
-	__type(value, struct sf_salt);
-} salts SEC(".maps");
 
 /* Address-only index of `services`: what to drop when the port is unknowable
  * (fragments, IPv6 extension headers, truncated TCP). */
@@ -56,20 +49,6 @@ struct {
 	__type(value, struct sf_endpoint);
 } backends SEC(".maps");
 
-struct pkt {
-	struct cookie_tuple tuple;
-	__u32 policy_id;
-	__u32 l4_off;
-	__u32 l3_len;    /* IP header + payload as the IP header says */
-	__u32 tcp_hlen;
-	__be32 seq;
-	__be32 ack_seq;
-	__u32 flow_hash;
-	__u8 flags;
-	__u8 tos;        /* IPv4 TOS / IPv6 traffic class */
-	__u8 encap_flags;
-};
-
 static __always_inline bool addr_protected(const struct sf_config *cfg, __u8 family,
 					   const void *daddr)
 {
@@ -86,22 +65,6 @@ static __always_inline int not_ours_or_drop(const struct sf_config *cfg, __u8 fa
 					    const void *daddr, enum sf_counter c)
 {
 	return addr_protected(cfg, family, daddr) ? drop(c) : TC_ACT_OK;
-}
-
-static __always_inline int parse_tcp(const struct sf_config *cfg, struct pkt *p,
-				     struct tcphdr *tcp, __u8 family, const void *daddr)
-{
-	const struct sf_service *svc = service_find(cfg, family, daddr, tcp->dest);
-
-	if (!svc)
-		return TC_ACT_OK;
-	p->policy_id = svc->policy_id;
-	p->tuple.ports = *(__u32 *)tcp;
-	p->seq = tcp->seq;
-	p->ack_seq = tcp->ack_seq;
-	p->flags = ((__u8 *)tcp)[TCP_FLAGS_OFFSET];
-	p->tcp_hlen = tcp->doff * 4;
-	return SF_CONTINUE;
 }
 
 static __noinline int parse_ipv4(struct __sk_buff *skb, const struct sf_config *cfg,
@@ -123,14 +86,10 @@ static __noinline int parse_ipv4(struct __sk_buff *skb, const struct sf_config *
 	if ((void *)(tcp + 1) > data_end)
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV4, &ip->daddr, SF_CTR_MALFORMED);
 
-	p->tuple.family = SF_FAMILY_IPV4;
-	p->tuple.addr[0] = (__u64)ip->saddr | (__u64)ip->daddr << 32;
-	p->l4_off = sizeof(struct ethhdr) + ihl;
-	p->l3_len = bpf_ntohs(ip->tot_len);
-	p->tos = ip->tos;
+	pkt_ipv4(p, ip, ihl);
 	if (p->l3_len < ihl)
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV4, &ip->daddr, SF_CTR_MALFORMED);
-	return parse_tcp(cfg, p, tcp, SF_FAMILY_IPV4, &ip->daddr);
+	return pkt_service_tcp(cfg, p, tcp, SF_FAMILY_IPV4, &ip->daddr) ? SF_CONTINUE : TC_ACT_OK;
 }
 
 static __noinline int parse_ipv6(struct __sk_buff *skb, const struct sf_config *cfg,
@@ -150,231 +109,46 @@ static __noinline int parse_ipv6(struct __sk_buff *skb, const struct sf_config *
 	if ((void *)(tcp + 1) > data_end)
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV6, &ip6->daddr, SF_CTR_MALFORMED);
 
-	p->tuple.family = SF_FAMILY_IPV6;
-	__builtin_memcpy(p->tuple.addr, &ip6->saddr, 32);
-	p->l4_off = sizeof(struct ethhdr) + sizeof(*ip6);
-	p->l3_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
-	p->tos = (bpf_ntohs(*(__be16 *)ip6) >> 4) & 0xff;
-	return parse_tcp(cfg, p, tcp, SF_FAMILY_IPV6, &ip6->daddr);
-}
-
-/* TAI, so the whole fleet agrees on epochs; the offset corrects a skewed node. */
-static __always_inline __u64 node_clock_ns(const struct sf_config *cfg)
-{
-	return bpf_ktime_get_tai_ns() + cfg->clock_offset_ns;
-}
-
-static __always_inline __u64 now_epoch(const struct sf_config *cfg)
-{
-	return node_clock_ns(cfg) / cfg->rotation_ns;
+	pkt_ipv6(p, ip6);
+	return pkt_service_tcp(cfg, p, tcp, SF_FAMILY_IPV6, &ip6->daddr) ? SF_CONTINUE : TC_ACT_OK;
 }
 
 /* ---- SYN -> SYN+ACK ---- */
 
-/* The 2-byte lead puts the IP header on a 4-byte boundary: the verifier
- * insists on aligned stack access. Only eth onwards goes on the wire. */
-struct synack_v4 {
-	__u8 lead[2];
-	struct ethhdr eth;
-	struct iphdr ip;
-	struct tcphdr tcp;
-	__u32 opts[TCP_MAX_OPTLEN / 4];
-};
-
-struct synack_v6 {
-	__u8 lead[2];
-	struct ethhdr eth;
-	struct ipv6hdr ip6;
-	struct tcphdr tcp;
-	__u32 opts[TCP_MAX_OPTLEN / 4];
-};
-
-struct synack_plan {
-	__u32 cookie;
-	__u32 tsval;
-	__u32 tsecr;
-	__u16 adv_mss;
-	__u8 wscale;      /* server's, advertised when the client sent one */
-	__u8 attrs_ws;    /* client's, or SF_COOKIE_WSCALE_NONE */
-	__u8 sack;
-	__u8 ts;
-	__u8 ecn;
-};
-
-static __always_inline __u32 mss_index(const __u16 *table, __u16 client_mss)
+/* Replaces the packet with the reply, resizing only when the SYN's own length
+ * differs (no options room, payload, or padding), and sends it back out. */
+static __noinline int synack_send(struct __sk_buff *skb, const struct pkt *p,
+				  const struct synack_plan *sp, __u32 room)
 {
-	__u32 i;
+	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data, in;
+	union synack r;
+	__u32 len;
 
-	for (i = 3; i > 0; i--)
-		if (client_mss >= table[i])
-			break;
-	return i;
-}
-
-/* Writes the SYN+ACK options into `opts` (pre-filled with NOPs) and returns
- * their length in bytes: at most 20. */
-static __always_inline __u32 synack_options_write(__u32 *opts, const struct synack_plan *sp)
-{
-	__u32 n = 0;
-
-	opts[n++] = bpf_htonl(TCPOPT_MSS << 24 | TCPOLEN_MSS << 16 | sp->adv_mss);
-	if (sp->attrs_ws != SF_COOKIE_WSCALE_NONE)
-		opts[n++] = bpf_htonl(TCPOPT_NOP << 24 | TCPOPT_WINDOW << 16 |
-				      TCPOLEN_WINDOW << 8 | sp->wscale);
-	if (sp->ts) {
-		if (sp->sack)
-			opts[n++] = bpf_htonl(TCPOPT_SACK_PERM << 24 | TCPOLEN_SACK_PERM << 16 |
-					      TCPOPT_TIMESTAMP << 8 | TCPOLEN_TIMESTAMP);
-		else
-			opts[n++] = bpf_htonl(TCPOPT_NOP << 24 | TCPOPT_NOP << 16 |
-					      TCPOPT_TIMESTAMP << 8 | TCPOLEN_TIMESTAMP);
-		opts[n++] = bpf_htonl(sp->tsval);
-		opts[n++] = bpf_htonl(sp->tsecr);
-	} else if (sp->sack) {
-		opts[n++] = bpf_htonl(TCPOPT_NOP << 24 | TCPOPT_NOP << 16 |
-				      TCPOPT_SACK_PERM << 8 | TCPOLEN_SACK_PERM);
-	}
-	return n * 4;
-}
-
-static __always_inline void synack_tcp_fill(struct tcphdr *tcp, const struct pkt *p,
-					    const struct synack_plan *sp, __u32 optlen)
-{
-	__u8 *flags = (__u8 *)tcp + TCP_FLAGS_OFFSET;
-
-	tcp->source = (__be16)(p->tuple.ports >> 16);
-	tcp->dest = (__be16)p->tuple.ports;
-	tcp->seq = bpf_htonl(sp->cookie);
-	tcp->ack_seq = bpf_htonl(bpf_ntohl(p->seq) + 1);
-	*(__u16 *)((__u8 *)tcp + 12) = 0;
-	tcp->doff = (sizeof(*tcp) + optlen) / 4;
-	*flags = TCP_FLAG_SYN | TCP_FLAG_ACK | (sp->ecn ? TCP_FLAG_ECE : 0);
-	tcp->window = bpf_htons(SYNACK_WINDOW);
-	tcp->check = 0;
-	tcp->urg_ptr = 0;
-}
-
-static __always_inline void eth_reply_fill(struct ethhdr *out, const struct ethhdr *in)
-{
-	__builtin_memcpy(out->h_dest, in->h_source, ETH_ALEN);
-	__builtin_memcpy(out->h_source, in->h_dest, ETH_ALEN);
-	out->h_proto = in->h_proto;
-}
-
-/* Replaces the packet with `reply` of `len` bytes, resizing only when the
- * SYN's own length differs (no options room, payload, or padding). */
-static __always_inline int synack_emit(struct __sk_buff *skb, void *reply, __u32 len, __u32 max)
-{
-	if (len > max)
+	if ((void *)(eth + 1) > data_end)
+		return drop(SF_CTR_MALFORMED);
+	__builtin_memcpy(&in, eth, sizeof(in));
+	if (p->tuple.family == SF_FAMILY_IPV4)
+		len = synack_build_v4(&r.v4, &in, p, sp, room);
+	else
+		len = synack_build_v6(&r.v6, &in, p, sp, room);
+	if (!len || len > sizeof(r) - sizeof(r.v4.lead))
 		return drop(SF_CTR_MALFORMED);
 	if (skb->len != len && bpf_skb_change_tail(skb, len, 0))
 		return drop(SF_CTR_MALFORMED);
-	if (bpf_skb_store_bytes(skb, 0, reply, len, 0))
+	if (bpf_skb_store_bytes(skb, 0, &r.v4.eth, len, 0))
 		return drop(SF_CTR_MALFORMED);
 	count(SF_CTR_SYN_ANSWERED);
 	return bpf_redirect(skb->ifindex, 0);
-}
-
-static __noinline int synack_send_v4(struct __sk_buff *skb, const struct pkt *p,
-				     const struct synack_plan *sp, __u32 optlen)
-{
-	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct synack_v4 r;
-	__u64 tcp_len, len;
-	__u32 needed;
-	__s64 csum;
-
-	if ((void *)(eth + 1) > data_end)
-		return drop(SF_CTR_MALFORMED);
-	__builtin_memset(&r.opts, TCPOPT_NOP, sizeof(r.opts));
-	needed = synack_options_write(r.opts, sp);
-	if (needed > optlen)
-		optlen = needed;
-	tcp_len = sizeof(r.tcp) + optlen;
-	barrier_var(tcp_len);
-	if (tcp_len > sizeof(r.tcp) + TCP_MAX_OPTLEN)
-		return drop(SF_CTR_MALFORMED);
-
-	eth_reply_fill(&r.eth, eth);
-	r.ip = (struct iphdr){
-		.version = 4,
-		.ihl = 5,
-		.tot_len = bpf_htons(sizeof(r.ip) + tcp_len),
-		.frag_off = bpf_htons(IP_DF),
-		.ttl = 64,
-		.protocol = IPPROTO_TCP,
-		.saddr = (__be32)(p->tuple.addr[0] >> 32),
-		.daddr = (__be32)p->tuple.addr[0],
-	};
-	csum = bpf_csum_diff(NULL, 0, (__be32 *)&r.ip, sizeof(r.ip), 0);
-	r.ip.check = csum_fold32((__u32)csum);
-
-	synack_tcp_fill(&r.tcp, p, sp, optlen);
-	csum = bpf_csum_diff(NULL, 0, (__be32 *)&r.tcp, tcp_len, 0);
-	r.tcp.check = csum_fold32((__u32)csum + csum_pseudo_v4(r.ip.saddr, r.ip.daddr,
-								IPPROTO_TCP, tcp_len));
-
-	len = sizeof(r.eth) + sizeof(r.ip) + tcp_len;
-	return synack_emit(skb, &r.eth, len, sizeof(r) - sizeof(r.lead));
-}
-
-static __noinline int synack_send_v6(struct __sk_buff *skb, const struct pkt *p,
-				     const struct synack_plan *sp, __u32 optlen)
-{
-	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct synack_v6 r;
-	__u64 tcp_len, len;
-	__u32 needed;
-	__s64 csum;
-
-	if ((void *)(eth + 1) > data_end)
-		return drop(SF_CTR_MALFORMED);
-	__builtin_memset(&r.opts, TCPOPT_NOP, sizeof(r.opts));
-	needed = synack_options_write(r.opts, sp);
-	if (needed > optlen)
-		optlen = needed;
-	tcp_len = sizeof(r.tcp) + optlen;
-	barrier_var(tcp_len);
-	if (tcp_len > sizeof(r.tcp) + TCP_MAX_OPTLEN)
-		return drop(SF_CTR_MALFORMED);
-
-	eth_reply_fill(&r.eth, eth);
-	*(__be32 *)&r.ip6 = bpf_htonl(0x60000000);
-	r.ip6.payload_len = bpf_htons(tcp_len);
-	r.ip6.nexthdr = IPPROTO_TCP;
-	r.ip6.hop_limit = 64;
-	__builtin_memcpy(&r.ip6.saddr, &p->tuple.addr[2], 16);
-	__builtin_memcpy(&r.ip6.daddr, &p->tuple.addr[0], 16);
-
-	synack_tcp_fill(&r.tcp, p, sp, optlen);
-	csum = bpf_csum_diff(NULL, 0, (__be32 *)&r.tcp, tcp_len, 0);
-	r.tcp.check = csum_fold32((__u32)csum +
-				  csum_pseudo_v6((__u32 *)&r.ip6.saddr, (__u32 *)&r.ip6.daddr,
-						 IPPROTO_TCP, tcp_len));
-
-	len = sizeof(r.eth) + sizeof(r.ip6) + tcp_len;
-	return synack_emit(skb, &r.eth, len, sizeof(r) - sizeof(r.lead));
 }
 
 static __noinline int syn_answer(struct __sk_buff *skb, const struct pkt *p,
 				 const struct sf_policy *pol, const struct sf_config *cfg)
 {
 	struct tcp_optbuf optbuf = {};
-	struct tcp_opts o = {};
 	struct synack_plan sp = {};
-	const struct sf_salt *salt;
-	__u32 attrs, slot;
-	__u64 now_ns, epoch, optlen;
-	bool v4 = p->tuple.family == SF_FAMILY_IPV4;
-
-	now_ns = node_clock_ns(cfg);
-	epoch = now_ns / cfg->rotation_ns;
-	slot = epoch & SF_COOKIE_EPOCH_MASK;
-	salt = bpf_map_lookup_elem(&salts, &slot);
-	if (!salt || !salt->valid || salt->epoch != epoch)
-		return drop(SF_CTR_SALT_MISSING);
+	enum sf_counter why;
+	__u64 optlen;
 
 	optlen = p->tcp_hlen - sizeof(struct tcphdr);
 	barrier_var(optlen);
@@ -382,38 +156,9 @@ static __noinline int syn_answer(struct __sk_buff *skb, const struct pkt *p,
 		return drop(SF_CTR_MALFORMED);
 	if (optlen && bpf_skb_load_bytes(skb, p->l4_off + sizeof(struct tcphdr), optbuf.b, optlen))
 		return drop(SF_CTR_MALFORMED);
-	if (tcp_opts_parse(&optbuf, optlen, &o))
-		return drop(SF_CTR_MALFORMED);
-
-	if (!o.has_mss)
-		o.mss = v4 ? TCP_DEFAULT_MSS_V4 : TCP_DEFAULT_MSS_V6;
-	attrs = mss_index(v4 ? pol->mss_v4 : pol->mss_v6, o.mss) << SF_COOKIE_MSS_SHIFT;
-	sp.attrs_ws = o.has_wscale ? (o.wscale > SF_MAX_WSCALE ? SF_MAX_WSCALE : o.wscale)
-				   : SF_COOKIE_WSCALE_NONE;
-	attrs |= sp.attrs_ws;
-	sp.sack = o.sack_perm && (pol->flags & SF_POLICY_SACK);
-	if (sp.sack)
-		attrs |= SF_COOKIE_SACK;
-	sp.ecn = (p->flags & (TCP_FLAG_ECE | TCP_FLAG_CWR)) == (TCP_FLAG_ECE | TCP_FLAG_CWR) &&
-		 (pol->flags & SF_POLICY_ECN);
-	if (sp.ecn)
-		attrs |= SF_COOKIE_ECN;
-	sp.ts = o.has_ts && (pol->flags & SF_POLICY_TIMESTAMPS);
-	/* Any clock works for TSval: the backend's socket takes its offset from the
-	 * TSecr of the ACK. ~1 ms ticks keep PAWS-style comparisons meaningful. */
-	sp.tsval = (__u32)(now_ns >> 20);
-	sp.tsecr = o.tsval;
-	sp.wscale = pol->wscale;
-	sp.adv_mss = v4 ? pol->adv_mss_v4 : pol->adv_mss_v6;
-	sp.cookie = cookie_make(&p->tuple, p->seq, salt, attrs);
-
-	/* A SYN whose options already fill as much room as ours is rewritten in
-	 * place (NOP-padded) with no reallocation; one carrying data is trimmed. */
-	if (p->l3_len > p->l4_off - sizeof(struct ethhdr) + p->tcp_hlen)
-		optlen = 0;
-	if (v4)
-		return synack_send_v4(skb, p, &sp, optlen);
-	return synack_send_v6(skb, p, &sp, optlen);
+	if (!syn_plan_make(p, &optbuf, optlen, pol, cfg, &sp, &why))
+		return drop(why);
+	return synack_send(skb, p, &sp, synack_room(p, optlen));
 }
 
 /* ---- ACK: cookie validation ---- */
@@ -616,9 +361,7 @@ static __noinline int proxy_packet(struct __sk_buff *skb)
 		count(SF_CTR_NO_POLICY);
 		return TC_ACT_OK;
 	}
-	if (p.tcp_hlen < sizeof(struct tcphdr) ||
-	    p.l3_len < p.l4_off - sizeof(struct ethhdr) + p.tcp_hlen ||
-	    p.l3_len > skb->len - sizeof(struct ethhdr))
+	if (!pkt_lengths_valid(&p, skb->len))
 		return drop(SF_CTR_MALFORMED);
 
 	if (p.flags & TCP_FLAG_SYN) {
