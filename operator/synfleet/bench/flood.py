@@ -2,28 +2,37 @@
 under one generator.
 
     attacker ──eth0── defence node ──eth1── server
-    (trafgen)         (kernel | nf-synproxy | synfleet | floor)
+    (generator)       (kernel | nf-synproxy | synfleet | floor)
+                      └──eth2── client
 
 - `kernel`: the defence node is the server itself: a listener on the service
   address with net.ipv4.tcp_syncookies=2 (cookies for every SYN).
 - `nf-synproxy`: the defence node forwards to the server through nftables'
   `synproxy` statement (set up as the nftables wiki does: SYNs untracked in
   raw prerouting, synproxy on invalid/untracked in forward, loose tracking off).
-- `synfleet`: the proxy program on the defence node's eth0 (the backend
-  program and the service on the server).
+- `synfleet`: the proxy program on the defence node's eth0 and eth2 (the
+  backend program and the service on the server).
 - `floor`: a TC program that swaps addresses and sends the packet back
   (bpf/reflect.bpf.c): packet I/O with zero work.
 
-The generator is netsniff-ng's trafgen (one thread, random sources in
-10.66.0.0/16, Linux-like SYN options, valid checksums). The attacker drops the
-answers at TC ingress (bpf/sink.bpf.c) and counts them on its interface. On
-veth the receiver's work runs on the sender's CPU, so an answered rate is the
-defence's per-packet cost plus the generator's: `generator_pps` (trafgen into a
-TC program that drops everything) and `floor` put each figure in proportion.
+Generators (synfleet.bench.generators), random sources in 10.66.0.0/16,
+Linux-like SYN options, valid checksums:
+- `xdp` (default): BPF live frames sent from the first CPU; the defence node's
+  receive work (its eth0's NAPI, in a thread, and the clients' packets through
+  RPS) runs on the last CPU, as a NIC's interrupt affinity would place it.
+  Figures are then a defence core's capacity: `cpu_s_per_million` is that
+  core's busy time per million SYNs answered.
+- `trafgen`: one trafgen thread. On veth the receiver's work runs on the
+  sender's CPU, so an answered rate is the defence's per-packet cost plus
+  trafgen's; `cpu_s_per_million` is the whole machine's busy time.
 
-Each defence is offered rising rates until the answered rate stops rising;
-the best answered rate is its `max_answered_rate`, and the whole machine's busy
-CPU time during that step divided by the SYNs answered is `cpu_s_per_million`.
+The attacker drops the answers at TC ingress (bpf/sink.bpf.c) and counts them
+on its interface. `generator_pps` is what the generator sends into a TC drop;
+`floor` puts each figure in proportion to the cost of the packet I/O alone.
+
+Each defence is offered rising rates until the answered rate stops rising,
+then the generator's flat-out rate; the best answered rate is its
+`max_answered_rate`.
 """
 
 from __future__ import annotations
@@ -444,8 +453,8 @@ def measure_defence(lab: FloodLab, defence: str, rates: list[int], seconds: floa
                     progress: Callable[[str], None],
                     memory_points: tuple[int, ...] = MEMORY_POINTS) -> DefenceResult:
     """Step the offered rate up until the answered rate stops rising by 2 %,
-    then offer as much as trafgen can (its TX ring is faster than its paced
-    mode on some machines). Then, for the defences that serve TCP, legitimate
+    then offer as much as the generator can (trafgen's TX ring is faster
+    than its paced mode on some machines; live frames overrun any defence). Then, for the defences that serve TCP, legitimate
     clients during floods at fractions of that rate, and the defence node's
     memory as established connections grow."""
     result = DefenceResult()
@@ -514,7 +523,7 @@ def run(defences: tuple[str, ...] = DEFENCES, rates: list[int] | None = None, se
         with FloodLab(generator) as lab:
             results[d] = measure_defence(lab, d, rates, seconds, progress, memory_points)
     generator_pps = max(first, generator_rate())
-    out = {"defences": {d: asdict(r) for d, r in results.items()},
+    out = {"generator": generator, "defences": {d: asdict(r) for d, r in results.items()},
            "generator_pps": round(generator_pps), "ratios": {}}
     ours = results.get("synfleet")
     for name, other in results.items():
@@ -536,8 +545,9 @@ def chart(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (rates, legit) = plt.subplots(1, 2, figsize=(12, 4.8))
-    # Every SYN a defence sees is answered below its knee; above it the shared
-    # CPU slows the generator itself, so the paced target is the x axis.
+    # Every SYN a defence sees is answered below its knee; above it what is
+    # offered depends on the generator (trafgen slows on the shared CPU), so
+    # the paced target is the x axis.
     targets = sorted({s["offered_target_pps"] for r in result["defences"].values() for s in r["steps"]
                       if s["offered_target_pps"]})
     ring_x = len(targets)
@@ -548,10 +558,12 @@ def chart(result: dict, path: str) -> None:
     rates.axhline(result["generator_pps"] / 1e3, color="grey", linestyle=":",
                   label=f"generator into a drop {result['generator_pps'] / 1e3:.0f}k")
     rates.set_xticks(range(ring_x + 1))
-    rates.set_xticklabels([f"{t / 1e3:.0f}k" for t in targets] + ["TX ring"])
-    rates.set_xlabel("trafgen's paced rate (SYN/s), then its TX ring flat out")
+    rates.set_xticklabels([f"{t / 1e3:.0f}k" for t in targets] + ["flat out"])
+    rates.set_xlabel(f"{result['generator']} generator's paced rate (SYN/s), then flat out")
     rates.set_ylabel("SYN+ACKs answered per second (thousands)")
-    rates.set_title("SYN flood answered, one veth path, one trafgen thread")
+    rates.set_title("SYN flood answered: " + ("one defence core, generator on another"
+                                             if result["generator"] == "xdp" else
+                                             "one trafgen thread sharing the defence's CPU"))
     rates.legend(fontsize=8)
     served = {n: r for n, r in result["defences"].items() if r["legit"]}
     width = 0.8 / max(1, len(served))

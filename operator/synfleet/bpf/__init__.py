@@ -10,11 +10,12 @@ from synfleet.bpf.libbpf import (
     TcHook,
     TestRun,
     TypedMap,
+    XdpHook,
     possible_cpus,
 )
 from synfleet.bpf.objects import object_path
 
 __all__ = [
     "BPF_TC_EGRESS", "BPF_TC_INGRESS", "BpfError", "BpfObject", "Map", "Program", "TcHook",
-    "TestRun", "TypedMap", "object_path", "possible_cpus",
+    "TestRun", "TypedMap", "XdpHook", "object_path", "possible_cpus",
 ]

@@ -101,6 +101,9 @@ _proto("bpf_tc_hook_destroy", _int, _vp)
 _proto("bpf_tc_attach", _int, _vp, _vp)
 _proto("bpf_tc_detach", _int, _vp, _vp)
 _proto("bpf_tc_query", _int, _vp, _vp)
+_proto("bpf_xdp_attach", _int, _int, _int, _u32, _vp)
+_proto("bpf_xdp_detach", _int, _int, _u32, _vp)
+_proto("bpf_xdp_query_id", _int, _int, _int, ctypes.POINTER(_u32))
 
 BTF_KIND_STRUCT = 4
 BPF_ANY = 0
@@ -450,3 +453,36 @@ class TcHook:
         rc = _lib.bpf_tc_hook_destroy(ctypes.byref(hook))
         if rc < 0 and rc not in (-errno_mod.ENOENT, -errno_mod.EINVAL):
             _check(rc, f"destroy clsact on ifindex {self.ifindex}")
+
+
+# ---- XDP ----
+
+XDP_FLAGS_DRV_MODE = 1 << 2
+
+
+@dataclass(frozen=True)
+class XdpHook:
+    """An interface's native (driver) XDP slot. Generic XDP is not offered: it
+    runs after the skb is allocated, where the TC program already is."""
+
+    ifindex: int
+
+    def attach(self, prog: Program) -> None:
+        """Attach, or atomically replace what the slot runs."""
+        rc = _lib.bpf_xdp_attach(self.ifindex, prog.fd, XDP_FLAGS_DRV_MODE, None)
+        if rc == -errno_mod.EOPNOTSUPP:
+            raise BpfError(-rc, f"attach {prog.name} to ifindex {self.ifindex}: "
+                                "the driver has no native XDP (leave xdp off for this interface)")
+        _check(rc, f"attach {prog.name} to ifindex {self.ifindex} (native XDP)")
+
+    def query(self) -> int | None:
+        """The id of the attached program, or None."""
+        prog_id = _u32(0)
+        _check(_lib.bpf_xdp_query_id(self.ifindex, XDP_FLAGS_DRV_MODE, ctypes.byref(prog_id)),
+               f"query XDP on ifindex {self.ifindex}")
+        return prog_id.value or None
+
+    def detach(self) -> None:
+        rc = _lib.bpf_xdp_detach(self.ifindex, XDP_FLAGS_DRV_MODE, None)
+        if rc < 0 and rc != -errno_mod.ENODEV:
+            _check(rc, f"detach XDP from ifindex {self.ifindex}")

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-from synfleet.bpf import BpfObject, Map, Program, TcHook, TypedMap, object_path
+from synfleet.bpf import BpfObject, Map, Program, TcHook, TypedMap, XdpHook, object_path
 from synfleet.config import schema
 from synfleet.dataplane import layout
 from synfleet.dataplane.flow import maglev_table
@@ -162,16 +162,39 @@ class Dataplane:
 
 
 class ProxyDataplane(Dataplane):
+    """The TC program, and its XDP front (bpf/proxy_xdp.bpf.c) loaded on the
+    same maps, for interfaces whose driver runs XDP natively."""
+
     program_name = "synfleet_proxy"
     object_name = "proxy"
     MAPS = Dataplane.MAPS + ("salts", "protected_addrs", "backend_ring", "backends")
+    XDP_MAPS = Dataplane.MAPS + ("salts",)
 
     def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
         super().__init__(pins, objects_dir)
+        self.xdp_obj = BpfObject(object_path("proxy_xdp", objects_dir))
+        try:
+            for name in self.XDP_MAPS:
+                self.xdp_obj.reuse_map(name, self.obj.map(name))
+            self.xdp_obj.load()
+            self.xdp_program: Program = self.xdp_obj.program("synfleet_proxy_xdp")
+        except BaseException:
+            self.xdp_obj.close()
+            self.obj.close()
+            raise
         self.salts = TypedMap(self.obj.map("salts"), ctypes.c_uint32, Salt)
         self.protected_addrs = TypedMap(self.obj.map("protected_addrs"), Endpoint, Service)
         self.ring = TypedMap(self.obj.map("backend_ring"), ctypes.c_uint32, ctypes.c_uint32)
         self.backends = TypedMap(self.obj.map("backends"), ctypes.c_uint32, Endpoint)
+
+    def close(self) -> None:
+        self.xdp_obj.close()
+        super().close()
+
+    def attach_xdp(self, ifname: str) -> XdpHook:
+        hook = XdpHook(socket.if_nametoindex(ifname))
+        hook.attach(self.xdp_program)
+        return hook
 
     def published_salts(self) -> dict[int, bytes]:
         out = {}
