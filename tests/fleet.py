@@ -8,7 +8,7 @@ import threading
 import time
 
 from synfleet.testbed.fleet import ENCAP_PORT, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
-from synfleet.bpf import TcHook
+from synfleet.bpf import TcHook, XdpHook
 from synfleet.testbed.clients import pattern  # noqa: F401
 from synfleet.testbed.netns import NetNS
 
@@ -122,6 +122,12 @@ def wait_for(predicate, what: str, timeout: float = 10.0):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {value!r}")
+
+
+def xdp_program_id(ns: NetNS, ifname: str) -> int | None:
+    """The id of the program in `ifname`'s native XDP slot, or None."""
+    with ns.entered():
+        return XdpHook(socket.if_nametoindex(ifname)).query()
 
 
 def ingress_program_id(ns: NetNS, ifname: str) -> int | None:

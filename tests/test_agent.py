@@ -3,10 +3,12 @@ files, signals, probes, uninstall; and the double-buffered flip under load."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
 import signal
+import socket
 import threading
 import urllib.request
 import time
@@ -17,13 +19,14 @@ from conftest import (
     CLIENT_V4, PORT_FULL, POLICY_FULL, PROXY_V4, PROXY_V6, ROTATION_S, SERVICE_V4, Salts, require_bpf,
     tai_epoch, unit_config,
 )
-from fleet import ingress_program_id, wait_for
+from fleet import ingress_program_id, wait_for, xdp_program_id
 from packets import TC_ACT_REDIRECT, tcp_frame
 from scapy.layers.inet import TCP
 from scapy.layers.l2 import Ether
 from synfleet.agent.agent import uninstall
 from synfleet.agent.metrics import AgentState, serve
-from synfleet.agent.pins import DEFAULT_ROOT
+from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir
+from synfleet.bpf import BpfObject, XdpHook, object_path
 from synfleet.dataplane.layout import Counter
 from synfleet.dataplane.programs import ProxyDataplane
 from synfleet.testbed.fleetlab import AgentProcess, Node
@@ -79,7 +82,7 @@ def test_agent_pins_attaches_and_serves_probes_and_metrics(node):
     node.agent.start()
     node.agent.wait_ready()
     assert node.agent.http("/healthz") == (200, "ok\n")
-    assert sorted(os.listdir(node.pins())) == sorted(ProxyDataplane.MAPS + ("program",))
+    assert sorted(os.listdir(node.pins())) == sorted(ProxyDataplane.MAPS + ("program", "program-xdp"))
     assert node.tc_program_id() is not None
     m = node.agent.metrics()
     assert m["synfleet_config_generation"] == 1 and m["syn_answered"] == 0
@@ -123,6 +126,79 @@ def test_sigterm_leaves_the_data_plane_and_uninstall_removes_it(node):
         assert uninstall(node.agent.instance) == ["sf0"]
         assert uninstall(node.agent.instance) is None
     assert node.tc_program_id() is None and not os.path.exists(node.pins())
+
+
+def with_xdp(cfg, on: bool):
+    return cfg.model_copy(update={"node": cfg.node.model_copy(update={"xdp": on})})
+
+
+def xdp_tx_count(ns: NetNS, ifname: str) -> int:
+    stats = dict(line.strip().split(": ") for line in ns.run("ethtool", "-S", ifname).splitlines()[1:])
+    return int(stats["rx_queue_0_xdp_tx"])
+
+
+def test_the_xdp_front_answers_syns_on_the_wire(node):
+    node.write(with_xdp(unit_config("proxy", node.salts), True).to_yaml())
+    with node.ns.entered(), BpfObject(object_path("xdp_pass")).load() as peer:
+        # The client's end needs a native XDP program to take XDP_TX frames.
+        XdpHook(socket.if_nametoindex("sf1")).attach(peer.program("xdp_pass"))
+    node.agent.start()
+    node.agent.wait_ready()
+    assert xdp_program_id(node.ns, "sf0") == PinDir(DEFAULT_ROOT, node.agent.instance).pinned_program_id(XDP_PIN)
+    sent_back = xdp_tx_count(node.ns, "sf0")
+    with node.ns.entered():
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        sock.bind(("sf1", 0))
+        sock.settimeout(0.2)
+        try:
+            sock.send(tcp_frame(CLIENT_V4, SERVICE_V4, 4321, PORT_FULL, flags="S", seq=99))
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    reply = Ether(sock.recv(2048))
+                    if TCP in reply and reply[TCP].dport == 4321:
+                        break
+            else:
+                pytest.fail("no SYN+ACK came back on sf1")
+        finally:
+            sock.close()
+    assert str(reply[TCP].flags) == "SA" and reply[TCP].ack == 100
+    assert xdp_tx_count(node.ns, "sf0") == sent_back + 1      # answered by the front, not TC
+    assert node.agent.metrics()["syn_answered"] == 1
+
+
+def test_the_xdp_front_follows_the_configuration_across_restarts_and_uninstall(node):
+    cfg = unit_config("proxy", node.salts)
+    node.write(with_xdp(cfg, True).to_yaml())
+    node.agent.start()
+    node.agent.wait_ready()
+    first = xdp_program_id(node.ns, "sf0")
+    assert first is not None
+    node.write(with_xdp(cfg, False).to_yaml())
+    wait_for(lambda: xdp_program_id(node.ns, "sf0") is None, "the XDP front detached")
+    assert node.tc_program_id() is not None
+    node.write(with_xdp(cfg, True).to_yaml())
+    wait_for(lambda: xdp_program_id(node.ns, "sf0") is not None, "the XDP front again")
+    node.agent.signal(signal.SIGKILL)
+    node.agent.start()
+    node.agent.wait_ready()
+    assert xdp_program_id(node.ns, "sf0") not in (None, first)   # replaced in place
+    node.agent.signal(signal.SIGTERM)
+    with node.ns.entered():
+        assert sorted(uninstall(node.agent.instance)) == ["sf0", "sf0 (XDP)"]
+    assert xdp_program_id(node.ns, "sf0") is None and node.tc_program_id() is None
+
+
+def test_a_driver_without_native_xdp_keeps_the_tc_program_and_says_why(node):
+    node.ns.ip("link", "add", "sfbr0", "type", "bridge")
+    node.ns.ip("link", "set", "sfbr0", "up")
+    cfg = unit_config("proxy", node.salts)
+    node.write(with_xdp(cfg.model_copy(update={"node": cfg.node.model_copy(
+        update={"interfaces": ["sf0", "sfbr0"]})}), True).to_yaml())
+    node.agent.start()
+    wait_for(lambda: "no XDP front on sfbr0" in node.agent.http("/readyz")[1], "the readiness reason")
+    assert node.agent.http("/readyz")[0] == 503
+    assert ingress_program_id(node.ns, "sfbr0") is not None and xdp_program_id(node.ns, "sf0") is not None
 
 
 def test_a_restarted_agent_replaces_the_program_and_keeps_maps_and_counters(node):

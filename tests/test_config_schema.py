@@ -91,6 +91,8 @@ def test_the_module_docstring_example_is_a_valid_proxy_document():
     (BACKEND, "allowedProxies", [], "a backend needs allowedProxies"),
     (BACKEND, "salts", PROXY["salts"], "salts are for proxies only"),
     (BACKEND, "policies.0.backends", ["198.18.0.11"], "policies[].backends is for proxies"),
+    (BACKEND, "node.xdp", True, "node.xdp is for proxies"),
+    (PROXY, "node.xdp", "sometimes", "node.xdp: Input should be a valid boolean"),
 ])
 def test_invalid_documents_are_rejected_naming_the_field(base, path, value, message):
     with pytest.raises(schema.ConfigError) as err:

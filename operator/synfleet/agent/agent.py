@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
 from synfleet.agent.metrics import AgentState, serve
-from synfleet.agent.pins import DEFAULT_ROOT, PinDir, hooks_running
-from synfleet.bpf import TcHook
+from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir, hooks_running, xdp_hooks_running
+from synfleet.bpf import BpfError, TcHook, XdpHook
 from synfleet.config import schema
 from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import Dataplane, ProxyDataplane, dataplane_for
@@ -58,6 +58,8 @@ class Agent:
         self._config_digest: str | None = None
         self._rejected_digest: str | None = None   # the bad file is reported once
         self._hooks: dict[str, TcHook] = {}
+        self._xdp_hooks: dict[str, XdpHook] = {}
+        self._xdp_failed: dict[str, str] = {}    # interface -> why the XDP front is not there
         self._last_tick = time.monotonic()
         self._stop = False
         self._reload = False
@@ -75,14 +77,29 @@ class Agent:
                                               "replaces_program_id": previous_program})
         if previous_program is not None:
             self._hooks = hooks_running(previous_program)
+        previous_xdp = self.pins.pinned_program_id(XDP_PIN)
+        if previous_xdp is not None:
+            self._xdp_hooks = xdp_hooks_running(previous_xdp)
         self._inherited = self.dataplane.applied()
         self.reload()
         # A configuration error must not leave the interfaces with the old
-        # program forever: the new program reads the same maps, swap it in.
-        self._attach(self.config.node.interfaces if self.config else list(self._hooks))
+        # programs forever: the new ones read the same maps, swap them in.
+        if self.config:
+            self._attach(self.config.node.interfaces, self._xdp_wanted())
+        else:
+            self._attach(list(self._hooks), list(self._xdp_hooks))
         self.pins.pin_program(self.dataplane.program)
+        if isinstance(self.dataplane, ProxyDataplane):
+            self.pins.pin_program(self.dataplane.xdp_program, XDP_PIN)
 
-    def _attach(self, interfaces: list[str]) -> None:
+    def _xdp_wanted(self) -> list[str]:
+        return list(self.config.node.interfaces) if self.config.node.xdp else []
+
+    def _hooks_stale(self) -> bool:
+        return (set(self._hooks) != set(self.config.node.interfaces)
+                or set(self._xdp_hooks) | set(self._xdp_failed) != set(self._xdp_wanted()))
+
+    def _attach(self, interfaces: list[str], xdp: list[str]) -> None:
         self._missing_interfaces = []
         for name in interfaces:
             try:
@@ -96,7 +113,26 @@ class Agent:
         for name in [n for n in self._hooks if n not in interfaces]:
             self._hooks.pop(name).detach()
             log.info("detached", extra={"interface": name})
+        self._attach_xdp([n for n in xdp if n not in self._missing_interfaces])
         self.state.hooks = sorted(self._hooks)
+
+    def _attach_xdp(self, interfaces: list[str]) -> None:
+        """The XDP front where wanted; where the driver refuses it, the TC
+        program alone still answers (slower), and readiness says why."""
+        self._xdp_failed = {}
+        for name in interfaces:
+            hook = XdpHook(socket.if_nametoindex(name))
+            try:
+                hook.attach(self.dataplane.xdp_program)
+            except BpfError as err:
+                self._xdp_failed[name] = str(err)
+                log.error("XDP front not attached; the TC program answers SYNs here",
+                          extra={"interface": name, "error": str(err)})
+                continue
+            self._xdp_hooks[name] = hook
+        for name in [n for n in self._xdp_hooks if n not in interfaces or n in self._xdp_failed]:
+            self._xdp_hooks.pop(name).detach()
+            log.info("XDP front detached", extra={"interface": name})
 
     # ---- configuration ----
 
@@ -165,6 +201,8 @@ class Agent:
             return f"no valid configuration yet: {self._first_error}" if self._first_error else "starting"
         if self._missing_interfaces:
             return f"interface {', '.join(self._missing_interfaces)} does not exist"
+        if self._xdp_failed:
+            return "; ".join(f"no XDP front on {name}: {why}" for name, why in self._xdp_failed.items())
         status = self._salt_status()
         if status is not None and not status[1]:
             return f"no salt published for epoch {status[0]}"
@@ -197,8 +235,8 @@ class Agent:
                     self._reload = True
                 if self._reload:
                     self._reload = False
-                    if self.reload() and set(self._hooks) != set(self.config.node.interfaces):
-                        self._attach(self.config.node.interfaces)
+                    if self.reload() and self._hooks_stale():
+                        self._attach(self.config.node.interfaces, self._xdp_wanted())
                 self._tick()
         finally:
             signal.set_wakeup_fd(-1)
@@ -229,5 +267,10 @@ def uninstall(instance: str, pin_root: str = DEFAULT_ROOT) -> list[str] | None:
         for name, hook in hooks_running(program_id).items():
             hook.detach()
             detached.append(name)
+    xdp_id = pins.pinned_program_id(XDP_PIN)
+    if xdp_id is not None:
+        for name, hook in xdp_hooks_running(xdp_id).items():
+            hook.detach()
+            detached.append(f"{name} (XDP)")
     pins.remove()
     return detached

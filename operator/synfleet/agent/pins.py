@@ -2,11 +2,12 @@
 are found again after the process that attached them is gone.
 
     <root>/<instance>/program        the program the TC hooks run
+    <root>/<instance>/program-xdp    a proxy's XDP front, where node.xdp attached it
     <root>/<instance>/<map name>     every map, re-used by the next agent
 
-TC filters outlive the agent; a hook is ours when the program it runs is the
-one pinned here, which is how `uninstall` and a restarted agent find them
-without any state file.
+TC filters and XDP programs outlive the agent; a hook is ours when the
+program it runs is the one pinned here, which is how `uninstall` and a
+restarted agent find them without any state file.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import shutil
 import socket
 from dataclasses import dataclass
 
-from synfleet.bpf import BpfError, Program, TcHook
+from synfleet.bpf import BpfError, Program, TcHook, XdpHook
 
 DEFAULT_ROOT = "/sys/fs/bpf/synfleet"
+XDP_PIN = "program-xdp"
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,8 @@ class PinDir:
     def path(self) -> str:
         return os.path.join(self.root, self.instance)
 
-    @property
-    def program(self) -> str:
-        return os.path.join(self.path, "program")
+    def program(self, name: str = "program") -> str:
+        return os.path.join(self.path, name)
 
     def exists(self) -> bool:
         return os.path.isdir(self.path)
@@ -44,22 +45,22 @@ class PinDir:
                           f"`mount -t bpf bpf /sys/fs/bpf` (pins must outlive the agent)")
         os.makedirs(self.path, exist_ok=True)
 
-    def pinned_program_id(self) -> int | None:
-        if not os.path.exists(self.program):
+    def pinned_program_id(self, name: str = "program") -> int | None:
+        if not os.path.exists(self.program(name)):
             return None
-        prog = Program.open_pinned(self.program)
+        prog = Program.open_pinned(self.program(name))
         try:
             return prog.id
         finally:
             prog.close()
 
-    def pin_program(self, program: Program) -> None:
+    def pin_program(self, program: Program, name: str = "program") -> None:
         """Replace the pinned program in one rename: there is always one."""
-        staging = self.program + "-next"   # bpffs refuses names with dots
+        staging = self.program(name) + "-next"   # bpffs refuses names with dots
         if os.path.exists(staging):
             os.unlink(staging)
         program.pin(staging)
-        os.rename(staging, self.program)
+        os.rename(staging, self.program(name))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=False)
@@ -78,6 +79,19 @@ def filesystem_of(path: str) -> str:
             if inside and len(mountpoint) >= len(best):
                 best, fstype = mountpoint, kind
     return fstype
+
+
+def xdp_hooks_running(program_id: int) -> dict[str, XdpHook]:
+    """Every interface of this network namespace whose native XDP slot runs `program_id`."""
+    found = {}
+    for ifindex, name in socket.if_nameindex():
+        hook = XdpHook(ifindex)
+        try:
+            if hook.query() == program_id:
+                found[name] = hook
+        except BpfError:
+            continue
+    return found
 
 
 def hooks_running(program_id: int) -> dict[str, TcHook]:

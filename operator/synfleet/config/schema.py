@@ -8,6 +8,7 @@ operator renders the same document into a ConfigMap. One schema for both.
     rotationSeconds: 60              # salt epoch length, the same on every node
     node:
       interfaces: [eth0]             # TC ingress hooks
+      xdp: false                     # proxies: also answer SYNs in native XDP (driver support needed)
       addresses: {ipv4: 198.18.0.1, ipv6: "2001:db8:18::1"}
       encapPort: 6080
     policies:
@@ -98,6 +99,8 @@ class Node(_Strict):
     clock_offset_seconds: float = Field(0.0, alias="clockOffsetSeconds", ge=-3600, le=3600,
                                         description="added to this node's clock when it derives "
                                                     "the salt epoch; corrects a known skew")
+    xdp: bool = Field(False, description="proxies: attach the XDP front (native mode) to every "
+                                         "interface as well, answering SYNs before an skb exists")
 
 
 class Cookie(_Strict):
@@ -220,6 +223,9 @@ class DataplaneConfig(_Strict):
                                  f"(the encapsulation source)")
 
     def _check_backend(self) -> None:
+        if self.node.xdp:
+            raise ValueError("node.xdp is for proxies (the XDP front answers SYNs); remove it "
+                             "from a backend's config")
         if any(p.backends for p in self.policies):
             raise ValueError("policies[].backends is for proxies; remove it from a backend's config")
         if self.salts:
