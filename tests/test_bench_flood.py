@@ -59,7 +59,8 @@ def test_every_defence_answers_a_low_rate_flood_and_everything_is_removed():
     assert nft[1]["conntrack_entries"] - nft[0]["conntrack_entries"] >= 200
     assert [m["conntrack_entries"] for m in result["defences"]["synfleet"]["memory"]] == [0, 0]
     assert result["generator_pps"] > 20_000
-    assert set(result["ratios"]) == {"synfleet/kernel", "synfleet/nf-synproxy", "synfleet/floor"}
+    assert set(result["ratios"]) == {"synfleet/kernel", "synfleet/nf-synproxy", "synfleet/synfleet-tc",
+                                     "synfleet/floor"}
     assert set(result["ratios"]["synfleet/kernel"]) == {"max_answered_rate", "legit_success_at_100"}
     assert namespaces() == before
 
@@ -71,7 +72,7 @@ def test_trafgen_tx_ring_frames_are_answered_in_full():
     require_tools("trafgen")
     before = namespaces()
     with flood.FloodLab("trafgen") as lab:
-        for defence in ("synfleet", "floor"):
+        for defence in ("synfleet-tc", "floor"):
             with lab.defended_by(defence):
                 ring = lab.flood_step(None, 0.5)
             assert ring.offered_pps > 0

@@ -10,16 +10,19 @@ under one generator.
 - `nf-synproxy`: the defence node forwards to the server through nftables'
   `synproxy` statement (set up as the nftables wiki does: SYNs untracked in
   raw prerouting, synproxy on invalid/untracked in forward, loose tracking off).
-- `synfleet`: the proxy program on the defence node's eth0 and eth2 (the
-  backend program and the service on the server).
+- `synfleet`: the proxy on the defence node's eth0 and eth2, its XDP front
+  answering SYNs in native XDP (veth has it) and its TC program the rest (the
+  backend program and the service on the server). The attacker and the
+  client run an XDP_PASS program: a veth takes its peer's XDP_TX frames only
+  then. `synfleet-tc`: the same without the XDP front.
 - `floor`: a TC program that swaps addresses and sends the packet back
   (bpf/reflect.bpf.c): packet I/O with zero work.
 
 Generators (synfleet.bench.generators), random sources in 10.66.0.0/16,
 Linux-like SYN options, valid checksums:
 - `xdp` (default): BPF live frames sent from the first CPU; the defence node's
-  receive work (its eth0's NAPI, in a thread, and the clients' packets through
-  RPS) runs on the last CPU, as a NIC's interrupt affinity would place it.
+  receive work (the NAPI of its eth0 and eth2, in threads) runs on the last
+  CPU, as a NIC's interrupt affinity would place it.
   Figures are then a defence core's capacity: `cpu_s_per_million` is that
   core's busy time per million SYNs answered.
 - `trafgen`: one trafgen thread. On veth the receiver's work runs on the
@@ -54,13 +57,13 @@ from dataclasses import asdict, dataclass, field
 from synfleet.bench import GENERATORS
 from synfleet.bench.generators import (TrafgenSynGenerator, XdpSynGenerator, pinned_to,
                                        syn_template)
-from synfleet.bpf import BpfObject, TcHook, object_path
+from synfleet.bpf import BpfObject, TcHook, XdpHook, object_path
 from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet.testbed.configs import SERVICE_PORT, testbed_config
 from synfleet.testbed.netns import NetNS, unique_name, veth
 
-DEFENCES = ("kernel", "nf-synproxy", "synfleet", "floor")
+DEFENCES = ("kernel", "nf-synproxy", "synfleet", "synfleet-tc", "floor")
 SERVICE = "198.19.0.10"
 FLOOD_PREFIX = "10.66.0.0/16"
 ATTACKER, DEFENCE_NEAR, DEFENCE_FAR, SERVER = "10.77.0.66", "10.77.0.1", "10.77.1.1", "10.77.1.2"
@@ -192,7 +195,7 @@ class FloodLab:
         self.server = NetNS(f"sfb-{tag}-srv")
         self.client = NetNS(f"sfb-{tag}-cli")
         self._objects: list = []
-        self._hooks: list[tuple[NetNS, TcHook]] = []
+        self._hooks: list[tuple[NetNS, TcHook | XdpHook]] = []
         self._listener: subprocess.Popen | None = None
         self._kept = (0, 0)
         try:
@@ -242,19 +245,19 @@ class FloodLab:
 
     def _defence_core(self) -> None:
         """Give the defence node's receive work a CPU of its own, as a NIC's
-        interrupt affinity would: the flood's link runs its NAPI in a kernel
-        thread pinned there (live frames need the peer's NAPI anyway), and the
-        clients' link steers its packets there too (RPS), so that legitimate
-        handshakes compete with the flood for the same core."""
-        self.defence.run("ethtool", "-K", "eth0", "gro", "on")
-        before = _napi_threads()
-        self.defence.run("sh", "-c", "echo 1 > /sys/class/net/eth0/threaded")
-        threads = _napi_threads() - before
-        if not threads:
-            raise RuntimeError("no NAPI thread appeared for the defence node's eth0")
-        for pid in threads:
-            os.sched_setaffinity(pid, {self.defence_cpu})
-        self.defence.run("sh", "-c", f"echo {1 << self.defence_cpu:x} > /sys/class/net/eth2/queues/rx-0/rps_cpus")
+        interrupt affinity would: its flood-facing and client-facing links run
+        their NAPI in kernel threads pinned there (live frames need the
+        receiver's NAPI anyway), so that legitimate handshakes compete with
+        the flood for the same core."""
+        for ifname in ("eth0", "eth2"):
+            self.defence.run("ethtool", "-K", ifname, "gro", "on")
+            before = _napi_threads()
+            self.defence.run("sh", "-c", f"echo 1 > /sys/class/net/{ifname}/threaded")
+            threads = _napi_threads() - before
+            if not threads:
+                raise RuntimeError(f"no NAPI thread appeared for the defence node's {ifname}")
+            for pid in threads:
+                os.sched_setaffinity(pid, {self.defence_cpu})
 
     # ---- BPF helpers ----
 
@@ -274,11 +277,20 @@ class FloodLab:
         keep_objects, keep_hooks = keep
         for ns, hook in reversed(self._hooks[keep_hooks:]):
             with ns.entered():
-                hook.destroy_clsact()
+                if isinstance(hook, XdpHook):
+                    hook.detach()
+                else:
+                    hook.destroy_clsact()
         del self._hooks[keep_hooks:]
         for obj in self._objects[keep_objects:]:
             obj.close()
         del self._objects[keep_objects:]
+
+    def _attach_xdp(self, ns: NetNS, ifname: str, program) -> None:
+        with ns.entered():
+            hook = XdpHook(socket.if_nametoindex(ifname))
+            hook.attach(program)
+        self._hooks.append((ns, hook))
 
     # ---- defences ----
 
@@ -328,8 +340,8 @@ class FloodLab:
                 self.defence.run("nft", "-f", rules)
                 undo.append(lambda: self.defence.run("nft", "delete", "table", "ip", "synfleet_bench"))
                 self._listen(self.server)
-            elif defence == "synfleet":
-                self._synfleet()
+            elif defence in ("synfleet", "synfleet-tc"):
+                self._synfleet(xdp=defence == "synfleet")
                 self._listen(self.server)
             else:
                 raise ValueError(f"unknown defence {defence!r}; choose from {', '.join(DEFENCES)}")
@@ -340,7 +352,9 @@ class FloodLab:
                 step()
             self._detach(keep=self._kept)
 
-    def _synfleet(self) -> None:
+    def _synfleet(self, xdp: bool) -> None:
+        """The proxy on the attacker- and client-facing links (with its XDP
+        front unless `xdp` is off), the backend on the server's."""
         epoch = current_epoch(ROTATION_S)
         salts = {e: secrets.token_bytes(16) for e in (epoch - 1, epoch, epoch + 1)}
         services = {4: SERVICE}
@@ -352,6 +366,14 @@ class FloodLab:
                                    salts=salts))
         self._attach(self.defence, "eth0", proxy.program)
         self._attach(self.defence, "eth2", proxy.program)
+        if xdp:
+            # A veth takes its peer's XDP_TX frames only with an XDP program of its own.
+            peer = BpfObject(object_path("xdp_pass")).load()
+            self._objects.append(peer)
+            self._attach_xdp(self.attacker, "eth0", peer.program("xdp_pass"))
+            self._attach_xdp(self.client, "eth0", peer.program("xdp_pass"))
+            self._attach_xdp(self.defence, "eth0", proxy.xdp_program)
+            self._attach_xdp(self.defence, "eth2", proxy.xdp_program)
         backend = BackendDataplane()
         self._objects.append(backend)
         backend.apply(testbed_config("backend", interfaces=["eth0"], node_v4=SERVER, node_v6="2001:db8:77::2",
