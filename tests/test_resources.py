@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 import yaml
@@ -142,12 +143,23 @@ def test_policy_renders_into_both_pools_with_backends_and_allowed_proxies():
     assert entry["cookie"]["windowScale"] == 9 and entry["cookie"]["timestamps"] is False
     assert "backends" not in backend_doc["policies"][0]
     assert backend_doc["allowedProxies"] == ["10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"]
-    assert proxy_doc["rotationSeconds"] == 60 and proxy_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080}
+    assert proxy_doc["rotationSeconds"] == 60
+    assert proxy_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080, "xdp": False}
+    assert backend_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080}
     assert out.policies["shop/web"].backends == 2 and out.policies["shop/web"].problem is None
 
     cfg = node_document(proxy_doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5))
     assert cfg.role is schema.Role.PROXY and cfg.node.addresses.ipv4.compressed == "10.0.0.1"
     validate_for_nodes(PoolRole.BACKEND, backend_doc, NODES)
+
+
+def test_a_proxy_pool_asking_for_xdp_renders_the_xdp_front_on():
+    edge = pool(PoolRole.PROXY, "edge", nodeSelector={"synfleet.io/edge": "true"}, xdp=True)
+    v = view(policy("web", addresses=["203.0.113.10"], ports=[443]))
+    out = render(dataclasses.replace(v, proxy_pools=[edge]), SETTINGS)
+    doc = out.configs[(PoolRole.PROXY, "edge")]
+    assert doc["node"]["xdp"] is True
+    assert node_document(doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5)).node.xdp is True
 
 
 def agent_pod(node: str, ready: bool, role: str = "backend", pool: str = "web") -> dict:

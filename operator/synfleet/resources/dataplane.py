@@ -219,6 +219,8 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
                else BACKEND_ROTATION_S,
                "node": {"interfaces": [pool.spec.interface], "encapPort": settings.encap_port},
                "policies": entries[(role, name)]}
+        if role is PoolRole.PROXY:
+            doc["node"]["xdp"] = pool.spec.xdp
         if role is PoolRole.BACKEND:
             sources = sorted({a for n in view.nodes for proxy in proxy_sources.get(name, ())
                               if (PoolRole.PROXY, proxy) in pools and selects(pools[(PoolRole.PROXY, proxy)], n)

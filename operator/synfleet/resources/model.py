@@ -50,6 +50,7 @@ class Salt(_Spec):
 class PoolSpec(_Spec):
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     interface: str
+    xdp: bool = False                              # proxy pools only (the CRD has no xdp for backends)
     image: str | None = None
     image_pull_policy: str = Field("IfNotPresent", alias="imagePullPolicy")
     resources: dict[str, dict[str, Any]] = Field(default_factory=dict)
