@@ -577,8 +577,11 @@ def chart(result: dict, path: str) -> None:
         xs = [targets.index(s["offered_target_pps"]) if s["offered_target_pps"] else ring_x for s in r["steps"]]
         rates.plot(xs, [s["answered_pps"] / 1e3 for s in r["steps"]], marker="o",
                    label=f"{name} (best {r['max_answered_rate'] / 1e3:.0f}k)")
-    rates.axhline(result["generator_pps"] / 1e3, color="grey", linestyle=":",
-                  label=f"generator into a drop {result['generator_pps'] / 1e3:.0f}k")
+    top = 1.15 * max(r["max_answered_rate"] for r in result["defences"].values()) / 1e3
+    generator_k = result["generator_pps"] / 1e3
+    rates.axhline(min(generator_k, top), color="grey", linestyle=":",
+                  label=f"generator into a drop {generator_k:.0f}k" + (" (off the scale)" if generator_k > top else ""))
+    rates.set_ylim(0, max(top, min(generator_k, top) * 1.02))
     rates.set_xticks(range(ring_x + 1))
     rates.set_xticklabels([f"{t / 1e3:.0f}k" for t in targets] + ["flat out"])
     rates.set_xlabel(f"{result['generator']} generator's paced rate (SYN/s), then flat out")
