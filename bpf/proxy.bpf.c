@@ -128,11 +128,8 @@ static __noinline int synack_send(struct __sk_buff *skb, const struct pkt *p,
 	if ((void *)(eth + 1) > data_end)
 		return drop(SF_CTR_MALFORMED);
 	__builtin_memcpy(&in, eth, sizeof(in));
-	if (p->tuple.family == SF_FAMILY_IPV4)
-		len = synack_build_v4(&r.v4, &in, p, sp, room);
-	else
-		len = synack_build_v6(&r.v6, &in, p, sp, room);
-	if (!len || len > sizeof(r) - sizeof(r.v4.lead))
+	len = synack_build(&r, &in, p, sp, room);
+	if (!len)
 		return drop(SF_CTR_MALFORMED);
 	if (skb->len != len && bpf_skb_change_tail(skb, len, 0))
 		return drop(SF_CTR_MALFORMED);

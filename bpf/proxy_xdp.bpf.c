@@ -68,11 +68,8 @@ static __noinline int synack_tx(struct xdp_md *ctx, const struct pkt *p,
 	if ((void *)(eth + 1) > data_end)
 		return XDP_PASS;
 	__builtin_memcpy(&in, eth, sizeof(in));
-	if (p->tuple.family == SF_FAMILY_IPV4)
-		len = synack_build_v4(&r.v4, &in, p, sp, room);
-	else
-		len = synack_build_v6(&r.v6, &in, p, sp, room);
-	if (!len || len > sizeof(r) - sizeof(r.v4.lead))
+	len = synack_build(&r, &in, p, sp, room);
+	if (!len)
 		return XDP_PASS;
 	if (frame_len != len && bpf_xdp_adjust_tail(ctx, (int)len - (int)frame_len))
 		return XDP_PASS;

@@ -245,20 +245,27 @@ static __always_inline bool syn_plan_make(const struct pkt *p, const struct tcp_
 	return true;
 }
 
-/* The SYN+ACK for `p` in `r`, options NOP-padded to at least `room` bytes
- * (no reallocation when the SYN had that much); returns its length from the
- * Ethernet header on, or 0 when it cannot be built. */
+/* Options NOP-padded to at least `room` bytes (no reallocation when the SYN
+ * had that much room); returns their length. */
+static __always_inline __u32 synack_options_fill(__u32 *opts, const struct synack_plan *sp,
+						 __u32 room)
+{
+	__u32 needed;
+
+	__builtin_memset(opts, TCPOPT_NOP, TCP_MAX_OPTLEN);
+	needed = synack_options_write(opts, sp);
+	return needed > room ? needed : room;
+}
+
+/* The SYN+ACK for `p` in `r`; returns its length from the Ethernet header on,
+ * or 0 when it cannot be built. */
 static __noinline __u32 synack_build_v4(struct synack_v4 *r, const struct ethhdr *in,
 					const struct pkt *p, const struct synack_plan *sp, __u32 room)
 {
 	__u64 tcp_len;
-	__u32 needed;
 	__s64 csum;
 
-	__builtin_memset(r->opts, TCPOPT_NOP, sizeof(r->opts));
-	needed = synack_options_write(r->opts, sp);
-	if (needed > room)
-		room = needed;
+	room = synack_options_fill(r->opts, sp, room);
 	tcp_len = sizeof(r->tcp) + room;
 	barrier_var(tcp_len);
 	if (tcp_len > sizeof(r->tcp) + TCP_MAX_OPTLEN)
@@ -289,13 +296,9 @@ static __noinline __u32 synack_build_v6(struct synack_v6 *r, const struct ethhdr
 					const struct pkt *p, const struct synack_plan *sp, __u32 room)
 {
 	__u64 tcp_len;
-	__u32 needed;
 	__s64 csum;
 
-	__builtin_memset(r->opts, TCPOPT_NOP, sizeof(r->opts));
-	needed = synack_options_write(r->opts, sp);
-	if (needed > room)
-		room = needed;
+	room = synack_options_fill(r->opts, sp, room);
 	tcp_len = sizeof(r->tcp) + room;
 	barrier_var(tcp_len);
 	if (tcp_len > sizeof(r->tcp) + TCP_MAX_OPTLEN)
@@ -322,5 +325,19 @@ union synack {
 	struct synack_v4 v4;
 	struct synack_v6 v6;
 };
+
+/* The SYN+ACK answering `p`, which arrived behind Ethernet header `in`. */
+static __always_inline __u32 synack_build(union synack *r, const struct ethhdr *in,
+					  const struct pkt *p, const struct synack_plan *sp,
+					  __u32 room)
+{
+	__u32 len;
+
+	if (p->tuple.family == SF_FAMILY_IPV4)
+		len = synack_build_v4(&r->v4, in, p, sp, room);
+	else
+		len = synack_build_v6(&r->v6, in, p, sp, room);
+	return len <= sizeof(*r) - sizeof(r->v4.lead) ? len : 0;
+}
 
 #endif /* SF_SYNACK_H */

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
 from synfleet.agent.metrics import AgentState, serve
-from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir, hooks_running, xdp_hooks_running
+from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir, hooks_running
 from synfleet.bpf import BpfError, TcHook, XdpHook
 from synfleet.config import schema
 from synfleet.cookie import current_epoch
@@ -79,7 +79,7 @@ class Agent:
             self._hooks = hooks_running(previous_program)
         previous_xdp = self.pins.pinned_program_id(XDP_PIN)
         if previous_xdp is not None:
-            self._xdp_hooks = xdp_hooks_running(previous_xdp)
+            self._xdp_hooks = hooks_running(previous_xdp, XdpHook)
         self._inherited = self.dataplane.applied()
         self.reload()
         # A configuration error must not leave the interfaces with the old
@@ -269,7 +269,7 @@ def uninstall(instance: str, pin_root: str = DEFAULT_ROOT) -> list[str] | None:
             detached.append(name)
     xdp_id = pins.pinned_program_id(XDP_PIN)
     if xdp_id is not None:
-        for name, hook in xdp_hooks_running(xdp_id).items():
+        for name, hook in hooks_running(xdp_id, XdpHook).items():
             hook.detach()
             detached.append(f"{name} (XDP)")
     pins.remove()

@@ -81,24 +81,12 @@ def filesystem_of(path: str) -> str:
     return fstype
 
 
-def xdp_hooks_running(program_id: int) -> dict[str, XdpHook]:
-    """Every interface of this network namespace whose native XDP slot runs `program_id`."""
+def hooks_running(program_id: int, kind: type[TcHook] | type[XdpHook] = TcHook) -> dict:
+    """Every interface of this network namespace whose TC ingress (or, with
+    kind=XdpHook, native XDP) slot runs `program_id`."""
     found = {}
     for ifindex, name in socket.if_nameindex():
-        hook = XdpHook(ifindex)
-        try:
-            if hook.query() == program_id:
-                found[name] = hook
-        except BpfError:
-            continue
-    return found
-
-
-def hooks_running(program_id: int) -> dict[str, TcHook]:
-    """Every interface of this network namespace whose ingress runs `program_id`."""
-    found = {}
-    for ifindex, name in socket.if_nameindex():
-        hook = TcHook(ifindex)
+        hook = kind(ifindex)
         try:
             if hook.query() == program_id:
                 found[name] = hook
