@@ -113,6 +113,39 @@ def test_syn_flood_never_reaches_backends_while_legitimate_clients_connect(lab):
     assert success_rate(attempts) >= 0.99, [a.error for a in attempts if not a.ok][:5]
 
 
+@pytest.fixture
+def xdp_lab():
+    require_bpf()
+    with FleetLab(xdp=True) as lab:
+        yield lab.start()
+
+
+def xdp_tx(lab: FleetLab) -> int:
+    """Frames the proxies' XDP front sent back (veth's own count)."""
+    total = 0
+    for name in PROXIES:
+        stats = lab.nodes[name].ns.run("ethtool", "-S", "eth0").splitlines()[1:]
+        total += int(dict(line.strip().split(": ") for line in stats)["rx_queue_0_xdp_tx"])
+    return total
+
+
+def test_proxies_with_the_xdp_front_serve_clients_through_a_syn_flood(xdp_lab):
+    lab = xdp_lab
+    before, front_before = lab.counters(PROXIES)["syn_answered"], xdp_tx(lab)
+    flood = lab.flood("syn", rate=30000, duration=5.0)
+    load = ClientLoad(lab, concurrency=4).start()
+    sent = flood.wait()
+    attempts = load.stop()
+    answered = lab.counters(PROXIES)["syn_answered"] - before
+    assert answered >= 0.99 * sent, (answered, sent)
+    assert xdp_tx(lab) - front_before >= 0.99 * sent      # answered in XDP, not by TC
+    assert lab.counters(BACKENDS)["bypass_syn"] == 0
+    assert len(attempts) >= 50
+    assert success_rate(attempts) >= 0.99, [a.error for a in attempts if not a.ok][:5]
+    big = attempt(lab, 4, 41999, payload=bytes(MiB))
+    assert big.ok, big.error
+
+
 def test_ack_flood_with_random_cookies_is_dropped_and_counted(lab):
     proxies_before, backends_before = lab.counters(PROXIES), lab.counters(BACKENDS)
     flood = lab.flood("ack", rate=20000, duration=3.0)

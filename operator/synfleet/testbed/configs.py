@@ -15,7 +15,7 @@ def testbed_config(role: str, *, interfaces: list[str], node_v4: str, node_v6: s
                    backends: dict[int, list[str]] | None = None,
                    allowed_proxies: list[str] | None = None,
                    salts: dict[int, bytes] | None = None, mode: str = "enforce",
-                   clock_offset_s: float = 0.0) -> schema.DataplaneConfig:
+                   clock_offset_s: float = 0.0, xdp: bool = False) -> schema.DataplaneConfig:
     """`services` and `backends` are keyed by address family."""
     policies = []
     for family, address in sorted(services.items()):
@@ -29,7 +29,7 @@ def testbed_config(role: str, *, interfaces: list[str], node_v4: str, node_v6: s
         "rotationSeconds": rotation_s,
         "node": {"interfaces": interfaces, "encapPort": ENCAP_PORT,
                  "addresses": {"ipv4": node_v4, "ipv6": node_v6},
-                 "clockOffsetSeconds": clock_offset_s},
+                 "clockOffsetSeconds": clock_offset_s, "xdp": xdp},
         "policies": policies,
         "allowedProxies": allowed_proxies or [],
         "salts": [{"epoch": e, "key": k.hex()} for e, k in sorted((salts or {}).items())],

@@ -33,6 +33,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from synfleet.agent.agent import uninstall
+from synfleet.bpf import BpfObject, XdpHook, object_path
 from synfleet.config import schema
 from synfleet.cookie import current_epoch
 from synfleet.testbed.configs import SERVICE_PORT, testbed_config
@@ -190,6 +191,7 @@ class SaltPublisher:
 class FleetLab:
     rotation_s: int = 60
     mode: str = "enforce"
+    xdp: bool = False       # the proxies' XDP front (node.xdp)
     clock_offsets: dict[str, float] = field(default_factory=dict)
     nodes: dict[str, Node] = field(default_factory=dict)
     agents: dict[str, AgentProcess] = field(default_factory=dict)
@@ -247,6 +249,11 @@ class FleetLab:
                     a.ns.ip("neigh", "replace", b.v4, "lladdr", b.mac, "dev", "eth0", "nud", "permanent")
                     a.ns.ip("-6", "neigh", "replace", b.v6, "lladdr", b.mac, "dev", "eth0", "nud",
                             "permanent")
+        if self.xdp:
+            # A veth takes its peer's XDP_TX frames only with a native XDP program of its own.
+            with BpfObject(object_path("xdp_pass")).load() as peer, self.switch.entered():
+                for name in PROXIES:
+                    XdpHook(socket.if_nametoindex(f"p-{name}"[:15])).attach(peer.program("xdp_pass"))
         self.route_via("proxy-a")
 
     def route_via(self, proxy: str) -> None:
@@ -269,7 +276,7 @@ class FleetLab:
         return testbed_config("proxy", interfaces=["eth0"], node_v4=node.v4, node_v6=node.v6,
                               services=SERVICE, rotation_s=self.rotation_s, backends=backends,
                               salts=salts, mode=self.mode,
-                              clock_offset_s=self.clock_offsets.get(name, 0.0))
+                              clock_offset_s=self.clock_offsets.get(name, 0.0), xdp=self.xdp)
 
     def backend_config(self, name: str) -> schema.DataplaneConfig:
         node = self.nodes[name]
