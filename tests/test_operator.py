@@ -300,6 +300,16 @@ def test_salts_rotate_on_schedule_keeping_every_key_until_it_expires(fleet, oper
     delete_pool(fleet, "proxy", "fast")
 
 
+def test_a_proxy_pool_asking_for_xdp_renders_it_and_the_default_is_off(fleet):
+    apply(fleet, proxy_pool("front", xdp=True))
+    node_of = lambda: ((configmap_document(fleet, "synfleet-proxy-front") or {}).get("node") or {})  # noqa: E731
+    wait_for(lambda: node_of().get("xdp") is True, "xdp on in the pool's ConfigMap", timeout=KUBE_TIMEOUT_S)
+    apply(fleet, proxy_pool("front"))
+    wait_for(lambda: node_of().get("xdp") is False, "xdp off again", timeout=KUBE_TIMEOUT_S)
+    assert get(fleet, "proxypool", "front")["spec"]["xdp"] is False          # the CRD's default
+    delete_pool(fleet, "proxy", "front")
+
+
 def test_policy_update_rerenders_and_deletes_clean_up(fleet):
     apply(fleet, web_policy("shortlived", addresses=["203.0.113.77"], ports=[8443]))
     names_in = lambda: [p["name"] for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]]  # noqa: E731
