@@ -137,6 +137,16 @@ def xdp_tx_count(ns: NetNS, ifname: str) -> int:
     return int(stats["rx_queue_0_xdp_tx"])
 
 
+def attached_hooks(node) -> set[tuple[str, str]]:
+    """(interface, hook) pairs the agent's synfleet_hook_attached gauge reports."""
+    found = set()
+    for line in node.agent.http("/metrics")[1].splitlines():
+        if line.startswith("synfleet_hook_attached{") and line.endswith(" 1.0"):
+            labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
+            found.add((labels["interface"].strip('"'), labels["hook"].strip('"')))
+    return found
+
+
 def test_the_xdp_front_answers_syns_on_the_wire(node):
     node.write(with_xdp(unit_config("proxy", node.salts), True).to_yaml())
     with node.ns.entered(), BpfObject(object_path("xdp_pass")).load() as peer:
@@ -165,6 +175,7 @@ def test_the_xdp_front_answers_syns_on_the_wire(node):
     assert str(reply[TCP].flags) == "SA" and reply[TCP].ack == 100
     assert xdp_tx_count(node.ns, "sf0") == sent_back + 1      # answered by the front, not TC
     assert node.agent.metrics()["syn_answered"] == 1
+    assert attached_hooks(node) == {("sf0", "tc"), ("sf0", "xdp")}
 
 
 def test_the_xdp_front_follows_the_configuration_across_restarts_and_uninstall(node):
@@ -177,6 +188,7 @@ def test_the_xdp_front_follows_the_configuration_across_restarts_and_uninstall(n
     node.write(with_xdp(cfg, False).to_yaml())
     wait_for(lambda: xdp_program_id(node.ns, "sf0") is None, "the XDP front detached")
     assert node.tc_program_id() is not None
+    assert attached_hooks(node) == {("sf0", "tc")}
     node.write(with_xdp(cfg, True).to_yaml())
     wait_for(lambda: xdp_program_id(node.ns, "sf0") is not None, "the XDP front again")
     node.agent.signal(signal.SIGKILL)

@@ -115,6 +115,7 @@ class Agent:
             log.info("detached", extra={"interface": name})
         self._attach_xdp([n for n in xdp if n not in self._missing_interfaces])
         self.state.hooks = sorted(self._hooks)
+        self.state.xdp_hooks = sorted(self._xdp_hooks)
 
     def _attach_xdp(self, interfaces: list[str]) -> None:
         """The XDP front where wanted; where the driver refuses it, the TC

@@ -32,7 +32,8 @@ class AgentState:
     last_sync: float | None = None      # time.time() of the last successful sync
     salt_epoch: int | None = None       # the epoch the node's clock is in
     salts_published: set[int] = field(default_factory=set)
-    hooks: list[str] = field(default_factory=list)
+    hooks: list[str] = field(default_factory=list)        # interfaces running the TC program
+    xdp_hooks: list[str] = field(default_factory=list)    # interfaces running the XDP front
     not_ready: Callable[[], str | None] = lambda: "starting"   # why /readyz fails, or None
     alive: Callable[[], bool] = lambda: True
 
@@ -60,6 +61,13 @@ class AgentCollector(Collector):
                                      labels=labels)
         errors.add_metric(base, s.config_errors)
         yield errors
+        attached = GaugeMetricFamily("synfleet_hook_attached",
+                                     "Data-plane programs attached, by interface and hook (tc, xdp)",
+                                     labels=labels + ["interface", "hook"])
+        for hook, interfaces in (("tc", s.hooks), ("xdp", s.xdp_hooks)):
+            for name in interfaces:
+                attached.add_metric(base + [name, hook], 1)
+        yield attached
         since = GaugeMetricFamily("synfleet_seconds_since_last_sync",
                                   "Seconds since the maps last matched the configuration", labels=labels)
         since.add_metric(base, float("inf") if s.last_sync is None else time.time() - s.last_sync)
