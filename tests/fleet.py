@@ -124,6 +124,12 @@ def wait_for(predicate, what: str, timeout: float = 10.0):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {value!r}")
 
 
+def xdp_tx_count(ns: NetNS, ifname: str) -> int:
+    """Frames an XDP program on the veth `ifname` sent back with XDP_TX (veth's own count)."""
+    stats = dict(line.strip().split(": ") for line in ns.run("ethtool", "-S", ifname).splitlines()[1:])
+    return int(stats["rx_queue_0_xdp_tx"])
+
+
 def xdp_program_id(ns: NetNS, ifname: str) -> int | None:
     """The id of the program in `ifname`'s native XDP slot, or None."""
     with ns.entered():

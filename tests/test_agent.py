@@ -19,7 +19,7 @@ from conftest import (
     CLIENT_V4, PORT_FULL, POLICY_FULL, PROXY_V4, PROXY_V6, ROTATION_S, SERVICE_V4, Salts, require_bpf,
     tai_epoch, unit_config,
 )
-from fleet import ingress_program_id, wait_for, xdp_program_id
+from fleet import ingress_program_id, wait_for, xdp_program_id, xdp_tx_count
 from packets import TC_ACT_REDIRECT, tcp_frame
 from scapy.layers.inet import TCP
 from scapy.layers.l2 import Ether
@@ -131,10 +131,6 @@ def test_sigterm_leaves_the_data_plane_and_uninstall_removes_it(node):
 def with_xdp(cfg, on: bool):
     return cfg.model_copy(update={"node": cfg.node.model_copy(update={"xdp": on})})
 
-
-def xdp_tx_count(ns: NetNS, ifname: str) -> int:
-    stats = dict(line.strip().split(": ") for line in ns.run("ethtool", "-S", ifname).splitlines()[1:])
-    return int(stats["rx_queue_0_xdp_tx"])
 
 
 def attached_hooks(node) -> set[tuple[str, str]]:

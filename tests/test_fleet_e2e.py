@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import require_bpf
-from fleet import ingress_program_id, wait_for
+from fleet import ingress_program_id, wait_for, xdp_tx_count
 from synfleet.bpf import objects
 from synfleet.net import frames
 from synfleet.testbed.clients import ClientLoad, Transfer, attempt
@@ -122,11 +122,7 @@ def xdp_lab():
 
 def xdp_tx(lab: FleetLab) -> int:
     """Frames the proxies' XDP front sent back (veth's own count)."""
-    total = 0
-    for name in PROXIES:
-        stats = lab.nodes[name].ns.run("ethtool", "-S", "eth0").splitlines()[1:]
-        total += int(dict(line.strip().split(": ") for line in stats)["rx_queue_0_xdp_tx"])
-    return total
+    return sum(xdp_tx_count(lab.nodes[name].ns, "eth0") for name in PROXIES)
 
 
 def test_proxies_with_the_xdp_front_serve_clients_through_a_syn_flood(xdp_lab):

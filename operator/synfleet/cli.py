@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from synfleet.bench import GENERATORS
+
 
 def _bench_dataplane(args: argparse.Namespace) -> int:
     from synfleet.bench.dataplane import run
@@ -144,8 +146,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="synfleet", description=__doc__)
-    from synfleet.bench import GENERATORS
-
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="load the data plane, run a real handshake in network "
                                          "namespaces, and print what it did")

@@ -261,9 +261,10 @@ class FloodLab:
 
     # ---- BPF helpers ----
 
-    def _attach(self, ns: NetNS, ifname: str, program) -> None:
+    def _attach(self, ns: NetNS, ifname: str, program,
+                kind: type[TcHook] | type[XdpHook] = TcHook) -> None:
         with ns.entered():
-            hook = TcHook(socket.if_nametoindex(ifname))
+            hook = kind(socket.if_nametoindex(ifname))
             hook.attach(program)
         self._hooks.append((ns, hook))
 
@@ -285,12 +286,6 @@ class FloodLab:
         for obj in self._objects[keep_objects:]:
             obj.close()
         del self._objects[keep_objects:]
-
-    def _attach_xdp(self, ns: NetNS, ifname: str, program) -> None:
-        with ns.entered():
-            hook = XdpHook(socket.if_nametoindex(ifname))
-            hook.attach(program)
-        self._hooks.append((ns, hook))
 
     # ---- defences ----
 
@@ -370,10 +365,10 @@ class FloodLab:
             # A veth takes its peer's XDP_TX frames only with an XDP program of its own.
             peer = BpfObject(object_path("xdp_pass")).load()
             self._objects.append(peer)
-            self._attach_xdp(self.attacker, "eth0", peer.program("xdp_pass"))
-            self._attach_xdp(self.client, "eth0", peer.program("xdp_pass"))
-            self._attach_xdp(self.defence, "eth0", proxy.xdp_program)
-            self._attach_xdp(self.defence, "eth2", proxy.xdp_program)
+            self._attach(self.attacker, "eth0", peer.program("xdp_pass"), XdpHook)
+            self._attach(self.client, "eth0", peer.program("xdp_pass"), XdpHook)
+            self._attach(self.defence, "eth0", proxy.xdp_program, XdpHook)
+            self._attach(self.defence, "eth2", proxy.xdp_program, XdpHook)
         backend = BackendDataplane()
         self._objects.append(backend)
         backend.apply(testbed_config("backend", interfaces=["eth0"], node_v4=SERVER, node_v6="2001:db8:77::2",
@@ -402,7 +397,8 @@ class FloodLab:
             if counters == settled:
                 break
         tx1, rx1 = counters
-        return Step(rate, (tx1 - tx0 if sent is None else sent) / elapsed, (rx1 - rx0) / elapsed, cpu1 - cpu0, elapsed)
+        offered = tx1 - tx0 if sent is None else sent
+        return Step(rate, offered / elapsed, (rx1 - rx0) / elapsed, cpu1 - cpu0, elapsed)
 
     def legit_during(self, rate: int, seconds: float) -> Legit:
         """Clients connect one after another from their namespace while a
@@ -476,9 +472,10 @@ def measure_defence(lab: FloodLab, defence: str, rates: list[int], seconds: floa
                     memory_points: tuple[int, ...] = MEMORY_POINTS) -> DefenceResult:
     """Step the offered rate up until the answered rate stops rising by 2 %,
     then offer as much as the generator can (trafgen's TX ring is faster
-    than its paced mode on some machines; live frames overrun any defence). Then, for the defences that serve TCP, legitimate
-    clients during floods at fractions of that rate, and the defence node's
-    memory as established connections grow."""
+    than its paced mode on some machines; live frames overrun any defence).
+    Then, for the defences that serve TCP, legitimate clients during floods
+    at fractions of that rate, and the defence node's memory as established
+    connections grow."""
     result = DefenceResult()
 
     def offer(rate: int | None) -> bool:
@@ -519,8 +516,6 @@ def run(defences: tuple[str, ...] = DEFENCES, rates: list[int] | None = None, se
     unknown = [d for d in defences if d not in DEFENCES]
     if unknown:
         raise ValueError(f"unknown defence {unknown[0]!r}; choose from {', '.join(DEFENCES)}")
-    if generator not in GENERATORS:
-        raise ValueError(f"unknown generator {generator!r}; choose from {', '.join(GENERATORS)}")
     rates = rates or [50_000, 100_000, 200_000, 300_000, 400_000, 500_000, 700_000, 1_000_000]
     # 10,000 client sockets held at once, plus everything else.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -579,8 +574,9 @@ def chart(result: dict, path: str) -> None:
                    label=f"{name} (best {r['max_answered_rate'] / 1e3:.0f}k)")
     top = 1.15 * max(r["max_answered_rate"] for r in result["defences"].values()) / 1e3
     generator_k = result["generator_pps"] / 1e3
+    off_scale = " (off the scale)" if generator_k > top else ""
     rates.axhline(min(generator_k, top), color="grey", linestyle=":",
-                  label=f"generator into a drop {generator_k:.0f}k" + (" (off the scale)" if generator_k > top else ""))
+                  label=f"generator into a drop {generator_k:.0f}k{off_scale}")
     rates.set_ylim(0, max(top, min(generator_k, top) * 1.02))
     rates.set_xticks(range(ring_x + 1))
     rates.set_xticklabels([f"{t / 1e3:.0f}k" for t in targets] + ["flat out"])

@@ -50,7 +50,6 @@ def pinned_to(cpu: int) -> Iterator[None]:
 class XdpSynGenerator:
     """bpf/syngen.bpf.c's `syn_flood`, paced by the program itself."""
 
-    name = "xdp"
     # A BPF_PROG_TEST_RUN call sets its page pool up and tears it down, which
     # sleeps for tens of milliseconds (an RCU grace period): threads on the
     # generator's CPU take turns, one sending while the others sleep, and each
@@ -113,8 +112,6 @@ class XdpSynGenerator:
 
 class TrafgenSynGenerator:
     """netsniff-ng's trafgen in its own session, killed at the step's end."""
-
-    name = "trafgen"
 
     def __init__(self, attacker: NetNS, ifname: str, template: bytes, workdir: str) -> None:
         self.attacker, self.ifname = attacker, ifname

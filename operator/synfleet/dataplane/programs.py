@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-from synfleet.bpf import BpfObject, Map, Program, TcHook, TypedMap, XdpHook, object_path
+from synfleet.bpf import BpfObject, Map, Program, TcHook, TypedMap, object_path
 from synfleet.config import schema
 from synfleet.dataplane import layout
 from synfleet.dataplane.flow import maglev_table
@@ -190,11 +190,6 @@ class ProxyDataplane(Dataplane):
     def close(self) -> None:
         self.xdp_obj.close()
         super().close()
-
-    def attach_xdp(self, ifname: str) -> XdpHook:
-        hook = XdpHook(socket.if_nametoindex(ifname))
-        hook.attach(self.xdp_program)
-        return hook
 
     def published_salts(self) -> dict[int, bytes]:
         out = {}
