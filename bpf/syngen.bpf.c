@@ -2,8 +2,9 @@
 /* The SYN generator of `synfleet bench flood`: an XDP program run by
  * BPF_PROG_TEST_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES) on the
  * attacker's interface, so that each run transmits one frame (XDP_TX) or none
- * (XDP_DROP, to keep the asked rate). Sending costs a few tens of nanoseconds
- * of the generator's CPU instead of a socket write and an skb.
+ * (XDP_DROP, to keep the asked rate and to stop on time). Sending costs a few
+ * tens of nanoseconds of the generator's CPU instead of a socket write and an
+ * skb.
  *
  * The kernel recycles a frame's page without restoring its bytes, and a
  * defence may have rewritten them in place (a SYN+ACK reuses the SYN's
@@ -30,6 +31,7 @@ struct syngen_frame {
 struct syngen_pace {
 	__u64 interval_ns;   /* 0: as fast as the runs go */
 	__u64 next_ns;
+	__u64 stop_ns;       /* CLOCK_MONOTONIC: nothing is sent from then on */
 	__u64 sent;
 };
 
@@ -47,21 +49,23 @@ struct {
 	__type(value, struct syngen_pace);
 } pace SEC(".maps");
 
-/* A late generator (a run held off the CPU) catches up by at most this many
- * frames at once, so that a stall does not turn into a burst. */
-#define SYNGEN_MAX_CATCH_UP 32
+/* A late generator (its thread preempted for a scheduler slice, say) catches
+ * up by at most a veth receive ring's worth of frames at once: a burst the
+ * defence's ring holds, and at low rates more than a slice's worth. */
+#define SYNGEN_MAX_CATCH_UP 256
 
 static __always_inline bool pace_allows(struct syngen_pace *p)
 {
-	__u64 now;
+	__u64 now = bpf_ktime_get_ns();
 
+	if (now >= p->stop_ns)
+		return false;
 	if (!p->interval_ns)
 		return true;
-	now = bpf_ktime_get_ns();
 	if (now < p->next_ns)
 		return false;
 	if (now - p->next_ns > SYNGEN_MAX_CATCH_UP * p->interval_ns)
-		p->next_ns = now;
+		p->next_ns = now - SYNGEN_MAX_CATCH_UP * p->interval_ns;
 	p->next_ns += p->interval_ns;
 	return true;
 }

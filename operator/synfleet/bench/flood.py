@@ -386,19 +386,20 @@ class FloodLab:
         if not 0 < seconds <= MAX_STEP_S:
             raise ValueError(f"a step lasts (0, {MAX_STEP_S}] seconds")
         tx0, rx0 = self._counters()
-        cpu0, t0 = _cpu_busy_s(self.defence_cpu), time.monotonic()
+        cpu0 = _cpu_busy_s(self.defence_cpu)
         sent = self.generator.send(rate, seconds)
-        # Frames still queued drain: the step ends when the counters stop.
+        # Frames still queued drain: the step ends when the counters stop, and
+        # their answers count as the sending window's.
         counters = self._counters()
         while True:
-            elapsed, cpu1 = time.monotonic() - t0, _cpu_busy_s(self.defence_cpu)
+            cpu1 = _cpu_busy_s(self.defence_cpu)
             time.sleep(0.05)
             settled, counters = counters, self._counters()
             if counters == settled:
                 break
         tx1, rx1 = counters
-        offered = tx1 - tx0 if sent is None else sent
-        return Step(rate, offered / elapsed, (rx1 - rx0) / elapsed, cpu1 - cpu0, elapsed)
+        offered = tx1 - tx0 if sent.frames is None else sent.frames
+        return Step(rate, offered / sent.seconds, (rx1 - rx0) / sent.seconds, cpu1 - cpu0, sent.seconds)
 
     def legit_during(self, rate: int, seconds: float) -> Legit:
         """Clients connect one after another from their namespace while a

@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from synfleet.bpf import BpfObject, object_path
 from synfleet.net import frames
@@ -34,6 +35,13 @@ SYN_OPTIONS = bytes([0x02, 0x04, 0x05, 0xB4, 0x04, 0x02, 0x01, 0x03, 0x03, 0x07,
 def syn_template(dst_mac: str, src_mac: str, service: str, port: int) -> bytes:
     frame = frames.tcp(FLOOD_SOURCE, service, 0, port, frames.SYN, 0, 0, options=SYN_OPTIONS)
     return bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + frame[12:]
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a generator sent in one step, and over how long."""
+    frames: int | None      # None: what the attacker's device counted
+    seconds: float
 
 
 @contextlib.contextmanager
@@ -75,14 +83,18 @@ class XdpSynGenerator:
             raise
 
     def _sent(self) -> int:
-        return struct.unpack("<QQQ", self.pace.lookup(struct.pack("<I", 0)))[2]
+        return struct.unpack("<QQQQ", self.pace.lookup(struct.pack("<I", 0)))[3]
 
-    def send(self, rate: int | None, seconds: float) -> int | None:
-        """Frames sent, including those the defence's full receive ring then dropped."""
+    def send(self, rate: int | None, seconds: float) -> Sent:
+        """Frames sent, including those the defence's full receive ring then
+        dropped. The program stops sending at the deadline (bpf_ktime_get_ns
+        is CLOCK_MONOTONIC), however long the last runs take to return."""
         interval_ns = round(1e9 / rate) if rate else 0
         before = self._sent()
-        self.pace.update(struct.pack("<I", 0), struct.pack("<QQQ", interval_ns, 0, before))
-        deadline = time.monotonic() + seconds
+        start_ns = time.monotonic_ns()
+        stop_ns = start_ns + round(seconds * 1e9)
+        self.pace.update(struct.pack("<I", 0), struct.pack("<QQQQ", interval_ns, start_ns, stop_ns, before))
+        deadline = stop_ns / 1e9
         failures: list[BaseException] = []
 
         def sender(i: int) -> None:
@@ -104,7 +116,7 @@ class XdpSynGenerator:
             t.join()
         if failures:
             raise failures[0]
-        return self._sent() - before
+        return Sent(self._sent() - before, seconds)
 
     def close(self) -> None:
         self.obj.close()
@@ -128,12 +140,13 @@ class TrafgenSynGenerator:
                     f"  {', '.join(f'0x{b:02x}' for b in tcp[20:])}\n"
                     "}\n")
 
-    def send(self, rate: int | None, seconds: float) -> int | None:
-        """None: what was sent is what the device counted."""
+    def send(self, rate: int | None, seconds: float) -> Sent:
+        """Sent for as long as trafgen ran; the device counts what it sent."""
         args = ["trafgen", "-o", self.ifname, "-i", self.config, "--cpus", "1", "-q"]
         if rate:
             args += ["-b", f"{rate}pps", "-n", str(int(rate * seconds))]
         # trafgen forks its sender: the session groups them for one kill.
+        start = time.monotonic()
         gen = self.attacker.popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
         try:
@@ -141,9 +154,9 @@ class TrafgenSynGenerator:
         except subprocess.TimeoutExpired:
             pass
         finally:
-            # trafgen ignores SIGINT and SIGTERM while sending; the device counts what it sent.
+            # trafgen ignores SIGINT and SIGTERM while sending.
             _kill_group(gen)
-        return None
+        return Sent(None, time.monotonic() - start)
 
     def close(self) -> None:
         pass
