@@ -30,7 +30,8 @@ struct syngen_frame {
 /* One generator runs on one CPU at a time: plain fields, no atomics. */
 struct syngen_pace {
 	__u64 interval_ns;   /* 0: as fast as the runs go */
-	__u64 next_ns;
+	__u64 next_ns;       /* when the schedule sends the next frame */
+	__u64 last_ns;       /* when the last frame went */
 	__u64 stop_ns;       /* CLOCK_MONOTONIC: nothing is sent from then on */
 	__u64 sent;
 };
@@ -49,11 +50,10 @@ struct {
 	__type(value, struct syngen_pace);
 } pace SEC(".maps");
 
-/* A late generator (its thread preempted for a scheduler slice, say) catches
- * up by at most a veth receive ring's worth of frames at once: a burst the
- * defence's ring holds, and at low rates more than a slice's worth. */
-#define SYNGEN_MAX_CATCH_UP 256
-
+/* A generator held off its CPU (its thread preempted, the vCPU stolen) owes
+ * the frames its schedule missed: it sends them at up to twice the asked rate
+ * until it is back on schedule, rather than losing them or bursting them into
+ * the defence's receive ring. */
 static __always_inline bool pace_allows(struct syngen_pace *p)
 {
 	__u64 now = bpf_ktime_get_ns();
@@ -62,11 +62,10 @@ static __always_inline bool pace_allows(struct syngen_pace *p)
 		return false;
 	if (!p->interval_ns)
 		return true;
-	if (now < p->next_ns)
+	if (now < p->next_ns || now - p->last_ns < p->interval_ns / 2)
 		return false;
-	if (now - p->next_ns > SYNGEN_MAX_CATCH_UP * p->interval_ns)
-		p->next_ns = now - SYNGEN_MAX_CATCH_UP * p->interval_ns;
 	p->next_ns += p->interval_ns;
+	p->last_ns = now;
 	return true;
 }
 

@@ -86,19 +86,37 @@ def test_trafgen_tx_ring_frames_are_answered_in_full():
     assert subprocess.run(["pgrep", "-x", "trafgen"], capture_output=True).returncode == 1
 
 
-def test_paced_generator_keeps_its_rate_while_another_task_shares_its_cpu():
-    """During the legitimate-client steps the clients run on the generator's
-    CPU: preempted for a scheduler slice, the generator catches up instead of
-    losing the frames it owed."""
+# Tasks pinned to the generator's CPU for the next test, each ending by itself
+# after 20 s. `shares`: a CPU-bound task, as the clients' thread is during the
+# legitimate-client steps. `stalls`: a real-time task that takes the CPU for
+# 40 ms every 150 ms, as a stolen vCPU or a long kernel work item would.
+CPU_HOGS = {
+    "shares": "import time\n"
+              "end = time.monotonic() + 20\n"
+              "while time.monotonic() < end: pass\n",
+    "stalls": "import os, time\n"
+              "os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))\n"
+              "end = time.monotonic() + 20\n"
+              "while time.monotonic() < end:\n"
+              "    hold = time.monotonic() + 0.04\n"
+              "    while time.monotonic() < hold: pass\n"
+              "    time.sleep(0.11)\n",
+}
+
+
+@pytest.mark.parametrize("hog", sorted(CPU_HOGS))
+def test_paced_generator_makes_up_what_it_owes_when_its_cpu_is_taken(hog):
+    """A generator thread held off its CPU catches up afterwards instead of
+    losing the frames its schedule missed, and no faster than the defence
+    answers them all."""
     require_tools()
     with flood.FloodLab("xdp") as lab, lab.defended_by("floor"):
-        hog = subprocess.Popen(["taskset", "-c", str(lab.generator_cpu), sys.executable, "-c",
-                                "import time\nend = time.monotonic() + 20\nwhile time.monotonic() < end: pass"])
+        task = subprocess.Popen(["taskset", "-c", str(lab.generator_cpu), sys.executable, "-c", CPU_HOGS[hog]])
         try:
             steps = [lab.flood_step(20_000, 0.5) for _ in range(3)]
         finally:
-            hog.kill()
-            hog.wait()
+            task.kill()
+            task.wait()
     for step in steps:
         assert step.seconds == 0.5
         assert step.offered_pps == pytest.approx(20_000, rel=0.05)

@@ -83,7 +83,7 @@ class XdpSynGenerator:
             raise
 
     def _sent(self) -> int:
-        return struct.unpack("<QQQQ", self.pace.lookup(struct.pack("<I", 0)))[3]
+        return struct.unpack("<QQQQQ", self.pace.lookup(struct.pack("<I", 0)))[4]
 
     def send(self, rate: int | None, seconds: float) -> Sent:
         """Frames sent, including those the defence's full receive ring then
@@ -93,7 +93,7 @@ class XdpSynGenerator:
         before = self._sent()
         start_ns = time.monotonic_ns()
         stop_ns = start_ns + round(seconds * 1e9)
-        self.pace.update(struct.pack("<I", 0), struct.pack("<QQQQ", interval_ns, start_ns, stop_ns, before))
+        self.pace.update(struct.pack("<I", 0), struct.pack("<QQQQQ", interval_ns, start_ns, 0, stop_ns, before))
         deadline = stop_ns / 1e9
         failures: list[BaseException] = []
 
