@@ -66,12 +66,6 @@ class XdpSynGenerator:
     THREADS = 3
     CALL_S = 0.1
     MIN_RUNS, FIRST_RUNS, MAX_RUNS = 1 << 12, 1 << 18, 1 << 24
-    # The call's page pool recycles as many pages as its batch holds. With
-    # the kernel's default of 64, the frames in flight (a veth ring holds 256)
-    # overflow it and every page goes back through the page allocator, its
-    # zone lock contended by both CPUs: the generator and the defence each
-    # ran about 30 % slower. 256 is the kernel's largest batch.
-    BATCH = 256
 
     def __init__(self, attacker: NetNS, ifname: str, template: bytes, cpu: int) -> None:
         self.attacker, self.ifname, self.template, self.cpu = attacker, ifname, template, cpu
@@ -108,7 +102,7 @@ class XdpSynGenerator:
                 with self.attacker.entered(), pinned_to(self.cpu):
                     ifindex = socket.if_nametoindex(self.ifname)
                     while (start := time.monotonic()) < deadline and not failures:
-                        self.program.run_live_frames(self.template, ifindex, self.runs[i], self.BATCH)
+                        self.program.run_live_frames(self.template, ifindex, self.runs[i])
                         took = max(time.monotonic() - start, 1e-3)
                         self.runs[i] = min(max(int(self.runs[i] * self.CALL_S / took), self.MIN_RUNS),
                                            self.MAX_RUNS)
