@@ -30,6 +30,9 @@ from synfleet.testbed.netns import NetNS
 FLOOD_SOURCE = "10.66.0.0"        # the /16 the sources are drawn from
 # Linux's SYN options without timestamps: MSS 1460, SACK permitted, window scale 7.
 SYN_OPTIONS = bytes([0x02, 0x04, 0x05, 0xB4, 0x04, 0x02, 0x01, 0x03, 0x03, 0x07, 0x01, 0x01])
+# bpf/syngen.bpf.c's struct syngen_pace: interval_ns, next_ns, last_ns, stop_ns, sent.
+PACE = struct.Struct("<QQQQQ")
+ONLY_KEY = struct.pack("<I", 0)     # both of its maps hold one entry
 
 
 def syn_template(dst_mac: str, src_mac: str, service: str, port: int) -> bytes:
@@ -76,14 +79,14 @@ class XdpSynGenerator:
             if size != len(template):
                 raise ValueError(f"syngen.bpf.c sends {size}-byte frames; the template has {len(template)}")
             self.program = self.obj.program("syn_flood")
-            self.obj.map("template").update(struct.pack("<I", 0), template)
+            self.obj.map("template").update(ONLY_KEY, template)
             self.pace = self.obj.map("pace")
         except BaseException:
             self.obj.close()
             raise
 
     def _sent(self) -> int:
-        return struct.unpack("<QQQQQ", self.pace.lookup(struct.pack("<I", 0)))[4]
+        return PACE.unpack(self.pace.lookup(ONLY_KEY))[4]
 
     def send(self, rate: int | None, seconds: float) -> Sent:
         """Frames sent, including those the defence's full receive ring then
@@ -93,7 +96,7 @@ class XdpSynGenerator:
         before = self._sent()
         start_ns = time.monotonic_ns()
         stop_ns = start_ns + round(seconds * 1e9)
-        self.pace.update(struct.pack("<I", 0), struct.pack("<QQQQQ", interval_ns, start_ns, 0, stop_ns, before))
+        self.pace.update(ONLY_KEY, PACE.pack(interval_ns, start_ns, 0, stop_ns, before))
         deadline = stop_ns / 1e9
         failures: list[BaseException] = []
 
