@@ -8,6 +8,7 @@ import ipaddress
 import os
 import secrets
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -51,6 +52,12 @@ def skip_unless_required(required_by: str, what: str, reason: str) -> None:
         pytest.fail(f"{required_by}=1 but this machine {reason}")
     print(f"skipping {what} test: this machine {reason}")
     pytest.skip(reason)
+
+
+def network_namespaces() -> set[str]:
+    """The names `ip netns list` shows now (a line may add "(id: N)")."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def require_bpf() -> None:

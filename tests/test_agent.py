@@ -21,6 +21,7 @@ from conftest import (
 )
 from fleet import ingress_program_id, wait_for, xdp_program_id, xdp_tx_count
 from packets import TC_ACT_REDIRECT, tcp_frame
+from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import TCP
 from scapy.layers.l2 import Ether
 from synfleet.agent.agent import uninstall
@@ -132,15 +133,11 @@ def with_xdp(cfg, on: bool):
     return cfg.model_copy(update={"node": cfg.node.model_copy(update={"xdp": on})})
 
 
-
 def attached_hooks(node) -> set[tuple[str, str]]:
     """(interface, hook) pairs the agent's synfleet_hook_attached gauge reports."""
-    found = set()
-    for line in node.agent.http("/metrics")[1].splitlines():
-        if line.startswith("synfleet_hook_attached{") and line.endswith(" 1.0"):
-            labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
-            found.add((labels["interface"].strip('"'), labels["hook"].strip('"')))
-    return found
+    return {(sample.labels["interface"], sample.labels["hook"])
+            for family in text_string_to_metric_families(node.agent.http("/metrics")[1])
+            if family.name == "synfleet_hook_attached" for sample in family.samples if sample.value == 1}
 
 
 def test_the_xdp_front_answers_syns_on_the_wire(node):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import skip_unless_required, require_bpf
+from conftest import network_namespaces, require_bpf, skip_unless_required
 from synfleet.bench import flood
 
 pytestmark = pytest.mark.netns
@@ -24,14 +24,9 @@ def require_tools(*tools: str) -> None:
                               f"lacks {', '.join(missing)} (scripts/setup.sh installs them)")
 
 
-def namespaces() -> set[str]:
-    return {line.split()[0] for line in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                                        text=True).stdout.splitlines() if line}
-
-
 def test_every_defence_answers_a_low_rate_flood_and_everything_is_removed():
     require_tools("nft")
-    before = namespaces()
+    before = network_namespaces()
     result = flood.run(rates=[20_000], seconds=1.0, progress=lambda _: None, memory_points=(200,))
     assert set(result["defences"]) == set(flood.DEFENCES)
     for name, r in result["defences"].items():
@@ -67,7 +62,7 @@ def test_every_defence_answers_a_low_rate_flood_and_everything_is_removed():
     assert set(result["ratios"]) == {"synfleet/kernel", "synfleet/nf-synproxy", "synfleet/synfleet-tc",
                                      "synfleet/floor"}
     assert set(result["ratios"]["synfleet/kernel"]) == {"max_answered_rate", "legit_success_at_100"}
-    assert namespaces() == before
+    assert network_namespaces() == before
 
 
 def test_trafgen_tx_ring_frames_are_answered_in_full():
@@ -75,14 +70,14 @@ def test_trafgen_tx_ring_frames_are_answered_in_full():
     pull them before reading, and answer every one (trafgen shares the
     defence's CPU, so it goes no faster than they answer)."""
     require_tools("trafgen")
-    before = namespaces()
+    before = network_namespaces()
     with flood.FloodLab("trafgen") as lab:
         for defence in ("synfleet-tc", "floor"):
             with lab.defended_by(defence):
                 ring = lab.flood_step(None, 0.5)
             assert ring.offered_pps > 0
             assert ring.answered_pps == pytest.approx(ring.offered_pps, rel=0.05), defence
-    assert namespaces() == before
+    assert network_namespaces() == before
     assert subprocess.run(["pgrep", "-x", "trafgen"], capture_output=True).returncode == 1
 
 
@@ -125,9 +120,9 @@ def test_paced_generator_makes_up_what_it_owes_when_its_cpu_is_taken(hog):
 
 
 def test_unknown_defence_is_refused_before_anything_is_built():
-    before = namespaces()
+    before = network_namespaces()
     with pytest.raises(ValueError, match="unknown defence 'iptables'"):
         flood.run(defences=("iptables",), rates=[1000], seconds=0.2, progress=lambda _: None)
     with pytest.raises(ValueError, match="unknown generator 'hping3'"):
         flood.run(generator="hping3", rates=[1000], seconds=0.2, progress=lambda _: None)
-    assert namespaces() == before
+    assert network_namespaces() == before

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import require_bpf
+from conftest import network_namespaces, require_bpf
 
 pytestmark = pytest.mark.netns
 KEYS = {"legit_attempts", "legit_ok", "connect_p50_ms", "connect_p99_ms", "flood_syn_sent",
@@ -21,9 +21,8 @@ KEYS = {"legit_attempts", "legit_ok", "connect_p50_ms", "connect_p99_ms", "flood
 
 def state() -> tuple[set[str], set[str]]:
     """Network namespaces and synfleet pin directories on this machine now."""
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     pins = os.listdir("/sys/fs/bpf/synfleet") if os.path.isdir("/sys/fs/bpf/synfleet") else []
-    return {n for n in netns if n.startswith("sf-")}, set(pins)
+    return {n for n in network_namespaces() if n.startswith("sf-")}, set(pins)
 
 
 def test_demo_json_summary_and_chart(tmp_path):

@@ -77,9 +77,7 @@ class Agent:
                                               "replaces_program_id": previous_program})
         if previous_program is not None:
             self._hooks = hooks_running(previous_program)
-        previous_xdp = self.pins.pinned_program_id(XDP_PIN)
-        if previous_xdp is not None:
-            self._xdp_hooks = hooks_running(previous_xdp, XdpHook)
+        self._xdp_hooks = self.pins.hooks(XDP_PIN, XdpHook)
         self._inherited = self.dataplane.applied()
         self.reload()
         # A configuration error must not leave the interfaces with the old
@@ -262,16 +260,10 @@ def uninstall(instance: str, pin_root: str = DEFAULT_ROOT) -> list[str] | None:
     pins = PinDir(pin_root, instance)
     if not pins.exists():
         return None
-    program_id = pins.pinned_program_id()
     detached = []
-    if program_id is not None:
-        for name, hook in hooks_running(program_id).items():
+    for pin, kind, suffix in (("program", TcHook, ""), (XDP_PIN, XdpHook, " (XDP)")):
+        for name, hook in pins.hooks(pin, kind).items():
             hook.detach()
-            detached.append(name)
-    xdp_id = pins.pinned_program_id(XDP_PIN)
-    if xdp_id is not None:
-        for name, hook in hooks_running(xdp_id, XdpHook).items():
-            hook.detach()
-            detached.append(f"{name} (XDP)")
+            detached.append(name + suffix)
     pins.remove()
     return detached

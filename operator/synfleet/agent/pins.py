@@ -54,6 +54,12 @@ class PinDir:
         finally:
             prog.close()
 
+    def hooks(self, name: str = "program", kind: type[TcHook] | type[XdpHook] = TcHook) -> dict:
+        """The hooks of this network namespace running the program pinned as
+        `name` (none when nothing is pinned there)."""
+        program_id = self.pinned_program_id(name)
+        return {} if program_id is None else hooks_running(program_id, kind)
+
     def pin_program(self, program: Program, name: str = "program") -> None:
         """Replace the pinned program in one rename: there is always one."""
         staging = self.program(name) + "-next"   # bpffs refuses names with dots
