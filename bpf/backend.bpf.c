@@ -3,6 +3,9 @@
  *
  * Encapsulated from an allowed proxy: decapsulate; a VALIDATED ACK that meets
  * only a listener becomes a connection through bpf_sk_assign_tcp_reqsk().
+ * A VALIDATED ACK that meets a TIME_WAIT socket is judged as the kernel judges
+ * a SYN there (sf_timewait.h): accepted, the old socket is retired and the ACK
+ * handed back to this program; refused, the client is reset.
  * Encapsulated from anyone else, or a SYN / listener-only ACK to a protected
  * port that bypassed the proxies: dropped (enforce) or passed (monitor), counted.
  * The backend never holds the salt: the proxies vouch for the cookie.
@@ -16,6 +19,7 @@
 #include "sf_skb.h"
 #include "sf_tcp.h"
 #include "sf_maps.h"
+#include "sf_timewait.h"
 
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
@@ -32,10 +36,33 @@ struct seg {
 	struct bpf_sock_tuple tuple;
 	__u32 opt_off;
 	__u32 optlen;
+	__u32 seq;
 	__u32 cookie;
 	__u8 flags;
 	__u8 family;
 };
+
+/* A validated handshake segment that this program cloned back into its own
+ * ingress after retiring a TIME_WAIT socket. The copy arrives decapsulated,
+ * so the entry is what vouches for it; it is taken at the first sight of the
+ * copy and worthless after the deadline. Not per-connection state: an entry
+ * lives for the microseconds between the clone and its return. */
+struct handback_key {
+	struct bpf_sock_tuple tuple;
+	__u32 seq;
+	__u32 ack;
+	__u32 family;
+};
+
+#define SF_HANDBACK_SLOTS 4096
+#define SF_HANDBACK_TTL_NS 1000000000ull
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SF_HANDBACK_SLOTS);
+	__type(key, struct handback_key);
+	__type(value, __u64);   /* deadline, bpf_ktime_get_ns() */
+} handback SEC(".maps");
 
 static __always_inline int policy_verdict(const struct sf_policy *pol)
 {
@@ -51,6 +78,7 @@ static __always_inline int seg_fill(struct seg *s, struct tcphdr *tcp, __u32 tcp
 		return -1;
 	s->opt_off = tcp_off + sizeof(*tcp);
 	s->optlen = tcp->doff * 4 - sizeof(*tcp);
+	s->seq = bpf_ntohl(tcp->seq);
 	s->cookie = bpf_ntohl(tcp->ack_seq) - 1;
 	s->flags = ((__u8 *)tcp)[TCP_FLAGS_OFFSET];
 	return 0;
@@ -110,24 +138,30 @@ static __always_inline int seg_load(struct __sk_buff *skb, __u16 eth_proto, stru
 	return -1;
 }
 
-/* Request-socket attributes: MSS, window scales, SACK and ECN from the cookie
- * and the policy; timestamps from the ACK itself (its TSecr is the proxy's TSval). */
-static __always_inline int reqsk_attrs_fill(struct __sk_buff *skb, const struct seg *s,
-					    const struct sf_policy *pol,
-					    struct bpf_tcp_req_attrs *attrs)
+static __noinline int seg_opts(struct __sk_buff *skb, const struct seg *s, struct tcp_opts *o)
 {
 	struct tcp_optbuf optbuf = {};
-	struct tcp_opts o = {};
 	__u64 optlen = s->optlen;
-	__u32 ws = s->cookie & SF_COOKIE_WSCALE_MASK;
-	__u32 mss_idx = (s->cookie >> SF_COOKIE_MSS_SHIFT) & SF_COOKIE_MSS_MASK;
 
 	barrier_var(optlen);
 	if (optlen > TCP_MAX_OPTLEN)
 		return -1;
 	if (optlen && bpf_skb_load_bytes(skb, s->opt_off, optbuf.b, optlen))
 		return -1;
-	if (tcp_opts_parse(&optbuf, optlen, &o))
+	return tcp_opts_parse(&optbuf, optlen, o);
+}
+
+/* Request-socket attributes: MSS, window scales, SACK and ECN from the cookie
+ * and the policy; timestamps from the ACK itself (its TSecr is the proxy's TSval). */
+static __always_inline int reqsk_attrs_fill(struct __sk_buff *skb, const struct seg *s,
+					    const struct sf_policy *pol,
+					    struct bpf_tcp_req_attrs *attrs)
+{
+	struct tcp_opts o = {};
+	__u32 ws = s->cookie & SF_COOKIE_WSCALE_MASK;
+	__u32 mss_idx = (s->cookie >> SF_COOKIE_MSS_SHIFT) & SF_COOKIE_MSS_MASK;
+
+	if (seg_opts(skb, s, &o))
 		return -1;
 
 	attrs->mss = s->family == SF_FAMILY_IPV4 ? pol->mss_v4[mss_idx] : pol->mss_v6[mss_idx];
@@ -163,14 +197,159 @@ static __always_inline int reqsk_create(struct __sk_buff *skb, struct bpf_sock *
 	return TC_ACT_OK;
 }
 
-/* An ACK to a protected port. Only one that meets nothing but a listener is
- * ours to judge: established, request and time-wait sockets take their own. */
+/* ---- TIME_WAIT ---- */
+
+static __always_inline void handback_key_fill(struct handback_key *k, const struct seg *s)
+{
+	k->tuple = s->tuple;
+	k->seq = s->seq;
+	k->ack = s->cookie;
+	k->family = s->family;
+}
+
+/* Is this plain segment the copy handed back after a TIME_WAIT retirement? */
+static __always_inline bool handback_take(const struct seg *s)
+{
+	struct handback_key k = {};
+	__u64 *deadline;
+	bool ours;
+
+	handback_key_fill(&k, s);
+	deadline = bpf_map_lookup_elem(&handback, &k);
+	if (!deadline)
+		return false;
+	ours = bpf_ktime_get_ns() < *deadline;
+	bpf_map_delete_elem(&handback, &k);
+	return ours;
+}
+
+static __always_inline int handback_put(const struct seg *s)
+{
+	struct handback_key k = {};
+	__u64 deadline = bpf_ktime_get_ns() + SF_HANDBACK_TTL_NS;
+
+	handback_key_fill(&k, s);
+	return bpf_map_update_elem(&handback, &k, &deadline, BPF_ANY);
+}
+
+/* Rewrites the segment in place into a bare RST with sequence number `seq`
+ * (no ACK, window 0, every option turned into NOPs so that PAWS has nothing to
+ * judge), sent back to its source when `reverse`. Same length: a live skb that
+ * was just decapsulated cannot be resized (NOTES.md). */
+static __noinline int seg_to_rst(struct __sk_buff *skb, const struct seg *s, __u32 seq,
+				 bool reverse)
+{
+	__u32 tcp_off = s->opt_off - sizeof(struct tcphdr);
+	__u8 opts[TCP_MAX_OPTLEN];
+	struct tcphdr old, rst;
+	__u64 optlen = s->optlen;
+	__s64 diff;
+
+	barrier_var(optlen);
+	if (optlen > TCP_MAX_OPTLEN || optlen & 3)
+		return -1;
+	if (bpf_skb_load_bytes(skb, tcp_off, &old, sizeof(old)))
+		return -1;
+	rst = old;
+	rst.seq = bpf_htonl(seq);
+	rst.ack_seq = 0;
+	((__u8 *)&rst)[TCP_FLAGS_OFFSET] = TCP_FLAG_RST;
+	rst.window = 0;
+	rst.urg_ptr = 0;
+	if (reverse) {
+		rst.source = old.dest;
+		rst.dest = old.source;
+	}
+	diff = bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)&rst, sizeof(rst), 0);
+	if (optlen) {
+		if (bpf_skb_load_bytes(skb, s->opt_off, opts, optlen))
+			return -1;
+		diff = bpf_csum_diff((__be32 *)opts, optlen, NULL, 0, diff);
+		__builtin_memset(opts, TCPOPT_NOP, sizeof(opts));
+		diff = bpf_csum_diff(NULL, 0, (__be32 *)opts, optlen, diff);
+	}
+	if (diff < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, tcp_off, &rst, sizeof(rst), 0))
+		return -1;
+	if (optlen && bpf_skb_store_bytes(skb, s->opt_off, opts, optlen, 0))
+		return -1;
+	return bpf_l4_csum_replace(skb, tcp_off + offsetof(struct tcphdr, check), 0, diff, 0);
+}
+
+/* Swaps the IP addresses: sums and checksums stay as they are. */
+static __always_inline int ip_reverse(struct __sk_buff *skb, const struct seg *s)
+{
+	__u32 addrs[8], swapped[8];
+	__u32 off, half;
+
+	if (s->family == SF_FAMILY_IPV4) {
+		off = sizeof(struct ethhdr) + offsetof(struct iphdr, saddr);
+		if (bpf_skb_load_bytes(skb, off, addrs, 8))
+			return -1;
+		swapped[0] = addrs[1];
+		swapped[1] = addrs[0];
+		return bpf_skb_store_bytes(skb, off, swapped, 8, 0);
+	}
+	off = sizeof(struct ethhdr) + offsetof(struct ipv6hdr, saddr);
+	if (bpf_skb_load_bytes(skb, off, addrs, 32))
+		return -1;
+	for (half = 0; half < 4; half++) {
+		swapped[half] = addrs[half + 4];
+		swapped[half + 4] = addrs[half];
+	}
+	return bpf_skb_store_bytes(skb, off, swapped, 32, 0);
+}
+
+/* The kernel would not open a connection here: reset the client, which the
+ * proxy's SYN+ACK left believing it has one, instead of letting it hang. The
+ * reset leaves by the interface the segment came in on, routed by the kernel
+ * (the way the node's direct server return goes). */
+static __always_inline int tw_refuse(struct __sk_buff *skb, const struct seg *s)
+{
+	count(SF_CTR_TW_REFUSED);
+	if (seg_to_rst(skb, s, s->cookie + 1, true) || ip_reverse(skb, s))
+		return TC_ACT_SHOT;
+	return bpf_redirect_neigh(skb->ifindex, NULL, 0, 0);
+}
+
+/* A VALIDATED handshake segment met a TIME_WAIT socket of its 4-tuple. When
+ * the kernel would take a SYN here, a copy goes back into this interface's
+ * ingress and the segment itself becomes the in-window RST that makes the
+ * kernel retire the TIME_WAIT socket (processed now, before the copy): the
+ * copy then meets the listener. */
+static __noinline int tw_meet(struct __sk_buff *skb, struct bpf_sock *skc, const struct seg *s)
+{
+	struct tw_view v = {};
+	struct tcp_opts o = {};
+
+	if (tw_view_read(skc, &v))
+		return TC_ACT_OK;
+	if (seg_opts(skb, s, &o))
+		return drop(SF_CTR_MALFORMED);
+	/* With tcp_rfc1337 the kernel ignores RSTs in TIME_WAIT: no way to retire it. */
+	if (v.rfc1337 || !tw_accepts_syn(&v, s->seq - 1, o.has_ts, o.tsval))
+		return tw_refuse(skb, s);
+	if (handback_put(s))
+		return drop(SF_CTR_REQSK_FAILED);
+	if (bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS))
+		return drop(SF_CTR_REQSK_FAILED);
+	if (seg_to_rst(skb, s, v.rcv_nxt, false))
+		return drop(SF_CTR_REQSK_FAILED);
+	count(SF_CTR_TW_RECYCLED);
+	return TC_ACT_OK;
+}
+
+/* An ACK to a protected port. Ours to judge: one that meets nothing but a
+ * listener, and a validated one that meets a TIME_WAIT socket; established and
+ * request sockets take their own. */
 static __always_inline int ack_receive(struct __sk_buff *skb, const struct seg *s,
 				       const struct sf_policy *pol, bool validated,
 				       enum sf_counter unvalidated)
 {
 	struct bpf_sock_tuple tuple = s->tuple;
 	struct bpf_sock *skc;
+	bool handed_back;
 	int verdict;
 
 	if (s->family == SF_FAMILY_IPV4)
@@ -179,9 +358,19 @@ static __always_inline int ack_receive(struct __sk_buff *skb, const struct seg *
 		skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
 	if (!skc)
 		return TC_ACT_OK;
-	if (skc->state != BPF_TCP_LISTEN) {
-		verdict = TC_ACT_OK;
-	} else if (validated) {
+	if (skc->state != BPF_TCP_LISTEN && skc->state != BPF_TCP_TIME_WAIT) {
+		bpf_sk_release(skc);
+		return TC_ACT_OK;
+	}
+	handed_back = !validated && handback_take(s);
+	if (skc->state == BPF_TCP_TIME_WAIT) {
+		if (validated)
+			verdict = tw_meet(skb, skc, s);
+		else if (handed_back)   /* the retirement did not happen: never loop */
+			verdict = tw_refuse(skb, s);
+		else
+			verdict = TC_ACT_OK;
+	} else if (validated || handed_back) {
 		verdict = reqsk_create(skb, skc, s, pol);
 	} else {
 		count(unvalidated);

@@ -7,7 +7,7 @@
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, SF_CTR_MAX);
+	__uint(max_entries, SF_CTR_CAPACITY);
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");

@@ -7,7 +7,7 @@
 #ifndef SYNFLEET_H
 #define SYNFLEET_H
 
-#define SF_ABI_VERSION 2
+#define SF_ABI_VERSION 3
 
 #define SF_MAX_POLICIES 256
 #define SF_MAX_SERVICES 65536
@@ -138,7 +138,14 @@ enum sf_counter {
 	SF_CTR_UNKNOWN_SOURCE,
 	SF_CTR_BAD_ENCAP,
 	SF_CTR_MONITOR_PASSED,
+	SF_CTR_TW_RECYCLED,
+	SF_CTR_TW_REFUSED,
 	SF_CTR_MAX,
 };
+
+/* Slots in `counters`: room to add counters without changing the map's
+ * definition, so that an upgraded agent keeps re-using the pinned map. */
+#define SF_CTR_CAPACITY 64
+_Static_assert(SF_CTR_MAX <= SF_CTR_CAPACITY, "counters map too small");
 
 #endif /* SYNFLEET_H */

@@ -54,6 +54,8 @@ class Counter(enum.IntEnum):
     UNKNOWN_SOURCE = enum.auto()
     BAD_ENCAP = enum.auto()
     MONITOR_PASSED = enum.auto()
+    TW_RECYCLED = enum.auto()
+    TW_REFUSED = enum.auto()
 
 
 class Endpoint(ctypes.Structure):
