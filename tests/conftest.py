@@ -66,6 +66,12 @@ def require_bpf() -> None:
         skip_unless_required("SYNFLEET_REQUIRE_BPF", "BPF", reason)
 
 
+def require_tool(name: str) -> None:
+    """A program the real-client tests drive (nginx, wrk): scripts/setup.sh installs them."""
+    if shutil.which(name) is None:
+        skip_unless_required("SYNFLEET_REQUIRE_BPF", name, f"has no {name} (scripts/setup.sh installs it)")
+
+
 def _mid_epoch_clock_offset(rotation_s: int) -> float:
     """The unit tests' nodes run with this clock offset so that their clock
     starts in the middle of an epoch: no epoch boundary (half an hour away)

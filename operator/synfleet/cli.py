@@ -64,6 +64,28 @@ def _bench_flood(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_http(args: argparse.Namespace) -> int:
+    from synfleet.bench.http import run
+
+    result = run(seconds=args.seconds, flood_pps=args.flood_rate, connections=args.connections)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"HTTP requests per second, one connection per request (wrk -c{args.connections}, "
+          f"{args.seconds:g} s a run; flood {result['flood_pps_asked']:,} SYN/s asked, "
+          f"at least {result['flood_pps_sent_min']:,} sent)")
+    print(f"  {'':<6} {'synfleet':>10} {'baseline':>10} {'ratio':>6}   {'under flood':>11} "
+          f"{'baseline':>10} {'ratio':>6}   errors")
+    for family in ("ipv4", "ipv6"):
+        r = result[family]
+        print(f"  {family:<6} {r['synfleet_rps']:>10,.0f} {r['baseline_rps']:>10,.0f} {r['ratio']:>6.2f}   "
+              f"{r['synfleet_rps_under_flood']:>11,.0f} {r['baseline_rps_under_flood']:>10,.0f} "
+              f"{r['ratio_under_flood']:>6.2f}   {sum(r['errors'].values())}")
+    print(f"  TIME_WAIT sockets retired for a reused 4-tuple: {result['tw_recycled']:,}, "
+          f"refused: {result['tw_refused']:,}")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from synfleet.check import run_check
 
@@ -168,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     fl.add_argument("--json", action="store_true", help="print one JSON object")
     fl.add_argument("--chart", default="synfleet-bench-flood.png", help="PNG chart path ('' for none)")
     fl.set_defaults(func=_bench_flood)
+    ht = bench_sub.add_parser("http", help="HTTP requests/s (nginx, wrk, a connection per request) "
+                              "through synfleet and without it, idle and under a SYN flood")
+    ht.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run (default 5)")
+    ht.add_argument("--flood-rate", type=int, default=250_000, help="SYNs per second (default 250000)")
+    ht.add_argument("--connections", type=int, default=32, help="wrk's concurrent connections")
+    ht.add_argument("--json", action="store_true", help="print one JSON object")
+    ht.set_defaults(func=_bench_http)
     demo = sub.add_parser("demo", help="a fleet in network namespaces under a SYN flood, with a "
                                        "summary and a chart (needs root)")
     demo.add_argument("--flood-rate", type=int, default=40000, help="SYNs per second (default 40000)")

@@ -9,7 +9,11 @@
 
 One L2 fabric (198.18.0.0/24, 2001:db8:18::/64). The client and the
 attacker reach the service address (198.19.0.10, 2001:db8:19::10) through
-proxy-a; `route_via("proxy-b")` moves them. Agents run with
+proxy-a; `route_via("proxy-b")` moves them. With `http=True` the backends
+run nginx (Debian's) instead of the greeting service. `set_protected(False)`
+takes the service out of every node's configuration and routes it from the
+proxies to both backends (ECMP on the 4-tuple): the same fabric without
+synfleet's defence, the baseline of `synfleet bench http`. Agents run with
 `nsenter --net`, so they pin into the host's /sys/fs/bpf under instance
 names unique to this lab. `close()` (also on errors, and from the context
 manager) stops everything, uninstalls every instance and removes the
@@ -44,6 +48,23 @@ FLOOD_PREFIX = {4: "10.66.0.0/16", 6: "2001:db8:66::/48"}
 METRICS_PORT = 9478
 PROXIES = ("proxy-a", "proxy-b")
 BACKENDS = ("backend-a", "backend-b")
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}; proxy_temp_path {prefix}; fastcgi_temp_path {prefix};
+    uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
+    server {{
+        listen {v4}:{port} backlog=4096;
+        listen [{v6}]:{port} backlog=4096;
+        location / {{ return 200 "{name}\\n"; }}
+    }}
+}}
+"""
 HOSTS = {"client": 100, "attacker": 66, "proxy-a": 1, "proxy-b": 2, "backend-a": 11, "backend-b": 12}
 
 
@@ -193,6 +214,8 @@ class FleetLab:
     mode: str = "enforce"
     xdp: bool = False       # the proxies' XDP front (node.xdp)
     clock_offsets: dict[str, float] = field(default_factory=dict)
+    http: bool = False      # nginx on the backends instead of synfleet.testbed.service
+    protected: bool = True  # the service in the nodes' configurations
     nodes: dict[str, Node] = field(default_factory=dict)
     agents: dict[str, AgentProcess] = field(default_factory=dict)
     servers: list[subprocess.Popen] = field(default_factory=list)
@@ -274,7 +297,7 @@ class FleetLab:
         node = self.nodes[name]
         backends = {fam: [getattr(self.nodes[b], f"v{fam}") for b in BACKENDS] for fam in (4, 6)}
         return testbed_config("proxy", interfaces=["eth0"], node_v4=node.v4, node_v6=node.v6,
-                              services=SERVICE, rotation_s=self.rotation_s, backends=backends,
+                              services=self._services(), rotation_s=self.rotation_s, backends=backends,
                               salts=salts, mode=self.mode,
                               clock_offset_s=self.clock_offsets.get(name, 0.0), xdp=self.xdp)
 
@@ -282,8 +305,37 @@ class FleetLab:
         node = self.nodes[name]
         proxies = [a for p in PROXIES for a in (self.nodes[p].v4, self.nodes[p].v6)]
         return testbed_config("backend", interfaces=["eth0"], node_v4=node.v4, node_v6=node.v6,
-                              services=SERVICE, rotation_s=self.rotation_s,
+                              services=self._services(), rotation_s=self.rotation_s,
                               allowed_proxies=proxies, mode=self.mode)
+
+    def _services(self) -> dict[int, str]:
+        return SERVICE if self.protected else {}
+
+    def set_protected(self, protected: bool) -> None:
+        """Protect the service (synfleet's path) or not (the proxies route it to
+        the backends, whose kernels defend with their own SYN cookies); returns
+        once every agent has applied its new configuration."""
+        if protected == self.protected:
+            return
+        generations = {n: a.metrics()["synfleet_config_generation"] for n, a in self.agents.items()}
+        self.protected = protected
+        for name in PROXIES:
+            ns = self.nodes[name].ns
+            for fam in (4, 6):
+                if protected:
+                    ns.run("ip", f"-{fam}", "route", "del", SERVICE[fam], check=False)
+                    continue
+                ns.sysctl(f"net.ipv{fam}.fib_multipath_hash_policy", 1)
+                hops = [w for b in BACKENDS for w in ("nexthop", "via", getattr(self.nodes[b], f"v{fam}"))]
+                ns.ip(f"-{fam}", "route", "replace", SERVICE[fam], *hops)
+        self.write_backend_configs()
+        self.write_proxy_configs(self.salts.window(self.salts.epoch()))
+        for name, agent in self.agents.items():
+            deadline = time.monotonic() + 10
+            while agent.metrics()["synfleet_config_generation"] <= generations[name]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}'s agent did not apply its configuration:\n{agent.log()}")
+                time.sleep(0.05)
 
     def write_config(self, name: str, text: str) -> None:
         """Atomically, as a ConfigMap volume or a careful operator would."""
@@ -310,22 +362,47 @@ class FleetLab:
         self.salts.start()
         self.write_backend_configs()
         for name in BACKENDS:
-            node = self.nodes[name]
-            self.servers.append(_nsenter(node.ns, sys.executable, "-m", "synfleet.testbed.service",
-                                         "--name", name, "--port", str(SERVICE_PORT),
-                                         SERVICE[4], SERVICE[6], stdout=subprocess.PIPE))
+            self.servers.append(self._nginx(name) if self.http else self._greeter(name))
         for name in PROXIES + BACKENDS:
             role = "proxy" if name in PROXIES else "backend"
             agent = AgentProcess(self.nodes[name], role, self._path(name), f"lab-{self.tag}-{name}",
                                  os.path.join(self.workdir, f"{name}.log"))
             self.agents[name] = agent
             agent.start()
-        for server in self.servers:
-            if server.stdout.readline().strip() != b"ready":
-                raise RuntimeError("a backend service failed to start")
+        for name, server in zip(BACKENDS, self.servers):
+            self._wait_serving(name, server)
         for agent in self.agents.values():
             agent.wait_ready()
         return self
+
+    def _greeter(self, name: str) -> subprocess.Popen:
+        return _nsenter(self.nodes[name].ns, sys.executable, "-m", "synfleet.testbed.service",
+                        "--name", name, "--port", str(SERVICE_PORT), SERVICE[4], SERVICE[6],
+                        stdout=subprocess.PIPE)
+
+    def _nginx(self, name: str) -> subprocess.Popen:
+        """One worker answering every request `200 <backend>`, no logs, no keep-alive
+        beyond what the client asks; nginx's own files in the lab's directory."""
+        prefix = os.path.join(self.workdir, f"nginx-{name}")
+        os.makedirs(prefix, exist_ok=True)
+        conf = os.path.join(prefix, "nginx.conf")
+        with open(conf, "w", encoding="utf-8") as f:
+            f.write(NGINX_CONF.format(prefix=prefix, port=SERVICE_PORT, v4=SERVICE[4], v6=SERVICE[6],
+                                      name=name))
+        self.nodes[name].ns.sysctl("net.core.somaxconn", 4096)
+        return _nsenter(self.nodes[name].ns, "nginx", "-p", prefix, "-c", conf,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def _wait_serving(self, name: str, server: subprocess.Popen) -> None:
+        if not self.http:
+            if server.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"the service on {name} failed to start")
+            return
+        deadline = time.monotonic() + 10
+        while f":{SERVICE_PORT}" not in self.nodes[name].ns.run("ss", "-tlnH", f"sport = :{SERVICE_PORT}"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx on {name} failed to start: {server.stderr.read().decode()}")
+            time.sleep(0.05)
 
     def restart_agent(self, name: str, sig: int = signal.SIGKILL, objects_dir: str | None = None) -> None:
         agent = self.agents[name]
