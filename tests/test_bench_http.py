@@ -69,7 +69,7 @@ def test_bench_http_reports_both_paths_idle_and_under_flood():
     require_bpf()
     for tool in ("nginx", "wrk"):
         require_tool(tool)
-    result = run(seconds=1.0, flood_pps=50_000, families=(4,))
+    result = run(seconds=1.0, flood_pps=50_000, families=(4,), rounds=1)
     r = result["ipv4"]
     for key in ("synfleet_rps", "baseline_rps", "ratio", "synfleet_rps_under_flood",
                 "baseline_rps_under_flood", "errors"):

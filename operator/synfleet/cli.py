@@ -67,12 +67,13 @@ def _bench_flood(args: argparse.Namespace) -> int:
 def _bench_http(args: argparse.Namespace) -> int:
     from synfleet.bench.http import run
 
-    result = run(seconds=args.seconds, flood_pps=args.flood_rate, connections=args.connections)
+    result = run(seconds=args.seconds, flood_pps=args.flood_rate, connections=args.connections,
+                 rounds=args.rounds)
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"HTTP requests per second, one connection per request (wrk -c{args.connections}, "
-          f"{args.seconds:g} s a run; flood {result['flood_pps_asked']:,} SYN/s asked, "
+          f"median of {args.rounds} runs of {args.seconds:g} s; flood {result['flood_pps_asked']:,} SYN/s asked, "
           f"at least {result['flood_pps_sent_min']:,} sent)")
     print(f"  {'':<6} {'synfleet':>10} {'baseline':>10} {'ratio':>6}   {'under flood':>11} "
           f"{'baseline':>10} {'ratio':>6}   errors")
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ht.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run (default 5)")
     ht.add_argument("--flood-rate", type=int, default=250_000, help="SYNs per second (default 250000)")
     ht.add_argument("--connections", type=int, default=32, help="wrk's concurrent connections")
+    ht.add_argument("--rounds", type=int, default=3, help="alternating runs per path; medians reported")
     ht.add_argument("--json", action="store_true", help="print one JSON object")
     ht.set_defaults(func=_bench_http)
     demo = sub.add_parser("demo", help="a fleet in network namespaces under a SYN flood, with a "

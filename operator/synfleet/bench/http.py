@@ -13,13 +13,15 @@ HTTP/1.0 clients, health checkers and clients behind NAT.
 The baseline is the same lab with the service taken out of every node's
 configuration (`FleetLab.set_protected(False)`): the proxies route it to both
 backends (ECMP on the 4-tuple) and the backends' kernels defend with their own
-SYN cookies. Both are measured in one run, alternating, per address family.
+SYN cookies. Both are measured in one run, alternating, per address family,
+`rounds` times each; a figure is the median of its rounds, the errors their sum.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import statistics
 import socket
 import subprocess
 import threading
@@ -60,7 +62,12 @@ def wrk(lab: FleetLab, family: int, seconds: float, connections: int = 32) -> Wr
     proc = _nsenter(lab.nodes["client"].ns, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s",
                     "--timeout", "2s", "-H", "Connection: close", f"http://{host}:{SERVICE_PORT}/",
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=seconds + 30)
+    try:
+        out, _ = proc.communicate(timeout=seconds + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return WrkResult.parse(out)
 
 
@@ -115,7 +122,7 @@ class FamilyResult:
 
 
 def run(seconds: float = 5.0, flood_pps: int = FLOOD_PPS, connections: int = 32,
-        families: tuple[int, ...] = (4, 6)) -> dict:
+        families: tuple[int, ...] = (4, 6), rounds: int = 3) -> dict:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise RuntimeError("the flood generator needs a CPU of its own: two CPUs at least")
@@ -126,29 +133,30 @@ def run(seconds: float = 5.0, flood_pps: int = FLOOD_PPS, connections: int = 32,
         try:
             offered = []
             for family in families:
-                runs: dict[str, WrkResult] = {}
-                for protected, name in ((True, "synfleet"), (False, "baseline")):
-                    lab.set_protected(protected)
-                    runs[name] = wrk(lab, family, seconds, connections)
-                    runs[f"{name}_under_flood"] = flood.during(
-                        flood_pps, seconds, lambda: wrk(lab, family, seconds, connections))
-                    offered.append(flood.sent_pps)
+                runs: dict[str, list[WrkResult]] = {}
+                for _ in range(rounds):
+                    for protected, name in ((True, "synfleet"), (False, "baseline")):
+                        lab.set_protected(protected)
+                        runs.setdefault(name, []).append(wrk(lab, family, seconds, connections))
+                        runs.setdefault(f"{name}_under_flood", []).append(flood.during(
+                            flood_pps, seconds, lambda: wrk(lab, family, seconds, connections)))
+                        offered.append(flood.sent_pps)
                 lab.set_protected(True)
+                rps = {k: round(statistics.median(r.rps for r in v), 1) for k, v in runs.items()}
                 results[f"ipv{family}"] = asdict(FamilyResult(
-                    synfleet_rps=runs["synfleet"].rps, baseline_rps=runs["baseline"].rps,
-                    ratio=_ratio(runs["synfleet"].rps, runs["baseline"].rps),
-                    synfleet_rps_under_flood=runs["synfleet_under_flood"].rps,
-                    baseline_rps_under_flood=runs["baseline_under_flood"].rps,
-                    ratio_under_flood=_ratio(runs["synfleet_under_flood"].rps,
-                                             runs["baseline_under_flood"].rps),
-                    errors={k: r.errors for k, r in runs.items()},
-                    timeouts={k: r.timeouts for k, r in runs.items()}))
+                    synfleet_rps=rps["synfleet"], baseline_rps=rps["baseline"],
+                    ratio=_ratio(rps["synfleet"], rps["baseline"]),
+                    synfleet_rps_under_flood=rps["synfleet_under_flood"],
+                    baseline_rps_under_flood=rps["baseline_under_flood"],
+                    ratio_under_flood=_ratio(rps["synfleet_under_flood"], rps["baseline_under_flood"]),
+                    errors={k: sum(r.errors for r in v) for k, v in runs.items()},
+                    timeouts={k: sum(r.timeouts for r in v) for k, v in runs.items()}))
             proxy = lab.counters(("proxy-a",))
             backends = lab.counters(("backend-a", "backend-b"))
         finally:
             flood.close()
     return {
-        "seconds": seconds, "connections": connections, "flood_pps_asked": flood_pps,
+        "seconds": seconds, "rounds": rounds, "connections": connections, "flood_pps_asked": flood_pps,
         "flood_pps_sent_min": round(min(offered)), **results,
         "tw_recycled": int(backends["tw_recycled"]), "tw_refused": int(backends["tw_refused"]),
         "syn_answered": int(proxy["syn_answered"]),

@@ -50,6 +50,7 @@ PROXIES = ("proxy-a", "proxy-b")
 BACKENDS = ("backend-a", "backend-b")
 NGINX_CONF = """\
 daemon off;
+master_process off;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -259,6 +260,15 @@ class FleetLab:
             ns = self.nodes[name].ns
             ns.sysctl("net.ipv4.conf.all.forwarding", 1)
             ns.sysctl("net.ipv6.conf.all.forwarding", 1)
+            # A proxy that routes (the unprotected baseline) onto the link it
+            # received from would teach the client a redirect straight to a
+            # backend, which outlives the baseline.
+            ns.sysctl("net.ipv4.conf.all.send_redirects", 0)
+            ns.sysctl("net.ipv4.conf.eth0.send_redirects", 0)
+        for name in ("client", "attacker"):
+            for key in ("net.ipv4.conf.all.accept_redirects", "net.ipv6.conf.all.accept_redirects",
+                        "net.ipv6.conf.eth0.accept_redirects"):
+                self.nodes[name].ns.sysctl(key, 0)
         for name in BACKENDS:
             ns = self.nodes[name].ns
             ns.sysctl("net.ipv4.tcp_syncookies", 1)
@@ -381,8 +391,9 @@ class FleetLab:
                         stdout=subprocess.PIPE)
 
     def _nginx(self, name: str) -> subprocess.Popen:
-        """One worker answering every request `200 <backend>`, no logs, no keep-alive
-        beyond what the client asks; nginx's own files in the lab's directory."""
+        """One process (no master: killing it leaves no worker behind) answering
+        every request `200 <backend>`, no access log; nginx's files in the lab's
+        directory."""
         prefix = os.path.join(self.workdir, f"nginx-{name}")
         os.makedirs(prefix, exist_ok=True)
         conf = os.path.join(prefix, "nginx.conf")
