@@ -85,6 +85,7 @@ _proto("bpf_object__btf", _vp, _vp)
 _proto("bpf_program__fd", _int, _vp)
 _proto("bpf_map__fd", _int, _vp)
 _proto("bpf_map__reuse_fd", _int, _vp, _int)
+_proto("bpf_map__max_entries", _u32, _vp)
 _proto("bpf_obj_pin", _int, _int, ctypes.c_char_p)
 _proto("bpf_obj_get", _int, ctypes.c_char_p)
 _proto("bpf_obj_get_info_by_fd", _int, _int, _vp, ctypes.POINTER(_u32))
@@ -352,6 +353,10 @@ class BpfObject:
     def reuse_map(self, name: str, pinned: Map) -> None:
         """Before load: make map `name` the already existing `pinned` map (keeps its contents)."""
         _check(_lib.bpf_map__reuse_fd(self._map_ptr(name), pinned.fd), f"reuse map {name}")
+
+    def map_max_entries(self, name: str) -> int:
+        """Before or after load: the entries map `name` is declared with."""
+        return _lib.bpf_map__max_entries(self._map_ptr(name))
 
     def load(self) -> "BpfObject":
         with _CapturedLog() as log:

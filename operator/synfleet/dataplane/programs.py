@@ -81,6 +81,9 @@ class Dataplane:
     program_name: str
     object_name: str
     MAPS: tuple[str, ...] = ("counters", "active", "node_config", "services", "policies")
+    # Maps an upgrade may enlarge whose contents can start over: an agent built
+    # with fewer counters pinned a smaller `counters` map.
+    OUTGROWN: tuple[str, ...] = ("counters",)
 
     def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
         self.obj = BpfObject(object_path(self.object_name, objects_dir))
@@ -91,6 +94,8 @@ class Dataplane:
                 if os.path.exists(path):
                     pinned = Map.open_pinned(path)
                     try:
+                        if name in self.OUTGROWN and pinned.max_entries < self.obj.map_max_entries(name):
+                            continue   # pin_maps() puts the new, larger map in its place
                         self.obj.reuse_map(name, pinned)
                     finally:
                         pinned.close()
@@ -117,9 +122,12 @@ class Dataplane:
         return self.obj.map(name)
 
     def pin_maps(self, directory: str) -> None:
-        """Pin every map not pinned there yet (re-used maps already are)."""
+        """Pin every map not pinned there yet (re-used maps already are); a pinned
+        map this object outgrew is replaced."""
         for name in self.MAPS:
             path = os.path.join(directory, name)
+            if os.path.exists(path) and name not in self.reused:
+                os.unlink(path)    # outgrown: the programs now run on the new map
             if not os.path.exists(path):
                 self.map(name).pin(path)
 
