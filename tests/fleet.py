@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import secrets
 import socket
 import threading
 import time
 
 from synfleet.testbed.fleet import ENCAP_PORT, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
 from synfleet.bpf import TcHook, XdpHook
+from synfleet.cookie import current_epoch
 from synfleet.testbed.clients import pattern  # noqa: F401
 from synfleet.testbed.netns import NetNS
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by Python 3.11
+
+
+@contextlib.contextmanager
+def running_fleet(rotation_s: int):
+    """A three-namespace fleet with salts for the previous, current and next epoch."""
+    e = current_epoch(rotation_s)
+    f = Fleet.start({e + d: secrets.token_bytes(16) for d in (-1, 0, 1)}, rotation_s)
+    try:
+        yield f
+    finally:
+        f.stop()
 
 
 class Capture:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import secrets
 import socket
 import time
 
@@ -15,7 +14,7 @@ from scapy.layers.l2 import Ether
 
 from conftest import require_bpf
 from fleet import (
-    ENCAP_PORT, SERVICE_PORT, Capture, EchoServer, Fleet, pattern, recv_exact, ss_fields,
+    ENCAP_PORT, SERVICE_PORT, Capture, EchoServer, Fleet, pattern, recv_exact, running_fleet, ss_fields,
     ss_info, tcp_info_options,
 )
 from synfleet.cookie import FourTuple, cookie_check, current_epoch
@@ -30,10 +29,8 @@ TOGGLES = list(itertools.product([True, False], repeat=4))  # wscale, sack, ts, 
 @pytest.fixture(scope="module")
 def fleet():
     require_bpf()
-    e = current_epoch(ROTATION_S)
-    f = Fleet.start({e + d: secrets.token_bytes(16) for d in (-1, 0, 1)}, ROTATION_S)
-    yield f
-    f.stop()
+    with running_fleet(ROTATION_S) as f:
+        yield f
 
 
 def syn_frames(frames, want_flags):

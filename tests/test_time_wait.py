@@ -14,8 +14,7 @@ import time
 import pytest
 
 from conftest import require_bpf
-from fleet import SERVICE_PORT, Fleet, recv_exact
-from synfleet.cookie import current_epoch
+from fleet import SERVICE_PORT, Fleet, recv_exact, running_fleet
 from synfleet.dataplane.layout import Counter
 from synfleet.testbed.topology import V4, V6
 
@@ -28,10 +27,8 @@ TIMEOUT_S = 5.0
 @pytest.fixture(scope="module")
 def fleet():
     require_bpf()
-    e = current_epoch(ROTATION_S)
-    f = Fleet.start({e + d: secrets.token_bytes(16) for d in (-1, 0, 1)}, ROTATION_S)
-    yield f
-    f.stop()
+    with running_fleet(ROTATION_S) as f:
+        yield f
 
 
 @pytest.fixture
