@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 
 from synfleet.testbed.configs import SERVICE_PORT
 from synfleet.testbed.fleetlab import SERVICE, FleetLab
+from synfleet.testbed.service import BYE
 
 CONNECT_TIMEOUT_S = 5.0
+CHURN_PORT_BASE = 45000
+PORTS_PER_CLIENT = 16
 
 
 @dataclass(frozen=True)
@@ -36,14 +39,19 @@ def _read_line(sock: socket.socket) -> bytes:
 
 
 def attempt(lab: FleetLab, family: int = 4, source_port: int = 0, payload: bytes = b"ping",
-            timeout: float = CONNECT_TIMEOUT_S) -> Attempt:
-    """One connection: connect, read the greeting, echo `payload`, reset-close
-    (so a fixed source port can be used again at once)."""
+            timeout: float = CONNECT_TIMEOUT_S, server_closes: bool = False) -> Attempt:
+    """One connection: connect, read the greeting, echo `payload`, then either
+    reset-close (so a fixed source port can be used again at once) or, with
+    `server_closes`, let the service close first and leave the 4-tuple in
+    TIME_WAIT on the backend, where the next use of the port meets it."""
     started = time.monotonic()
     sock = lab.client_socket(family)
+    if server_closes:
+        payload += BYE
     try:
         sock.settimeout(timeout)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if not server_closes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         if source_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("0.0.0.0" if family == 4 else "::", source_port))
@@ -59,6 +67,8 @@ def attempt(lab: FleetLab, family: int = 4, source_port: int = 0, payload: bytes
             echoed += chunk
         if echoed != payload:
             raise ValueError("echo differs")
+        if server_closes and sock.recv(1):
+            raise ValueError("the service did not close")
         return Attempt(started, True, connect_ms, backend)
     except (OSError, ValueError) as err:
         return Attempt(started, False, None, None, f"{type(err).__name__}: {err}")
@@ -69,7 +79,10 @@ def attempt(lab: FleetLab, family: int = 4, source_port: int = 0, payload: bytes
 @dataclass
 class ClientLoad:
     """`concurrency` threads connecting back to back (IPv4 and IPv6 alternate)
-    until stopped; every attempt is kept."""
+    until stopped; every attempt is kept. Each thread cycles through
+    PORTS_PER_CLIENT fixed source ports and the service closes first, so that
+    most connections reuse a 4-tuple the backend still holds in TIME_WAIT (as
+    a busy client behind NAT or an HTTP/1.0 load does)."""
 
     lab: FleetLab
     concurrency: int = 4
@@ -84,7 +97,9 @@ class ClientLoad:
     def _run(self, index: int) -> None:
         n = 0
         while not self._stop.is_set():
-            self.attempts.append(attempt(self.lab, 4 if (index + n) % 2 == 0 else 6))
+            port = CHURN_PORT_BASE + index * PORTS_PER_CLIENT + n % PORTS_PER_CLIENT
+            self.attempts.append(attempt(self.lab, 4 if (index + n) % 2 == 0 else 6, port,
+                                         server_closes=True))
             n += 1
             self._stop.wait(self.pause_s)
 

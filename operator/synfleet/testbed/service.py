@@ -1,6 +1,8 @@
 """The protected service the fleet testbed runs on each backend: it greets
 every connection with its backend's name (so a client knows where its flow
-landed), then echoes what it reads until the client closes.
+landed), then echoes what it reads until the client closes — or, once what it
+echoed ends with `BYE`, closes first itself, as an HTTP/1.0 server does, so
+that the 4-tuple stays in TIME_WAIT on the backend.
 
     python -m synfleet.testbed.service --name backend-a --port 8080 ADDRESS...
 """
@@ -12,13 +14,19 @@ import socket
 import sys
 import threading
 
+BYE = b"bye\n"
+
 
 def _serve(conn: socket.socket, greeting: bytes) -> None:
     with conn:
         try:
             conn.sendall(greeting)
+            tail = b""
             while chunk := conn.recv(1 << 18):
                 conn.sendall(chunk)
+                tail = (tail + chunk)[-len(BYE):]
+                if tail == BYE:
+                    return
         except OSError:
             pass   # the client reset or went away: nothing to serve
 
