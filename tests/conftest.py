@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from synfleet import contract
 from synfleet.config import schema
 from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
@@ -27,8 +28,8 @@ CLIENT_V4, CLIENT_V6 = "198.18.1.7", "2001:db8:1::7"
 PORT_FULL, PORT_PLAIN, PORT_MONITOR = 80, 81, 82
 
 
-def _policy(pid: int, port: int, mode: str = "enforce", **cookie) -> schema.Policy:
-    return schema.Policy(id=pid, mode=mode, cookie=schema.Cookie(**cookie),
+def _policy(pid: int, port: int, mode: str = "enforce", **cookie) -> schema.PolicyEntry:
+    return schema.PolicyEntry(id=pid, mode=mode, cookie=schema.Cookie(**cookie),
                          services=[{"address": a, "port": port} for a in (SERVICE_V4, SERVICE_V6)])
 
 
@@ -160,3 +161,9 @@ def addr_pair(family: int) -> tuple[ipaddress._BaseAddress, ipaddress._BaseAddre
     if family == 4:
         return ipaddress.ip_address(CLIENT_V4), ipaddress.ip_address(SERVICE_V4)
     return ipaddress.ip_address(CLIENT_V6), ipaddress.ip_address(SERVICE_V6)
+
+def agent_document(document: dict, ipv4: str | None, ipv6: str | None,
+                   salts: dict[int, bytes] | None = None) -> schema.DataplaneConfig:
+    """What a node's agent with these addresses builds from the ConfigMap's document."""
+    addresses = {k: v for k, v in (("ipv4", ipv4), ("ipv6", ipv6)) if v}
+    return schema.parse(contract.node_document(document, addresses, salts))

@@ -15,12 +15,12 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tarfile
 import tempfile
 import time
 import urllib.request
-import ssl
 import zipfile
 from pathlib import Path
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 
+import mmh3
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
+
+from synfleet.abi import ENCAP_SPORT_BASE, ENCAP_SPORT_SPAN, RING_SIZE
+from synfleet.cookie import FourTuple
 
 CLIENT_MAC, PROXY_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 
@@ -50,3 +54,20 @@ def checksums_valid(frame: bytes) -> bool:
 def tcp_options(frame: bytes) -> dict:
     """Options of the frame's TCP header as a dict, NOPs/EOL dropped."""
     return {k: v for k, v in Ether(frame)[TCP].options if k not in ("NOP", "EOL")}
+
+
+# bpf/sf_flow.h: MurmurHash3 x86_32 of the packed 4-tuple (the mmh3 library is
+# the reference; the product needs no Python twin).
+FLOW_SEED = 0x5F1EE7
+
+
+def flow_hash(t: FourTuple) -> int:
+    return mmh3.hash(t.packed(), FLOW_SEED, signed=False)
+
+
+def ring_slot(t: FourTuple) -> int:
+    return flow_hash(t) % RING_SIZE
+
+
+def encap_source_port(t: FourTuple) -> int:
+    return ENCAP_SPORT_BASE + flow_hash(t) % ENCAP_SPORT_SPAN

@@ -10,25 +10,34 @@ import secrets
 import signal
 import socket
 import threading
-import urllib.request
 import time
+import urllib.request
 
 import pytest
-
-from conftest import (
-    CLIENT_V4, PORT_FULL, POLICY_FULL, PROXY_V4, PROXY_V6, ROTATION_S, SERVICE_V4, Salts, require_bpf,
-    tai_epoch, unit_config,
-)
-from fleet import ingress_program_id, wait_for, xdp_program_id, xdp_tx_count
-from packets import TC_ACT_REDIRECT, tcp_frame
 from prometheus_client.parser import text_string_to_metric_families
 from scapy.layers.inet import TCP
 from scapy.layers.l2 import Ether
+
+from conftest import (
+    CLIENT_V4,
+    POLICY_FULL,
+    PORT_FULL,
+    PROXY_V4,
+    PROXY_V6,
+    ROTATION_S,
+    SERVICE_V4,
+    Salts,
+    require_bpf,
+    tai_epoch,
+    unit_config,
+)
+from fleet import ingress_program_id, wait_for, xdp_program_id, xdp_tx_count
+from packets import TC_ACT_REDIRECT, tcp_frame
+from synfleet.abi import Counter
 from synfleet.agent.agent import uninstall
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir
 from synfleet.bpf import BpfObject, XdpHook, object_path
-from synfleet.dataplane.layout import Counter
 from synfleet.dataplane.programs import ProxyDataplane
 from synfleet.testbed.fleetlab import AgentProcess, Node
 from synfleet.testbed.netns import NetNS, unique_name

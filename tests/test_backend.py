@@ -12,11 +12,19 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from conftest import (
-    BACKEND_V4, BACKEND_V6, ENCAP_PORT, PORT_FULL, PORT_MONITOR, POLICY_FULL, POLICY_MONITOR,
-    PROXY_V4, PROXY_V6, addr_pair,
+    BACKEND_V4,
+    BACKEND_V6,
+    ENCAP_PORT,
+    POLICY_FULL,
+    POLICY_MONITOR,
+    PORT_FULL,
+    PORT_MONITOR,
+    PROXY_V4,
+    PROXY_V6,
+    addr_pair,
 )
 from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_OK, TC_ACT_SHOT, tcp_frame
-from synfleet.dataplane.layout import ENCAP_F_VALIDATED, Counter
+from synfleet.abi import ENCAP_F_VALIDATED, Counter
 
 
 def encapsulated(inner_frame: bytes, outer_src: str, outer_dst: str, policy_id: int,

@@ -10,8 +10,8 @@ import tempfile
 
 import pytest
 
+from synfleet.abi import Counter
 from synfleet.bpf import BpfError, BpfObject, Map
-from synfleet.dataplane.layout import Counter
 from synfleet.dataplane.programs import ProxyDataplane
 
 

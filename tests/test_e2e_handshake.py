@@ -14,11 +14,19 @@ from scapy.layers.l2 import Ether
 
 from conftest import require_bpf
 from fleet import (
-    ENCAP_PORT, SERVICE_PORT, Capture, EchoServer, Fleet, pattern, recv_exact, running_fleet, ss_fields,
-    ss_info, tcp_info_options,
+    ENCAP_PORT,
+    SERVICE_PORT,
+    Capture,
+    EchoServer,
+    pattern,
+    recv_exact,
+    running_fleet,
+    ss_fields,
+    ss_info,
+    tcp_info_options,
 )
+from synfleet.abi import Counter
 from synfleet.cookie import FourTuple, cookie_check, current_epoch
-from synfleet.dataplane.layout import Counter
 from synfleet.testbed.topology import V4, V6
 
 ROTATION_S = 3600

@@ -6,8 +6,8 @@ import ctypes
 import re
 from pathlib import Path
 
+from synfleet.abi import BTF_MIRRORS, Counter
 from synfleet.bpf import BpfObject, object_path
-from synfleet.dataplane.layout import BTF_MIRRORS, Counter
 
 HEADER = Path(__file__).resolve().parents[1] / "bpf" / "synfleet.h"
 

@@ -7,13 +7,13 @@ import socket
 
 import pytest
 from scapy.layers.inet import IP, TCP, IPOption_Router_Alert
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop, IPv6ExtHdrFragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Ether
 
 from conftest import PORT_FULL, addr_pair
 from fleet import wait_for
 from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, tcp_frame
-from synfleet.dataplane.layout import Counter
+from synfleet.abi import Counter
 
 LINUX_SYN_OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None), ("WScale", 7)]
 

@@ -16,13 +16,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import require_bpf, require_kube
+from conftest import agent_document, require_bpf, require_kube
 from fleet import wait_for
 from kubecluster import KubeCluster, OperatorProcess, free_port
+from synfleet import contract
 from synfleet.agent.agent import uninstall
-from synfleet.resources import names, salts
-from synfleet.resources.dataplane import node_document
-from synfleet.resources.model import PoolRole
+from synfleet.config.schema import Role
+from synfleet.resources import names
 from synfleet.testbed.netns import unique_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def add_agent_pod(kube: KubeCluster, role: str, pool: str, node: str, ready: boo
     name = f"synfleet-{role}-{pool}-{node}"
     apply(kube, {"apiVersion": "v1", "kind": "Pod",
                  "metadata": {"name": name, "namespace": NAMESPACE,
-                              "labels": names.labels(PoolRole(role), pool)},
+                              "labels": names.labels(Role(role), pool)},
                  "spec": {"nodeName": node, "serviceAccountName": f"synfleet-{role}-{pool}",
                           "containers": [{"name": "agent", "image": "ghcr.io/synfleet/agent:test"}]}})
     kube.merge_patch(f"/api/v1/namespaces/{NAMESPACE}/pods/{name}/status", {"status": {
@@ -118,7 +118,7 @@ def condition(obj: dict, ctype: str) -> dict:
 
 def configmap_document(kube: KubeCluster, name: str) -> dict | None:
     cm = get(kube, "configmap", name)
-    return yaml.safe_load(cm["data"][names.CONFIG_KEY]) if cm else None
+    return yaml.safe_load(cm["data"][contract.CONFIG_KEY]) if cm else None
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +189,11 @@ def test_pools_and_policy_become_daemonsets_salts_configmaps_and_rbac(fleet):
     assert backend_doc["allowedProxies"] == ["10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"]
 
     secret = get(fleet, "secret", "synfleet-salts-edge")
-    published = salts.published_salts(secret)
+    published = contract.secret_salts(secret)
     assert len(published) == 4 and all(len(k) == 16 for k in published.values())
     # The ConfigMap plus a node's addresses plus the salts is a document the agent accepts.
-    node_document(proxy_doc, "10.0.0.1", "fd00::1", published)
-    node_document(backend_doc, "10.0.1.1", None)
+    agent_document(proxy_doc, "10.0.0.1", "fd00::1", published)
+    agent_document(backend_doc, "10.0.1.1", None)
 
     ds = get(fleet, "daemonset", "synfleet-proxy-edge")
     assert ds["metadata"]["ownerReferences"][0]["kind"] == "ProxyPool"
@@ -225,7 +225,7 @@ def test_status_progresses_as_the_daemonsets_roll_out(fleet):
     assert condition(policy, "Degraded")["status"] == "False"
     assert policy["status"]["observedGeneration"] == policy["metadata"]["generation"]
     assert policy["status"]["nodes"] == "2/2" and policy["status"]["backends"] == 2
-    assert policy["status"]["saltEpoch"] in salts.published_salts(get(fleet, "secret", "synfleet-salts-edge"))
+    assert policy["status"]["saltEpoch"] in contract.secret_salts(get(fleet, "secret", "synfleet-salts-edge"))
     events = fleet.kubectl("get", "events", "-n", APP_NS, "--field-selector",
                            "involvedObject.kind=SynProxyPolicy,involvedObject.name=web", "-o", "json").stdout
     assert "Protected" in {e["reason"] for e in json.loads(events)["items"]}
@@ -284,11 +284,11 @@ def test_salts_rotate_on_schedule_keeping_every_key_until_it_expires(fleet, oper
     from synfleet.cookie import current_epoch
 
     apply(fleet, proxy_pool("fast", rotation_s=10))
-    first = wait_for(lambda: salts.published_salts(get(fleet, "secret", "synfleet-salts-fast")), "the fast pool's salts", timeout=KUBE_TIMEOUT_S)
+    first = wait_for(lambda: contract.secret_salts(get(fleet, "secret", "synfleet-salts-fast")), "the fast pool's salts", timeout=KUBE_TIMEOUT_S)
     now = current_epoch(10)
     # Published in the epoch it was read in, or the one before (a boundary in between).
     assert sorted(first) in ([now - 1, now, now + 1, now + 2], [now - 2, now - 1, now, now + 1])
-    rotated = wait_for(lambda: (s := salts.published_salts(
+    rotated = wait_for(lambda: (s := contract.secret_salts(
         get(fleet, "secret", "synfleet-salts-fast"))) and s != first and s, "the next rotation", timeout=25)
     assert max(rotated) == max(first) + 1 and min(rotated) == min(first) + 1
     assert all(rotated[e] == first[e] for e in set(first) & set(rotated))

@@ -15,13 +15,20 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from conftest import (
-    BACKEND_V4, BACKEND_V6, ENCAP_PORT, PORT_FULL, POLICY_FULL, PROXY_V4, PROXY_V6, addr_pair,
+    BACKEND_V4,
+    BACKEND_V6,
+    ENCAP_PORT,
+    POLICY_FULL,
+    PORT_FULL,
+    PROXY_V4,
+    PROXY_V6,
+    addr_pair,
     tai_epoch,
 )
-from packets import TC_ACT_OK, TC_ACT_REDIRECT, checksums_valid, tcp_frame
+from packets import TC_ACT_OK, TC_ACT_REDIRECT, checksums_valid, encap_source_port, ring_slot, tcp_frame
+from synfleet.abi import ENCAP_F_VALIDATED, Counter
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make
-from synfleet.dataplane.flow import encap_source_port, maglev_table, ring_slot
-from synfleet.dataplane.layout import ENCAP_F_VALIDATED, Counter
+from synfleet.dataplane.flow import maglev_table
 
 ATTRS = CookieAttributes(mss_index=3, wscale=7, sack=True, ecn=False)
 
@@ -100,6 +107,20 @@ def test_cookie_older_than_two_epochs_is_rejected_as_stale(proxy, salts, family)
         assert proxy.counter_values()[Counter.COOKIE_STALE] == before + 1
     finally:
         proxy.set_salts(salts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(family=st.sampled_from([4, 6]), sport=st.integers(1, 65535), isn=st.integers(0, 2**32 - 2))
+def test_flow_hash_is_murmur3_of_the_four_tuple(proxy, salts, family, sport, isn):
+    """The encapsulation's source port and the backend the proxy picks both come
+    from MurmurHash3 x86_32 of the tuple (the mmh3 library as the reference)."""
+    client, service = addr_pair(family)
+    epoch = tai_epoch()
+    t = FourTuple(client, service, sport, PORT_FULL)
+    e = decode_encap(proxy.program.test_run(handshake_ack(family, sport, isn, cookie_make(
+        salts[epoch], epoch, t, isn, ATTRS))).data)
+    assert e["udp"].sport == encap_source_port(t)
+    assert str(e["outer"].dst) == [BACKEND_V4, BACKEND_V6][maglev_table([BACKEND_V4, BACKEND_V6])[ring_slot(t)]]
 
 
 @pytest.mark.parametrize("family", [4, 6])

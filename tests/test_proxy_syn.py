@@ -8,12 +8,10 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from conftest import (
-    PORT_FULL, PORT_PLAIN, POLICY_FULL, POLICY_PLAIN, addr_pair, tai_epoch,
-)
+from conftest import POLICY_FULL, POLICY_PLAIN, PORT_FULL, PORT_PLAIN, addr_pair, tai_epoch
 from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_REDIRECT, checksums_valid, tcp_frame, tcp_options
+from synfleet.abi import Counter
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, epoch_bits, mss_index
-from synfleet.dataplane.layout import Counter
 
 POLICIES = {PORT_FULL: POLICY_FULL, PORT_PLAIN: POLICY_PLAIN}
 

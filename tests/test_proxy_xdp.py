@@ -12,7 +12,7 @@ from scapy.layers.l2 import Ether
 
 from conftest import PORT_FULL, addr_pair, unit_config
 from packets import TC_ACT_REDIRECT, checksums_valid, tcp_frame
-from synfleet.dataplane.layout import Counter
+from synfleet.abi import Counter
 from synfleet.dataplane.programs import ProxyDataplane
 from test_proxy_syn import syns
 

@@ -2,34 +2,42 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 
 import pytest
 import yaml
 
+from conftest import agent_document
+from synfleet import contract
 from synfleet.config import schema
+from synfleet.config.schema import Role
 from synfleet.resources import agents, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
-    ClusterView, NodeInfo, allocate_ids, configmap, node_document, ready_agent_nodes, render,
+    ClusterView,
+    NodeInfo,
+    allocate_ids,
+    configmap,
+    ready_agent_nodes,
+    render,
     validate_for_nodes,
 )
-from synfleet.resources.model import Policy, Pool, PoolRole
+from synfleet.resources.model import Pool, SynProxyPolicy
 from synfleet.resources.status import Rollout, condition, policy_status, pool_status
 
 SETTINGS = OperatorSettings(namespace="synfleet-system", agent_image="ghcr.io/synfleet/agent:0.1.0")
 
 
-def pool(role: PoolRole, name: str, **spec) -> Pool:
+
+def pool(role: Role, name: str, **spec) -> Pool:
     return Pool.from_object(role, {"metadata": {"name": name, "uid": f"uid-{name}", "generation": 3},
                                    "spec": {"interface": "eth0", **spec}})
 
 
 def policy(name: str, created: str = "2026-11-25T10:00:00Z", namespace: str = "shop", policy_id=None,
-           **spec) -> Policy:
+           **spec) -> SynProxyPolicy:
     body = {"ports": [443], "proxyPool": "edge", "backendPool": "web", **spec}
-    return Policy.from_object({"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}",
+    return SynProxyPolicy.from_object({"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}",
                                             "generation": 2, "creationTimestamp": created},
                                "spec": body, "status": {"policyId": policy_id} if policy_id else {}})
 
@@ -42,8 +50,8 @@ def node(name: str, *addresses: str, ready: bool = True, **labels: str) -> NodeI
                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}})
 
 
-EDGE = pool(PoolRole.PROXY, "edge", nodeSelector={"synfleet.io/edge": "true"})
-WEB = pool(PoolRole.BACKEND, "web", nodeSelector={"tier": "web"})
+EDGE = pool(Role.PROXY, "edge", nodeSelector={"synfleet.io/edge": "true"})
+WEB = pool(Role.BACKEND, "web", nodeSelector={"tier": "web"})
 NODES = [node("edge-1", "10.0.0.1", "fd00::1", **{"synfleet.io/edge": "true"}),
          node("edge-2", "10.0.0.2", "fd00::2", **{"synfleet.io/edge": "true"}),
          node("web-1", "10.0.1.1", "fd00:1::1", tier="web"),
@@ -54,7 +62,7 @@ NODES = [node("edge-1", "10.0.0.1", "fd00::1", **{"synfleet.io/edge": "true"}),
 READY_AGENTS = {"web": {"web-1", "web-2", "web-3", "web-6"}}
 
 
-def view(*policies: Policy, services=None, slices=None, nodes=NODES, agents=READY_AGENTS) -> ClusterView:
+def view(*policies: SynProxyPolicy, services=None, slices=None, nodes=NODES, agents=READY_AGENTS) -> ClusterView:
     return ClusterView(proxy_pools=[EDGE], backend_pools=[WEB], policies=list(policies), nodes=nodes,
                        services=services or {}, endpoint_slices=slices or [], ready_backend_agents=agents)
 
@@ -85,7 +93,7 @@ def test_agent_daemonset_runs_the_pool_role_with_least_privilege():
 
 
 def test_pool_image_tolerations_and_resources_reach_the_pod():
-    custom = pool(PoolRole.BACKEND, "web", image="registry.local/agent:dev", metricsPort=9600,
+    custom = pool(Role.BACKEND, "web", image="registry.local/agent:dev", metricsPort=9600,
                   tolerations=[{"key": "dedicated", "operator": "Equal", "value": "web", "effect": "NoSchedule"}],
                   resources={"requests": {"cpu": "100m"}})
     pod = agents.daemonset(custom, SETTINGS)["spec"]["template"]["spec"]
@@ -122,9 +130,9 @@ def test_salt_secret_round_trips_and_is_what_a_proxy_config_accepts():
     keys = salts.rotate({}, 7)
     secret = salts.secret(EDGE, SETTINGS, keys)
     assert secret["metadata"]["name"] == "synfleet-salts-edge" and secret["type"] == "Opaque"
-    assert salts.published_salts(secret) == keys
-    assert salts.salts_document(secret)["rotationSeconds"] == 60
-    assert salts.published_salts(None) == {}
+    assert contract.secret_salts(secret) == keys
+    assert contract.secret_rotation_seconds(secret) == 60
+    assert contract.secret_salts(None) == {}
 
 
 # ---- data-plane rendering ----
@@ -133,8 +141,8 @@ def test_policy_renders_into_both_pools_with_backends_and_allowed_proxies():
     p = policy("web", addresses=["203.0.113.10", "2001:db8::10"], ports=[443, 80], mode="monitor",
                cookie={"windowScale": 9, "timestamps": False})
     out = render(view(p), SETTINGS)
-    proxy_doc = out.configs[(PoolRole.PROXY, "edge")]
-    backend_doc = out.configs[(PoolRole.BACKEND, "web")]
+    proxy_doc = out.configs[(Role.PROXY, "edge")]
+    backend_doc = out.configs[(Role.BACKEND, "web")]
     (entry,) = proxy_doc["policies"]
     assert entry["id"] == 1 and entry["name"] == "shop/web" and entry["mode"] == "monitor"
     assert {(s["address"], s["port"]) for s in entry["services"]} == {
@@ -148,33 +156,33 @@ def test_policy_renders_into_both_pools_with_backends_and_allowed_proxies():
     assert backend_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080}
     assert out.policies["shop/web"].backends == 2 and out.policies["shop/web"].problem is None
 
-    cfg = node_document(proxy_doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5))
+    cfg = agent_document(proxy_doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5))
     assert cfg.role is schema.Role.PROXY and cfg.node.addresses.ipv4.compressed == "10.0.0.1"
-    validate_for_nodes(PoolRole.BACKEND, backend_doc, NODES)
+    validate_for_nodes(Role.BACKEND, backend_doc, NODES)
 
 
 def test_a_proxy_pool_asking_for_xdp_renders_the_xdp_front_on():
-    edge = pool(PoolRole.PROXY, "edge", nodeSelector={"synfleet.io/edge": "true"}, xdp=True)
+    edge = pool(Role.PROXY, "edge", nodeSelector={"synfleet.io/edge": "true"}, xdp=True)
     v = view(policy("web", addresses=["203.0.113.10"], ports=[443]))
     out = render(dataclasses.replace(v, proxy_pools=[edge]), SETTINGS)
-    doc = out.configs[(PoolRole.PROXY, "edge")]
+    doc = out.configs[(Role.PROXY, "edge")]
     assert doc["node"]["xdp"] is True
-    assert node_document(doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5)).node.xdp is True
+    assert agent_document(doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5)).node.xdp is True
 
 
 def agent_pod(node: str, ready: bool, role: str = "backend", pool: str = "web") -> dict:
-    return {"metadata": {"name": f"agent-{node}", "labels": names.labels(PoolRole(role), pool)},
+    return {"metadata": {"name": f"agent-{node}", "labels": names.labels(Role(role), pool)},
             "spec": {"nodeName": node},
             "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
 
 
 def test_only_nodes_with_a_ready_backend_agent_receive_flows():
     pods = [agent_pod("web-1", True), agent_pod("web-2", False), agent_pod("edge-1", True, "proxy", "edge"),
-            {"metadata": {"name": "starting", "labels": names.labels(PoolRole.BACKEND, "web")}, "spec": {}}]
+            {"metadata": {"name": "starting", "labels": names.labels(Role.BACKEND, "web")}, "spec": {}}]
     agents = ready_agent_nodes(pods)
     assert agents == {"web": {"web-1"}}
     out = render(view(policy("a", addresses=["203.0.113.1"]), agents=agents), SETTINGS)
-    assert out.configs[(PoolRole.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.1"]
+    assert out.configs[(Role.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.1"]
     out = render(view(policy("a", addresses=["203.0.113.1"]), agents={}), SETTINGS)
     assert out.policies["shop/a"].problem.reason == "NoBackends"
     assert "Ready agent" in out.policies["shop/a"].problem.message
@@ -197,7 +205,7 @@ def test_local_traffic_policy_sends_only_to_nodes_hosting_a_ready_endpoint():
                              {"nodeName": "web-1", "conditions": {"ready": False}}]}]
     out = render(view(policy("a", service={"name": "shop"}), services={("shop", "shop"): svc}, slices=slices),
                  SETTINGS)
-    assert out.configs[(PoolRole.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.2"]
+    assert out.configs[(Role.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.2"]
 
 
 @pytest.mark.parametrize("spec, reason", [
@@ -208,7 +216,7 @@ def test_local_traffic_policy_sends_only_to_nodes_hosting_a_ready_endpoint():
 def test_unservable_policy_is_left_out_with_a_reason(spec, reason):
     out = render(view(policy("a", **spec)), SETTINGS)
     assert out.policies["shop/a"].problem.reason == reason
-    assert out.configs[(PoolRole.PROXY, "edge")]["policies"] == []
+    assert out.configs[(Role.PROXY, "edge")]["policies"] == []
 
 
 def test_service_without_an_address_yet_and_pool_without_ready_nodes_are_reported():
@@ -228,7 +236,7 @@ def test_younger_policy_claiming_a_protected_port_is_in_conflict():
     assert out.policies["shop/new"].problem.reason == "Conflict"
     assert "203.0.113.1 port 443" in out.policies["shop/new"].problem.message
     assert "shop/old" in out.policies["shop/new"].problem.message
-    assert [p["name"] for p in out.configs[(PoolRole.PROXY, "edge")]["policies"]] == ["shop/old"]
+    assert [p["name"] for p in out.configs[(Role.PROXY, "edge")]["policies"]] == ["shop/old"]
 
 
 def test_policy_ids_are_stable_and_collisions_go_to_the_oldest():
@@ -242,17 +250,17 @@ def test_document_a_node_cannot_use_is_rejected_naming_the_node():
     v4_only = [node("edge-9", "10.0.0.9", **{"synfleet.io/edge": "true"})]
     v6_backends = [node("web-6", "fd00:1::6", tier="web")]
     out = render(view(policy("a", addresses=["2001:db8::1"]), nodes=v4_only + v6_backends), SETTINGS)
-    doc = out.configs[(PoolRole.PROXY, "edge")]
+    doc = out.configs[(Role.PROXY, "edge")]
     with pytest.raises(schema.ConfigError, match=r"node edge-9 .*ipv6"):
-        validate_for_nodes(PoolRole.PROXY, doc, v4_only)
+        validate_for_nodes(Role.PROXY, doc, v4_only)
 
 
 def test_configmap_carries_the_document_owned_by_the_pool():
-    doc = render(view(), SETTINGS).configs[(PoolRole.BACKEND, "web")]
+    doc = render(view(), SETTINGS).configs[(Role.BACKEND, "web")]
     cm = configmap(WEB, SETTINGS, doc)
     assert cm["metadata"]["name"] == "synfleet-backend-web"
     assert cm["metadata"]["ownerReferences"][0]["kind"] == "BackendPool"
-    assert yaml.safe_load(cm["data"][names.CONFIG_KEY]) == doc
+    assert yaml.safe_load(cm["data"][contract.CONFIG_KEY]) == doc
 
 
 # ---- status ----

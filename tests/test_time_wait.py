@@ -15,7 +15,7 @@ import pytest
 
 from conftest import require_bpf
 from fleet import SERVICE_PORT, Fleet, recv_exact, running_fleet
-from synfleet.dataplane.layout import Counter
+from synfleet.abi import Counter
 from synfleet.testbed.topology import V4, V6
 
 ROTATION_S = 3600

@@ -10,8 +10,8 @@ import threading
 import time
 from typing import Callable
 
+from synfleet.abi import Counter
 from synfleet.cookie import current_epoch
-from synfleet.dataplane.layout import Counter
 from synfleet.testbed.fleet import SERVICE_PORT, Fleet, recv_exact
 from synfleet.testbed.topology import V4, V6
 

@@ -20,9 +20,9 @@ import socket
 import time
 from dataclasses import dataclass
 
-from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir, hooks_running
+from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
 from synfleet.bpf import BpfError, TcHook, XdpHook
 from synfleet.config import schema
 from synfleet.cookie import current_epoch

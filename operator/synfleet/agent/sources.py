@@ -5,7 +5,6 @@ a file (`--config`), or the pool's ConfigMap and salt Secret (`--kubernetes`).""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import threading
@@ -14,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from synfleet import contract
 from synfleet.agent.inotify import FileWatch
 from synfleet.config.schema import ConfigError
-from synfleet.resources.names import CONFIG_KEY
-from synfleet.resources.salts import salts_document
+from synfleet.kube import Kube, api_client
 
 log = logging.getLogger("synfleet.agent")
 
@@ -36,20 +35,6 @@ class FileSource(FileWatch):
         except OSError as err:
             raise ConfigError(f"cannot read {self.path}: {err.strerror}") from None
 
-
-def node_addresses(text: str) -> dict[str, str]:
-    """The node's first IPv4 and IPv6 address from a list such as the downward
-    API's status.hostIPs ("10.0.0.7,fd00::7")."""
-    found: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        try:
-            addr = ipaddress.ip_address(item)
-        except ValueError:
-            raise ConfigError(f"node address {item!r} is not an IP address") from None
-        found.setdefault(f"ipv{addr.version}", str(addr))
-    if not found:
-        raise ConfigError("the node has no address (SYNFLEET_NODE_ADDRESSES is empty)")
-    return found
 
 
 @dataclass(frozen=True)
@@ -71,8 +56,6 @@ class KubeSource:
     exponentially. Each change wakes the agent through a pipe."""
 
     def __init__(self, opts: KubeSourceOptions) -> None:
-        from synfleet.operator.kube import Kube, api_client
-
         self.opts = opts
         self._addresses = opts.node_addresses
         self.kube = Kube(api_client(opts.kubeconfig))
@@ -153,23 +136,14 @@ class KubeSource:
     def read(self) -> str:
         with self._lock:
             cm, secret = self._objects.get("ConfigMap"), self._objects.get("Secret")
-        if cm is None:
-            raise ConfigError(f"ConfigMap {self.opts.namespace}/{self.opts.configmap} does not exist (yet)")
-        text = (cm.get("data") or {}).get(CONFIG_KEY)
-        if not text:
-            raise ConfigError(f"ConfigMap {self.opts.configmap} has no key {CONFIG_KEY}")
-        try:
-            document = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"ConfigMap {self.opts.configmap}: not YAML: {err}") from None
-        if not isinstance(document, dict) or not isinstance(document.get("node"), dict):
-            raise ConfigError(f"ConfigMap {self.opts.configmap}: expected a DataplaneConfig with a node section")
-        document["node"]["addresses"] = node_addresses(self._addresses)
+        document = contract.configmap_document(cm, f"{self.opts.namespace}/{self.opts.configmap}")
+        salts = None
         if self.opts.secret:
             if secret is None:
                 raise ConfigError(f"Secret {self.opts.namespace}/{self.opts.secret} does not exist (yet)")
-            document["salts"] = salts_document(secret).get("salts", [])
-        return yaml.safe_dump(document, sort_keys=False)
+            salts = contract.secret_salts(secret)
+        return yaml.safe_dump(contract.node_document(document, contract.node_addresses(self._addresses), salts),
+                              sort_keys=False)
 
     def close(self) -> None:
         self._stop.set()

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from synfleet.bpf import BpfObject, Program, TypedMap, object_path
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
+from synfleet.net import frames
 from synfleet.testbed.configs import ENCAP_PORT, testbed_config
 from synfleet.testbed.configs import SERVICE_PORT as PORT
-from synfleet.net import frames
 from synfleet.testbed.lab import proxy_node_namespace
 
 NODE_V4, NODE_V6, BACKEND_V4 = "198.18.0.1", "2001:db8:18::1", "198.18.0.2"

@@ -43,8 +43,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import resource
+import secrets
 import socket
 import struct
 import subprocess
@@ -55,8 +55,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from synfleet.bench import GENERATORS
-from synfleet.bench.generators import (TrafgenSynGenerator, XdpSynGenerator, pinned_to,
-                                       syn_template)
+from synfleet.bench.generators import TrafgenSynGenerator, XdpSynGenerator, pinned_to, syn_template
 from synfleet.bpf import BpfObject, TcHook, XdpHook, object_path
 from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane

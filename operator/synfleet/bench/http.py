@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
 import socket
+import statistics
 import subprocess
 import threading
 from dataclasses import asdict, dataclass

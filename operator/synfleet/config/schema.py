@@ -32,14 +32,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from synfleet.dataplane.layout import (
-    ENCAP_OVERHEAD,
-    MAX_BACKENDS,
-    MAX_POLICIES,
-    MAX_PROXIES,
-    MAX_SERVICES,
-    SALT_SLOTS,
-)
+from synfleet.abi import ENCAP_OVERHEAD, MAX_BACKENDS, MAX_POLICIES, MAX_PROXIES, MAX_SERVICES, SALT_SLOTS
 
 API_VERSION = "synfleet.io/v1alpha1"
 KIND = "DataplaneConfig"
@@ -135,7 +128,7 @@ class ServiceEndpoint(_Strict):
     port: Port
 
 
-class Policy(_Strict):
+class PolicyEntry(_Strict):
     id: int = Field(ge=1, lt=MAX_POLICIES)
     name: str = ""
     mode: Mode = Mode.ENFORCE
@@ -176,7 +169,7 @@ class DataplaneConfig(_Strict):
     role: Role
     rotation_seconds: int = Field(alias="rotationSeconds", ge=1, le=86400)
     node: Node
-    policies: list[Policy] = Field(default_factory=list, max_length=MAX_POLICIES)
+    policies: list[PolicyEntry] = Field(default_factory=list, max_length=MAX_POLICIES)
     allowed_proxies: list[IPAddress] = Field(default_factory=list, alias="allowedProxies",
                                              max_length=MAX_PROXIES)
     salts: list[SaltEntry] = Field(default_factory=list, max_length=SALT_SLOTS)

@@ -14,34 +14,34 @@ import os
 import socket
 import time
 
+from synfleet import abi
+from synfleet.abi import ConfigValue, Counter, Endpoint, PolicyValue, SaltValue, ServiceValue
 from synfleet.bpf import BpfObject, Map, Program, TcHook, TypedMap, object_path
 from synfleet.config import schema
-from synfleet.dataplane import layout
 from synfleet.dataplane.flow import maglev_table
-from synfleet.dataplane.layout import Counter, Endpoint, NodeConfig, Policy, Salt, Service
 
 # A packet holds the half it read for one program run (microseconds); the half
 # just left is not rewritten before this much time has passed.
 FLIP_GRACE_S = 0.05
 
 
-def policy_struct(policy: schema.Policy) -> Policy:
+def policy_value(policy: schema.PolicyEntry) -> PolicyValue:
     c = policy.cookie
-    flags = layout.POLICY_ACTIVE
-    for on, bit in ((policy.mode is schema.Mode.ENFORCE, layout.POLICY_ENFORCE),
-                    (c.timestamps, layout.POLICY_TIMESTAMPS), (c.ecn, layout.POLICY_ECN),
-                    (c.sack, layout.POLICY_SACK)):
+    flags = abi.POLICY_ACTIVE
+    for on, bit in ((policy.mode is schema.Mode.ENFORCE, abi.POLICY_ENFORCE),
+                    (c.timestamps, abi.POLICY_TIMESTAMPS), (c.ecn, abi.POLICY_ECN),
+                    (c.sack, abi.POLICY_SACK)):
         flags |= bit if on else 0
-    p = Policy(adv_mss_v4=c.advertised_mss(4), adv_mss_v6=c.advertised_mss(6),
+    p = PolicyValue(adv_mss_v4=c.advertised_mss(4), adv_mss_v6=c.advertised_mss(6),
                wscale=c.window_scale, flags=flags)
     p.mss_v4[:] = c.mss_v4
     p.mss_v6[:] = c.mss_v6
     return p
 
 
-def node_config_struct(cfg: schema.DataplaneConfig, slot: int) -> NodeConfig:
+def config_value(cfg: schema.DataplaneConfig, slot: int) -> ConfigValue:
     node = cfg.node
-    nc = NodeConfig(rotation_ns=cfg.rotation_seconds * 10**9,
+    nc = ConfigValue(rotation_ns=cfg.rotation_seconds * 10**9,
                     encap_port_be=socket.htons(node.encap_port), slot=slot,
                     clock_offset_ns=round(node.clock_offset_seconds * 1e9))
     if node.addresses.ipv4:
@@ -104,9 +104,9 @@ class Dataplane:
         self.program: Program = self.obj.program(self.program_name)
         self.counters = TypedMap(self.obj.map("counters"), ctypes.c_uint32, ctypes.c_uint64)
         self.active = TypedMap(self.obj.map("active"), ctypes.c_uint32, ctypes.c_uint32)
-        self.services = TypedMap(self.obj.map("services"), Endpoint, Service)
-        self.policies = TypedMap(self.obj.map("policies"), ctypes.c_uint32, Policy)
-        self.config = TypedMap(self.obj.map("node_config"), ctypes.c_uint32, NodeConfig)
+        self.services = TypedMap(self.obj.map("services"), Endpoint, ServiceValue)
+        self.policies = TypedMap(self.obj.map("policies"), ctypes.c_uint32, PolicyValue)
+        self.config = TypedMap(self.obj.map("node_config"), ctypes.c_uint32, ConfigValue)
         self._last_flip = 0.0
 
     def close(self) -> None:
@@ -155,13 +155,13 @@ class Dataplane:
 
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
         by_id = {p.id: p for p in cfg.policies}
-        base = slot * layout.MAX_POLICIES
-        for pid in range(layout.MAX_POLICIES):
-            self.policies.put(_u32(base + pid), policy_struct(by_id[pid]) if pid in by_id else Policy())
+        base = slot * abi.MAX_POLICIES
+        for pid in range(abi.MAX_POLICIES):
+            self.policies.put(_u32(base + pid), policy_value(by_id[pid]) if pid in by_id else PolicyValue())
         _sync_keys(self.services, slot, {
-            _keyed(Endpoint.of(s.address, s.port), slot): Service(p.id)
+            _keyed(Endpoint.of(s.address, s.port), slot): ServiceValue(p.id)
             for p in cfg.policies for s in p.services})
-        self.config.put(_u32(slot), node_config_struct(cfg, slot))
+        self.config.put(_u32(slot), config_value(cfg, slot))
 
     def attach(self, ifname: str) -> TcHook:
         hook = TcHook(socket.if_nametoindex(ifname))
@@ -190,8 +190,8 @@ class ProxyDataplane(Dataplane):
             self.xdp_obj.close()
             self.obj.close()
             raise
-        self.salts = TypedMap(self.obj.map("salts"), ctypes.c_uint32, Salt)
-        self.protected_addrs = TypedMap(self.obj.map("protected_addrs"), Endpoint, Service)
+        self.salts = TypedMap(self.obj.map("salts"), ctypes.c_uint32, SaltValue)
+        self.protected_addrs = TypedMap(self.obj.map("protected_addrs"), Endpoint, ServiceValue)
         self.ring = TypedMap(self.obj.map("backend_ring"), ctypes.c_uint32, ctypes.c_uint32)
         self.backends = TypedMap(self.obj.map("backends"), ctypes.c_uint32, Endpoint)
 
@@ -201,7 +201,7 @@ class ProxyDataplane(Dataplane):
 
     def published_salts(self) -> dict[int, bytes]:
         out = {}
-        for slot in range(layout.SALT_SLOTS):
+        for slot in range(abi.SALT_SLOTS):
             s = self.salts.get(_u32(slot))
             if s.valid:
                 out[s.epoch] = s.k0.to_bytes(8, "little") + s.k1.to_bytes(8, "little")
@@ -211,11 +211,11 @@ class ProxyDataplane(Dataplane):
         """Publish salts by epoch (previous, current, next). A slot is rewritten
         only when its epoch changes, and then it held an epoch at least four
         rotations away from the one being used, which no valid cookie names."""
-        slots = {epoch % layout.SALT_SLOTS: Salt.of(epoch, key) for epoch, key in salts.items()}
+        slots = {epoch % abi.SALT_SLOTS: SaltValue.of(epoch, key) for epoch, key in salts.items()}
         if len(slots) != len(salts):
-            raise ValueError(f"epochs {sorted(salts)} collide in the {layout.SALT_SLOTS} salt slots")
-        for slot in range(layout.SALT_SLOTS):
-            want = slots.get(slot, Salt())
+            raise ValueError(f"epochs {sorted(salts)} collide in the {abi.SALT_SLOTS} salt slots")
+        for slot in range(abi.SALT_SLOTS):
+            want = slots.get(slot, SaltValue())
             if bytes(self.salts.get(_u32(slot))) != bytes(want):
                 self.salts.put(_u32(slot), want)
 
@@ -223,17 +223,17 @@ class ProxyDataplane(Dataplane):
         addresses = sorted({b for p in cfg.policies for b in p.backends}, key=_address_order)
         index = {a: i for i, a in enumerate(addresses)}
         for a, i in index.items():
-            self.backends.put(_u32(slot * layout.MAX_BACKENDS + i), Endpoint.of(a))
+            self.backends.put(_u32(slot * abi.MAX_BACKENDS + i), Endpoint.of(a))
         for p in cfg.policies:
             # Sorted so that every proxy, whatever order its document lists the
             # backends in, builds the same table: a flow keeps its backend.
             members = sorted(p.backends, key=_address_order)
             table = maglev_table([str(a) for a in members])
-            base = (slot * layout.MAX_POLICIES + p.id) * layout.RING_SIZE
+            base = (slot * abi.MAX_POLICIES + p.id) * abi.RING_SIZE
             for i, member in enumerate(table):
                 self.ring.put(_u32(base + i), _u32(index[members[member]]))
         _sync_keys(self.protected_addrs, slot, {
-            _keyed(Endpoint.of(s.address), slot): Service(p.id)
+            _keyed(Endpoint.of(s.address), slot): ServiceValue(p.id)
             for p in cfg.policies for s in p.services})
         super()._write_half(cfg, slot)
 

@@ -9,11 +9,11 @@ from collections.abc import Mapping
 
 import kopf
 
-from synfleet.operator.kube import Kube
-from synfleet.operator.metrics import OperatorMetrics
+from synfleet.config.schema import Role
+from synfleet.kube import Kube
 from synfleet.operator.reconcile import Reconciler
 from synfleet.resources.dataplane import NodeInfo
-from synfleet.resources.model import GROUP, VERSION, PoolRole
+from synfleet.resources.model import GROUP, POOL_KINDS, VERSION
 from synfleet.resources.names import MANAGED_BY
 
 SALT_CHECK_S = 5.0     # how often a proxy pool's salts are checked; keys are published epochs ahead
@@ -40,7 +40,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.peering.priority = random.randint(1, 2**31 - 1)
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
-    memo.reconciler = Reconciler(Kube(), memo.settings, memo.metrics, _post_event)
+    memo.reconciler = Reconciler(Kube(field_manager=MANAGED_BY), memo.settings, memo.metrics, _post_event)
     memo.node_fingerprints = {}
 
 
@@ -48,14 +48,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 @kopf.on.create(GROUP, VERSION, "proxypools")
 @kopf.on.update(GROUP, VERSION, "proxypools", field="spec")
 def proxy_pool(body, memo: kopf.Memo, **_) -> None:
-    memo.reconciler.ensure_pool(PoolRole.PROXY, plain(body))
+    memo.reconciler.ensure_pool(Role.PROXY, plain(body))
 
 
 @kopf.on.resume(GROUP, VERSION, "backendpools")
 @kopf.on.create(GROUP, VERSION, "backendpools")
 @kopf.on.update(GROUP, VERSION, "backendpools", field="spec")
 def backend_pool(body, memo: kopf.Memo, **_) -> None:
-    memo.reconciler.ensure_pool(PoolRole.BACKEND, plain(body))
+    memo.reconciler.ensure_pool(Role.BACKEND, plain(body))
 
 
 @kopf.timer(GROUP, VERSION, "proxypools", interval=SALT_CHECK_S, initial_delay=SALT_CHECK_S)
@@ -76,7 +76,7 @@ def rerender(memo: kopf.Memo, **_) -> None:
 def pool_gone(type, body, memo: kopf.Memo, **_) -> None:
     # What a pool made goes with it (owner references); its policies turn Degraded.
     if type == "DELETED":
-        if body.get("kind") == PoolRole.PROXY.kind:
+        if body.get("kind") == POOL_KINDS[Role.PROXY]:
             memo.metrics.forget_pool(body["metadata"]["name"])
         memo.reconciler.request_render()
 

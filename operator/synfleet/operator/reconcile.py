@@ -8,17 +8,25 @@ import logging
 import threading
 from collections.abc import Callable
 
-from synfleet.config.schema import ConfigError
+from synfleet import contract
+from synfleet.config.schema import ConfigError, Role
 from synfleet.cookie import current_epoch
+from synfleet.kube import Kube
+from synfleet.operator.metrics import OperatorMetrics
 from synfleet.resources import agents, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
-    ClusterView, NodeInfo, Problem, configmap, ready_agent_nodes, render, selects, validate_for_nodes,
+    ClusterView,
+    NodeInfo,
+    Problem,
+    configmap,
+    ready_agent_nodes,
+    render,
+    selects,
+    validate_for_nodes,
 )
-from synfleet.resources.model import API_VERSION, Policy, Pool, PoolRole
+from synfleet.resources.model import API_VERSION, POOL_KINDS, Pool, SynProxyPolicy
 from synfleet.resources.status import Rollout, policy_status, pool_status
-from synfleet.operator.kube import Kube
-from synfleet.operator.metrics import OperatorMetrics
 
 log = logging.getLogger("synfleet.operator")
 
@@ -38,28 +46,28 @@ class Reconciler:
 
     # ---- pools ----
 
-    def ensure_pool(self, role: PoolRole, body: dict) -> None:
+    def ensure_pool(self, role: Role, body: dict) -> None:
         pool = Pool.from_object(role, body)
-        self.metrics.reconciles.labels(role.kind).inc()
+        self.metrics.reconciles.labels(POOL_KINDS[role]).inc()
         for obj in agents.agent_objects(pool, self.settings):
             self.kube.apply(obj)
-        if role is PoolRole.PROXY:
+        if role is Role.PROXY:
             self._publish_salts(pool)
         self.request_render()
 
     def rotate_salts(self, body: dict) -> None:
         """Publish the keys the pool needs now (a no-op inside an epoch); a
         change is rendered so that statuses show the new epoch."""
-        if self._publish_salts(Pool.from_object(PoolRole.PROXY, body)):
+        if self._publish_salts(Pool.from_object(Role.PROXY, body)):
             self.request_render()
 
     def _publish_salts(self, pool: Pool) -> bool:
         """Whether the pool's Secret had to change."""
         now = current_epoch(pool.spec.salt.rotation_seconds)
         existing = self.kube.get("v1", "Secret", names.salts_secret_name(pool.name), self.settings.namespace)
-        published = salts.published_salts(existing)
+        published = contract.secret_salts(existing)
         wanted = salts.rotate(published, now)
-        same_rotation = salts.salts_document(existing).get("rotationSeconds") == pool.spec.salt.rotation_seconds
+        same_rotation = contract.secret_rotation_seconds(existing) == pool.spec.salt.rotation_seconds
         if wanted == published and same_rotation:
             return False
         self.kube.apply(salts.secret(pool, self.settings, wanted))
@@ -85,12 +93,12 @@ class Reconciler:
             finally:
                 self._render_lock.release()
 
-    def _read_view(self) -> tuple[ClusterView, dict[str, dict], dict[tuple[PoolRole, str], dict]]:
-        pool_objs = {(role, o["metadata"]["name"]): o for role in PoolRole
-                     for o in self.kube.list(API_VERSION, role.kind)}
+    def _read_view(self) -> tuple[ClusterView, dict[str, dict], dict[tuple[Role, str], dict]]:
+        pool_objs = {(role, o["metadata"]["name"]): o for role in Role
+                     for o in self.kube.list(API_VERSION, POOL_KINDS[role])}
         policy_objs = {f'{o["metadata"]["namespace"]}/{o["metadata"]["name"]}': o
                        for o in self.kube.list(API_VERSION, "SynProxyPolicy")}
-        policies = [Policy.from_object(o) for o in policy_objs.values()]
+        policies = [SynProxyPolicy.from_object(o) for o in policy_objs.values()]
         services, slices = {}, []
         for p in policies:
             if p.spec.service is None or (p.namespace, p.spec.service.name) in services:
@@ -101,8 +109,8 @@ class Reconciler:
                 slices += self.kube.list("discovery.k8s.io/v1", "EndpointSlice", p.namespace,
                                          label_selector=f"kubernetes.io/service-name={p.spec.service.name}")
         view = ClusterView(
-            proxy_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is PoolRole.PROXY],
-            backend_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is PoolRole.BACKEND],
+            proxy_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is Role.PROXY],
+            backend_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is Role.BACKEND],
             policies=policies,
             nodes=[NodeInfo.from_object(n) for n in self.kube.list("v1", "Node")],
             services=services, endpoint_slices=slices,
@@ -118,7 +126,7 @@ class Reconciler:
         rendered = render(view, self.settings)
         self.metrics.renders.inc()
         pools = {(p.role, p.name): p for p in view.proxy_pools + view.backend_pools}
-        problems: dict[tuple[PoolRole, str], Problem] = {}
+        problems: dict[tuple[Role, str], Problem] = {}
         for key, document in rendered.configs.items():
             pool = pools[key]
             try:
@@ -136,7 +144,7 @@ class Reconciler:
         rollouts = {key: Rollout.from_daemonset(daemonsets.get(names.agent_name(*key)))
                     for key in pools}
         epochs = {name: self._published_epoch(pool) for (role, name), pool in pools.items()
-                  if role is PoolRole.PROXY}
+                  if role is Role.PROXY}
         for key, pool in pools.items():
             obj = pool_objs[key]
             self._report(obj, pool_status(pool, rollouts[key], problems.get(key), _conditions(obj),
@@ -147,8 +155,8 @@ class Reconciler:
             obj = policy_objs[p.key]
             outcome = rendered.policies[p.key]
             missing = Rollout()
-            status = policy_status(p, outcome, rollouts.get((PoolRole.PROXY, p.spec.proxy_pool), missing),
-                                   rollouts.get((PoolRole.BACKEND, p.spec.backend_pool), missing),
+            status = policy_status(p, outcome, rollouts.get((Role.PROXY, p.spec.proxy_pool), missing),
+                                   rollouts.get((Role.BACKEND, p.spec.backend_pool), missing),
                                    epochs.get(p.spec.proxy_pool), _conditions(obj))
             ready_count[self._report(obj, status, outcome.problem is not None)] += 1
         for state, count in ready_count.items():
@@ -158,7 +166,7 @@ class Reconciler:
         """The pool's current epoch if its key is published, else None."""
         secret = self.kube.get("v1", "Secret", names.salts_secret_name(pool.name), self.settings.namespace)
         now = current_epoch(pool.spec.salt.rotation_seconds)
-        return now if now in salts.published_salts(secret) else None
+        return now if now in contract.secret_salts(secret) else None
 
     def _report(self, obj: dict, status: dict, degraded: bool) -> str:
         """Write the status if it changed, with an Event when Ready changes

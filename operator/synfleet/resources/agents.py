@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from synfleet.config.schema import Role
 from synfleet.resources import names
-from synfleet.resources.model import API_VERSION, Pool, PoolRole
+from synfleet.resources.model import API_VERSION, Pool
 
 BPFFS = "/sys/fs/bpf"
 BTF = "/sys/kernel/btf"
@@ -26,7 +27,7 @@ class OperatorSettings:
 
 
 def owner_reference(pool: Pool) -> dict:
-    return {"apiVersion": API_VERSION, "kind": pool.role.kind, "name": pool.name, "uid": pool.uid,
+    return {"apiVersion": API_VERSION, "kind": pool.kind, "name": pool.name, "uid": pool.uid,
             "controller": True, "blockOwnerDeletion": True}
 
 
@@ -40,7 +41,7 @@ def agent_args(pool: Pool, settings: OperatorSettings) -> list[str]:
             "--namespace", settings.namespace,
             "--configmap", names.agent_name(pool.role, pool.name),
             "--listen", f"0.0.0.0:{pool.spec.metrics_port}"]
-    if pool.role is PoolRole.PROXY:
+    if pool.role is Role.PROXY:
         args += ["--secret", names.salts_secret_name(pool.name)]
     return args
 
@@ -119,7 +120,7 @@ def role(pool: Pool, settings: OperatorSettings) -> dict:
     Secret: a backend's agent can never read a salt."""
     rules = [{"apiGroups": [""], "resources": ["configmaps"],
               "resourceNames": [names.agent_name(pool.role, pool.name)], "verbs": ["get", "list", "watch"]}]
-    if pool.role is PoolRole.PROXY:
+    if pool.role is Role.PROXY:
         rules.append({"apiGroups": [""], "resources": ["secrets"],
                       "resourceNames": [names.salts_secret_name(pool.name)], "verbs": ["get", "list", "watch"]})
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",

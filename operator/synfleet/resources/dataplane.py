@@ -14,13 +14,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-import yaml
-
+from synfleet import contract
+from synfleet.abi import MAX_POLICIES
 from synfleet.config import schema
-from synfleet.dataplane.layout import MAX_POLICIES
+from synfleet.config.schema import Role
 from synfleet.resources import names
 from synfleet.resources.agents import OperatorSettings, owner_reference
-from synfleet.resources.model import Policy, Pool, PoolRole
+from synfleet.resources.model import POOL_KINDS, Pool, SynProxyPolicy
 from synfleet.resources.salts import PUBLISHED_BEHIND, wanted_epochs
 
 BACKEND_ROTATION_S = 60   # schema-required; a backend never derives an epoch
@@ -52,13 +52,18 @@ class NodeInfo:
     def addresses(self) -> list[str]:
         return [a for a in (self.ipv4, self.ipv6) if a]
 
+    @property
+    def addresses_document(self) -> dict[str, str]:
+        """node.addresses as this node's agent fills it in."""
+        return {k: v for k, v in (("ipv4", self.ipv4), ("ipv6", self.ipv6)) if v}
+
 
 def ready_agent_nodes(pods: list[dict]) -> dict[str, set[str]]:
     """Nodes with a Ready backend agent, by pool, from the agents' pods."""
     ready: dict[str, set[str]] = {}
     for pod in pods:
         labels = pod["metadata"].get("labels") or {}
-        if labels.get(names.LABEL_ROLE) != PoolRole.BACKEND.value or pod["metadata"].get("deletionTimestamp"):
+        if labels.get(names.LABEL_ROLE) != Role.BACKEND.value or pod["metadata"].get("deletionTimestamp"):
             continue
         conditions = (pod.get("status") or {}).get("conditions") or []
         node = (pod.get("spec") or {}).get("nodeName")
@@ -90,7 +95,7 @@ class ClusterView:
     """What the renderer reads, as the API server returned it."""
     proxy_pools: list[Pool]
     backend_pools: list[Pool]
-    policies: list[Policy]
+    policies: list[SynProxyPolicy]
     nodes: list[NodeInfo]
     services: dict[tuple[str, str], dict]            # (namespace, name) -> Service
     endpoint_slices: list[dict] = field(default_factory=list)
@@ -101,11 +106,11 @@ class ClusterView:
 
 @dataclass
 class Rendered:
-    configs: dict[tuple[PoolRole, str], dict]        # ConfigMap documents by pool
+    configs: dict[tuple[Role, str], dict]        # ConfigMap documents by pool
     policies: dict[str, PolicyOutcome]               # by namespace/name
 
 
-def allocate_ids(policies: list[Policy]) -> dict[str, int | None]:
+def allocate_ids(policies: list[SynProxyPolicy]) -> dict[str, int | None]:
     """Stable ids: a policy keeps the id in its status; the oldest policy wins a
     collision; the rest get the lowest free id (None when all are taken)."""
     ordered = sorted(policies, key=lambda p: (p.created, p.key))
@@ -147,13 +152,13 @@ def endpoint_nodes(slices: list[dict], namespace: str, service: str) -> set[str]
     return nodes
 
 
-def _resolve(p: Policy, view: ClusterView, pools: dict[tuple[PoolRole, str], Pool]) \
+def _resolve(p: SynProxyPolicy, view: ClusterView, pools: dict[tuple[Role, str], Pool]) \
         -> tuple[list[str], list[NodeInfo]] | Problem:
     """The policy's protected addresses and its backend nodes, or why there are none."""
-    for role, pool_name in ((PoolRole.PROXY, p.spec.proxy_pool), (PoolRole.BACKEND, p.spec.backend_pool)):
+    for role, pool_name in ((Role.PROXY, p.spec.proxy_pool), (Role.BACKEND, p.spec.backend_pool)):
         if (role, pool_name) not in pools:
-            return Problem(f"{role.kind}NotFound", f"{role.kind} {pool_name!r} does not exist")
-    backend_pool = pools[(PoolRole.BACKEND, p.spec.backend_pool)]
+            return Problem(f"{POOL_KINDS[role]}NotFound", f"{POOL_KINDS[role]} {pool_name!r} does not exist")
+    backend_pool = pools[(Role.BACKEND, p.spec.backend_pool)]
     agents = view.ready_backend_agents.get(backend_pool.name, set())
     backends = [n for n in view.nodes
                 if selects(backend_pool, n) and n.ready and n.addresses and n.name in agents]
@@ -179,7 +184,7 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
     pools = {(p.role, p.name): p for p in view.proxy_pools + view.backend_pools}
     ids = allocate_ids(view.policies)
     outcomes: dict[str, PolicyOutcome] = {}
-    entries: dict[tuple[PoolRole, str], list[dict]] = {key: [] for key in pools}
+    entries: dict[tuple[Role, str], list[dict]] = {key: [] for key in pools}
     proxy_sources: dict[str, set[str]] = {}     # backend pool -> proxy pools feeding it
     owner: dict[tuple[str, int], str] = {}
 
@@ -206,52 +211,40 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
                   "services": [{"address": a, "port": port} for a, port in endpoints],
                   "cookie": p.spec.cookie.model_dump(mode="json", by_alias=True)}
         # One outer address per backend node; the outer family need not match the inner.
-        entries[(PoolRole.PROXY, p.spec.proxy_pool)].append(
+        entries[(Role.PROXY, p.spec.proxy_pool)].append(
             {**common, "backends": [n.ipv4 or n.ipv6 for n in backends]})
-        entries[(PoolRole.BACKEND, p.spec.backend_pool)].append(common)
+        entries[(Role.BACKEND, p.spec.backend_pool)].append(common)
         proxy_sources.setdefault(p.spec.backend_pool, set()).add(p.spec.proxy_pool)
         outcomes[p.key] = PolicyOutcome(pid, addresses, len(backends))
 
     configs = {}
     for (role, name), pool in sorted(pools.items()):
         doc = {"apiVersion": schema.API_VERSION, "kind": schema.KIND, "role": role.value,
-               "rotationSeconds": pool.spec.salt.rotation_seconds if role is PoolRole.PROXY
+               "rotationSeconds": pool.spec.salt.rotation_seconds if role is Role.PROXY
                else BACKEND_ROTATION_S,
                "node": {"interfaces": [pool.spec.interface], "encapPort": settings.encap_port},
                "policies": entries[(role, name)]}
-        if role is PoolRole.PROXY:
+        if role is Role.PROXY:
             doc["node"]["xdp"] = pool.spec.xdp
-        if role is PoolRole.BACKEND:
+        if role is Role.BACKEND:
             sources = sorted({a for n in view.nodes for proxy in proxy_sources.get(name, ())
-                              if (PoolRole.PROXY, proxy) in pools and selects(pools[(PoolRole.PROXY, proxy)], n)
+                              if (Role.PROXY, proxy) in pools and selects(pools[(Role.PROXY, proxy)], n)
                               for a in n.addresses}, key=lambda a: (ipaddress.ip_address(a).version, a))
             doc["allowedProxies"] = sources
         configs[(role, name)] = doc
     return Rendered(configs=configs, policies=outcomes)
 
 
-def node_document(document: dict, ipv4: str | None, ipv6: str | None,
-                  salts: dict[int, bytes] | None = None) -> schema.DataplaneConfig:
-    """The document one node's agent applies: the ConfigMap's, plus the node's
-    addresses and (proxies) the published salts. Raises schema.ConfigError."""
-    node = dict(document.get("node") or {})
-    node["addresses"] = {k: v for k, v in (("ipv4", ipv4), ("ipv6", ipv6)) if v}
-    full = {**document, "node": node}
-    if salts is not None:
-        full["salts"] = [{"epoch": e, "key": k.hex()} for e, k in sorted(salts.items())]
-    return schema.parse(full)
-
-
-def validate_for_nodes(role: PoolRole, document: dict, nodes: list[NodeInfo]) -> None:
+def validate_for_nodes(role: Role, document: dict, nodes: list[NodeInfo]) -> None:
     """Check the document as every node's agent will: raises schema.ConfigError
     naming the node whose agent would reject it."""
-    placeholder_salts = {e: bytes(16) for e in wanted_epochs(PUBLISHED_BEHIND)} if role is PoolRole.PROXY else None
+    placeholder_salts = {e: bytes(16) for e in wanted_epochs(PUBLISHED_BEHIND)} if role is Role.PROXY else None
     shapes = {(bool(n.ipv4), bool(n.ipv6)): n for n in nodes if n.addresses}
     if not shapes:   # no node yet: check the document alone
         shapes = {(True, True): NodeInfo("(any node)", {}, "192.0.2.1", "2001:db8::1", True)}
     for n in shapes.values():
         try:
-            node_document(document, n.ipv4, n.ipv6, placeholder_salts)
+            schema.parse(contract.node_document(document, n.addresses_document, placeholder_salts))
         except schema.ConfigError as err:
             raise schema.ConfigError(f"the agent on node {n.name} would reject it: {err}") from None
 
@@ -261,4 +254,4 @@ def configmap(pool: Pool, settings: OperatorSettings, document: dict) -> dict:
             "metadata": {"name": names.agent_name(pool.role, pool.name), "namespace": settings.namespace,
                          "labels": names.labels(pool.role, pool.name),
                          "ownerReferences": [owner_reference(pool)]},
-            "data": {names.CONFIG_KEY: yaml.safe_dump(document, sort_keys=False)}}
+            "data": contract.configmap_data(document)}

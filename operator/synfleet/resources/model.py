@@ -4,29 +4,18 @@ mirror the CRDs in crds/ and never invent their own defaults."""
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from synfleet.config.schema import Cookie, Mode
+from synfleet.config.schema import Cookie, Mode, Role
 
 GROUP = "synfleet.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 
-class PoolRole(str, enum.Enum):
-    PROXY = "proxy"
-    BACKEND = "backend"
-
-    @property
-    def kind(self) -> str:
-        return "ProxyPool" if self is PoolRole.PROXY else "BackendPool"
-
-    @property
-    def plural(self) -> str:
-        return "proxypools" if self is PoolRole.PROXY else "backendpools"
+POOL_KINDS = {Role.PROXY: "ProxyPool", Role.BACKEND: "BackendPool"}
 
 
 class _Spec(BaseModel):
@@ -43,7 +32,7 @@ class Toleration(_Spec):
     toleration_seconds: int | None = Field(None, alias="tolerationSeconds")
 
 
-class Salt(_Spec):
+class SaltSpec(_Spec):
     rotation_seconds: int = Field(60, alias="rotationSeconds")
 
 
@@ -57,7 +46,7 @@ class PoolSpec(_Spec):
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str = Field("system-node-critical", alias="priorityClassName")
     metrics_port: int = Field(9478, alias="metricsPort")
-    salt: Salt = Field(default_factory=Salt)       # proxy pools only (the CRD has no salt for backends)
+    salt: SaltSpec = Field(default_factory=SaltSpec)       # proxy pools only (the CRD has no salt for backends)
 
 
 class ServiceRef(_Spec):
@@ -78,20 +67,24 @@ class PolicySpec(_Spec):
 
 class Pool(BaseModel):
     model_config = ConfigDict(frozen=True)
-    role: PoolRole
+    role: Role
     name: str
     uid: str
     generation: int
     spec: PoolSpec
 
+    @property
+    def kind(self) -> str:
+        return POOL_KINDS[self.role]
+
     @classmethod
-    def from_object(cls, role: PoolRole, obj: dict) -> "Pool":
+    def from_object(cls, role: Role, obj: dict) -> "Pool":
         meta = obj["metadata"]
         return cls(role=role, name=meta["name"], uid=meta["uid"], generation=meta.get("generation", 1),
                    spec=PoolSpec.model_validate(obj.get("spec") or {}))
 
 
-class Policy(BaseModel):
+class SynProxyPolicy(BaseModel):
     model_config = ConfigDict(frozen=True)
     namespace: str
     name: str
@@ -106,7 +99,7 @@ class Policy(BaseModel):
         return f"{self.namespace}/{self.name}"
 
     @classmethod
-    def from_object(cls, obj: dict) -> "Policy":
+    def from_object(cls, obj: dict) -> "SynProxyPolicy":
         meta = obj["metadata"]
         return cls(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"],
                    generation=meta.get("generation", 1), created=meta.get("creationTimestamp", ""),

@@ -3,17 +3,15 @@ most 40 characters (a CRD rule), so every derived name is a valid label value.""
 
 from __future__ import annotations
 
-from synfleet.resources.model import PoolRole
+from synfleet.config.schema import Role
 
 MANAGED_BY = "synfleet-operator"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"    # what the operator made
 LABEL_POOL = "synfleet.io/pool"
 LABEL_ROLE = "synfleet.io/role"
-CONFIG_KEY = "dataplane.yaml"     # the DataplaneConfig document in the pool's ConfigMap
-SALTS_KEY = "salts.yaml"          # epochs and keys in the proxy pool's Secret
 
 
-def agent_name(role: PoolRole, pool: str) -> str:
+def agent_name(role: Role, pool: str) -> str:
     """DaemonSet, ConfigMap, ServiceAccount, Role and RoleBinding of a pool."""
     return f"synfleet-{role.value}-{pool}"
 
@@ -22,10 +20,10 @@ def salts_secret_name(pool: str) -> str:
     return f"synfleet-salts-{pool}"
 
 
-def selector_labels(role: PoolRole, pool: str) -> dict[str, str]:
+def selector_labels(role: Role, pool: str) -> dict[str, str]:
     return {LABEL_ROLE: role.value, LABEL_POOL: pool}
 
 
-def labels(role: PoolRole, pool: str) -> dict[str, str]:
+def labels(role: Role, pool: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "synfleet-agent", "app.kubernetes.io/component": role.value,
             "app.kubernetes.io/managed-by": MANAGED_BY, **selector_labels(role, pool)}

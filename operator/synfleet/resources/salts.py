@@ -5,12 +5,10 @@ and stays until no valid cookie can name it."""
 
 from __future__ import annotations
 
-import base64
 import secrets
 from collections.abc import Callable
 
-import yaml
-
+from synfleet import contract
 from synfleet.resources import names
 from synfleet.resources.agents import OperatorSettings, owner_reference
 from synfleet.resources.model import Pool
@@ -31,23 +29,8 @@ def rotate(published: dict[int, bytes], now_epoch: int,
 
 
 def secret(pool: Pool, settings: OperatorSettings, salts: dict[int, bytes]) -> dict:
-    document = {"rotationSeconds": pool.spec.salt.rotation_seconds,
-                "salts": [{"epoch": e, "key": k.hex()} for e, k in sorted(salts.items())]}
-    text = yaml.safe_dump(document, sort_keys=False)
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": names.salts_secret_name(pool.name), "namespace": settings.namespace,
                          "labels": names.labels(pool.role, pool.name),
                          "ownerReferences": [owner_reference(pool)]},
-            "data": {names.SALTS_KEY: base64.b64encode(text.encode()).decode()}}
-
-
-def salts_document(secret_obj: dict | None) -> dict:
-    """The Secret's salts document ({rotationSeconds, salts: [{epoch, key}]}); empty when absent."""
-    data = ((secret_obj or {}).get("data") or {}).get(names.SALTS_KEY)
-    if not data:
-        return {}
-    return yaml.safe_load(base64.b64decode(data)) or {}
-
-
-def published_salts(secret_obj: dict | None) -> dict[int, bytes]:
-    return {int(s["epoch"]): bytes.fromhex(s["key"]) for s in salts_document(secret_obj).get("salts", [])}
+            "data": contract.secret_data(pool.spec.salt.rotation_seconds, salts)}

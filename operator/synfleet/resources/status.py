@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from synfleet.resources.dataplane import PolicyOutcome, Problem
-from synfleet.resources.model import Policy, Pool
+from synfleet.resources.model import Pool, SynProxyPolicy
 
 
 def _now() -> str:
@@ -77,7 +77,7 @@ def pool_status(pool: Pool, rollout: Rollout, problem: Problem | None, previous:
     return status
 
 
-def policy_status(policy: Policy, outcome: PolicyOutcome, proxy_rollout: Rollout,
+def policy_status(policy: SynProxyPolicy, outcome: PolicyOutcome, proxy_rollout: Rollout,
                   backend_rollout: Rollout, salt_epoch: int | None, previous: list[dict] | None) -> dict:
     g = policy.generation
     problem = outcome.problem

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from synfleet.config.schema import DataplaneConfig, Policy
+from synfleet.config.schema import DataplaneConfig, PolicyEntry
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet.testbed.configs import ENCAP_PORT, SERVICE_PORT, testbed_config
 from synfleet.testbed.topology import V4, V6, Topology
@@ -23,7 +23,7 @@ class Fleet:
     proxy_config: DataplaneConfig
 
     @property
-    def policies(self) -> dict[int, Policy]:
+    def policies(self) -> dict[int, PolicyEntry]:
         """The proxy's policy by address family."""
         by_id = {p.id: p for p in self.proxy_config.policies}
         return {4: by_id[1], 6: by_id[2]}

@@ -1,6 +1,6 @@
 """A small generic Kubernetes client over the official client's DynamicClient:
-get, list, server-side apply, status patch. Used by the operator and by the
-agent's cluster mode."""
+get, list, watch, server-side apply, status patch. Shared by the operator and
+the agent's cluster mode; it knows nothing of either."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from functools import cache
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
-
-FIELD_MANAGER = "synfleet-operator"
 
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
@@ -24,8 +22,9 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient | None = None) -> None:
+    def __init__(self, api: client.ApiClient | None = None, field_manager: str = "synfleet") -> None:
         self.api = api or api_client()
+        self.field_manager = field_manager
         self.dyn = DynamicClient(self.api)
 
     @cache
@@ -46,12 +45,12 @@ class Kube:
         return found.to_dict().get("items") or []
 
     def apply(self, obj: dict) -> dict:
-        """Server-side apply as the operator's field manager: idempotent, so a
-        restarted operator converges on the same objects instead of duplicating."""
+        """Server-side apply as this client's field manager: idempotent, so a
+        restarted writer converges on the same objects instead of duplicating."""
         res = self.resource(obj["apiVersion"], obj["kind"])
         return self.dyn.server_side_apply(res, body=obj, name=obj["metadata"]["name"],
                                           namespace=obj["metadata"].get("namespace"),
-                                          field_manager=FIELD_MANAGER, force_conflicts=True).to_dict()
+                                          field_manager=self.field_manager, force_conflicts=True).to_dict()
 
     def patch_status(self, obj: dict, status: dict) -> None:
         res = self.resource(obj["apiVersion"], obj["kind"]).subresources["status"]

@@ -1,4 +1,7 @@
-"""ctypes mirrors of bpf/synfleet.h. Tests check every size against the objects' BTF."""
+"""The data plane's ABI: ctypes mirrors of bpf/synfleet.h (map keys and values,
+the encapsulation header, counters) and its limits. A `...Value` is what a
+BPF map holds, not a configuration entry. Tests check every size against the
+objects' BTF."""
 
 from __future__ import annotations
 
@@ -82,29 +85,29 @@ class Endpoint(ctypes.Structure):
         return int.from_bytes(self.port_be.to_bytes(2, "little"), "big")
 
 
-class Service(ctypes.Structure):
+class ServiceValue(ctypes.Structure):
     _fields_ = [("policy_id", ctypes.c_uint32)]
 
 
-class Policy(ctypes.Structure):
+class PolicyValue(ctypes.Structure):
     _fields_ = [("mss_v4", ctypes.c_uint16 * 4), ("mss_v6", ctypes.c_uint16 * 4),
                 ("adv_mss_v4", ctypes.c_uint16), ("adv_mss_v6", ctypes.c_uint16),
                 ("wscale", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
 
 
-class Salt(ctypes.Structure):
+class SaltValue(ctypes.Structure):
     _fields_ = [("epoch", ctypes.c_uint64), ("k0", ctypes.c_uint64), ("k1", ctypes.c_uint64),
                 ("valid", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
     @classmethod
-    def of(cls, epoch: int, key: bytes) -> "Salt":
+    def of(cls, epoch: int, key: bytes) -> "SaltValue":
         if len(key) != 16:
             raise ValueError(f"a salt is 16 bytes, got {len(key)}")
         return cls(epoch=epoch, k0=int.from_bytes(key[:8], "little"),
                    k1=int.from_bytes(key[8:], "little"), valid=1)
 
 
-class NodeConfig(ctypes.Structure):
+class ConfigValue(ctypes.Structure):
     """struct sf_config."""
 
     _fields_ = [("rotation_ns", ctypes.c_uint64), ("encap_port_be", ctypes.c_uint16),
@@ -119,6 +122,6 @@ class EncapHeader(ctypes.BigEndianStructure):
 
 # struct name in BTF -> mirror, for the layout test
 BTF_MIRRORS = {
-    "sf_endpoint": Endpoint, "sf_service": Service, "sf_policy": Policy, "sf_salt": Salt,
-    "sf_config": NodeConfig,
+    "sf_endpoint": Endpoint, "sf_service": ServiceValue, "sf_policy": PolicyValue, "sf_salt": SaltValue,
+    "sf_config": ConfigValue,
 }

@@ -1,0 +1,82 @@
+"""The contract between the operator and the agents it runs: what a pool's
+ConfigMap and salt Secret hold, and how one node's agent assembles the
+DataplaneConfig it applies from them and from its node's addresses. Both sides
+call the same functions, so the operator validates exactly the document every
+agent will build, and neither side knows how the other is written."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+
+import yaml
+
+from synfleet.config.schema import ConfigError
+
+CONFIG_KEY = "dataplane.yaml"     # the pool's ConfigMap: the document minus node addresses and salts
+SALTS_KEY = "salts.yaml"          # the proxy pool's Secret: rotationSeconds and the published salts
+
+
+def configmap_data(document: dict) -> dict[str, str]:
+    return {CONFIG_KEY: yaml.safe_dump(document, sort_keys=False)}
+
+
+def configmap_document(configmap: dict | None, name: str) -> dict:
+    """The pool's document from its ConfigMap object; ConfigError says what is wrong."""
+    if configmap is None:
+        raise ConfigError(f"ConfigMap {name} does not exist (yet)")
+    text = (configmap.get("data") or {}).get(CONFIG_KEY)
+    if not text:
+        raise ConfigError(f"ConfigMap {name} has no key {CONFIG_KEY}")
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"ConfigMap {name}: not YAML: {err}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("node"), dict):
+        raise ConfigError(f"ConfigMap {name}: expected a DataplaneConfig with a node section")
+    return document
+
+
+def secret_data(rotation_seconds: int, salts: dict[int, bytes]) -> dict[str, str]:
+    document = {"rotationSeconds": rotation_seconds,
+                "salts": [{"epoch": e, "key": k.hex()} for e, k in sorted(salts.items())]}
+    return {SALTS_KEY: base64.b64encode(yaml.safe_dump(document, sort_keys=False).encode()).decode()}
+
+
+def _secret_document(secret: dict | None) -> dict:
+    data = ((secret or {}).get("data") or {}).get(SALTS_KEY)
+    return (yaml.safe_load(base64.b64decode(data)) or {}) if data else {}
+
+
+def secret_rotation_seconds(secret: dict | None) -> int | None:
+    return _secret_document(secret).get("rotationSeconds")
+
+
+def secret_salts(secret: dict | None) -> dict[int, bytes]:
+    """The published salts by epoch; empty when the Secret (or its key) is absent."""
+    return {int(s["epoch"]): bytes.fromhex(s["key"]) for s in _secret_document(secret).get("salts", [])}
+
+
+def node_addresses(text: str) -> dict[str, str]:
+    """The node's first IPv4 and IPv6 address from a list such as the downward
+    API's status.hostIPs ("10.0.0.7,fd00::7"), as the document's node.addresses."""
+    found: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            addr = ipaddress.ip_address(item)
+        except ValueError:
+            raise ConfigError(f"node address {item!r} is not an IP address") from None
+        found.setdefault(f"ipv{addr.version}", str(addr))
+    if not found:
+        raise ConfigError("the node has no address (SYNFLEET_NODE_ADDRESSES is empty)")
+    return found
+
+
+def node_document(document: dict, addresses: dict[str, str], salts: dict[int, bytes] | None = None) -> dict:
+    """The document one node's agent applies (and validates with
+    synfleet.config.schema): the ConfigMap's, plus the node's addresses and
+    (proxies) the published salts."""
+    full = {**document, "node": {**(document.get("node") or {}), "addresses": addresses}}
+    if salts is not None:
+        full["salts"] = [{"epoch": e, "key": k.hex()} for e, k in sorted(salts.items())]
+    return full
