@@ -18,5 +18,8 @@ fi
 
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
-python3 -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "Running pip as the 'root' user" || true
+# The product, and the lab (testbeds, demo, check, benchmarks) beside it.
+python3 -m pip install -q --disable-pip-version-check -e ".[test]" -e ./lab 2>&1 \
+  | grep -v "Running pip as the 'root' user" || true
 make -s -C bpf
+make -s -C lab/bpf

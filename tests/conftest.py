@@ -17,7 +17,7 @@ from synfleet import contract
 from synfleet.config import schema
 from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
-from synfleet.testbed.lab import proxy_node_namespace
+from synfleet_lab.testbed.lab import proxy_node_namespace
 
 ROTATION_S = 3600
 ENCAP_PORT = 6080

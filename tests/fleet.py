@@ -11,9 +11,9 @@ import time
 
 from synfleet.bpf import TcHook, XdpHook
 from synfleet.cookie import current_epoch
-from synfleet.testbed.clients import pattern  # noqa: F401
-from synfleet.testbed.fleet import ENCAP_PORT, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
-from synfleet.testbed.netns import NetNS
+from synfleet_lab.testbed.clients import pattern  # noqa: F401
+from synfleet_lab.testbed.fleet import ENCAP_PORT, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
+from synfleet_lab.testbed.netns import NetNS
 
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by Python 3.11
 

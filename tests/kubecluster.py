@@ -24,7 +24,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from synfleet.testbed.netns import home_namespace
+from synfleet_lab.testbed.netns import home_namespace
 
 HERE = Path(__file__).resolve().parent
 APISERVER_SRC = HERE / "kube" / "apiserver"

@@ -37,10 +37,11 @@ from synfleet.abi import Counter
 from synfleet.agent.agent import uninstall
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir
-from synfleet.bpf import BpfObject, XdpHook, object_path
+from synfleet.bpf import BpfObject, XdpHook
 from synfleet.dataplane.programs import ProxyDataplane
-from synfleet.testbed.fleetlab import AgentProcess, Node
-from synfleet.testbed.netns import NetNS, unique_name
+from synfleet_lab.objects import lab_object
+from synfleet_lab.testbed.fleetlab import AgentProcess, Node
+from synfleet_lab.testbed.netns import NetNS, unique_name
 
 pytestmark = pytest.mark.netns
 
@@ -151,7 +152,7 @@ def attached_hooks(node) -> set[tuple[str, str]]:
 
 def test_the_xdp_front_answers_syns_on_the_wire(node):
     node.write(with_xdp(unit_config("proxy", node.salts), True).to_yaml())
-    with node.ns.entered(), BpfObject(object_path("xdp_pass")).load() as peer:
+    with node.ns.entered(), BpfObject(lab_object("xdp_pass")).load() as peer:
         # The client's end needs a native XDP program to take XDP_TX frames.
         XdpHook(socket.if_nametoindex("sf1")).attach(peer.program("xdp_pass"))
     node.agent.start()

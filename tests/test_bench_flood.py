@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import network_namespaces, require_bpf, skip_unless_required
-from synfleet.bench import flood
+from synfleet_lab.bench import flood
 
 pytestmark = pytest.mark.netns
 

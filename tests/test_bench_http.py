@@ -9,8 +9,8 @@ import json
 import pytest
 
 from conftest import require_bpf, require_tool
-from synfleet.bench.http import WrkResult, run, wrk
-from synfleet.testbed.fleetlab import FleetLab
+from synfleet_lab.bench.http import WrkResult, run, wrk
+from synfleet_lab.testbed.fleetlab import FleetLab
 
 ROUNDS = 3
 SECONDS = 2.0

@@ -27,7 +27,7 @@ from fleet import (
 )
 from synfleet.abi import Counter
 from synfleet.cookie import FourTuple, cookie_check, current_epoch
-from synfleet.testbed.topology import V4, V6
+from synfleet_lab.testbed.topology import V4, V6
 
 ROTATION_S = 3600
 SIZE = 1 << 20

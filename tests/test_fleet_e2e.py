@@ -1,5 +1,5 @@
 """The whole fleet in namespaces with real agent processes: two proxies, two
-backends, a client and an attacker (synfleet.testbed.fleetlab)."""
+backends, a client and an attacker (synfleet_lab.testbed.fleetlab)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 from conftest import require_bpf
 from fleet import ingress_program_id, wait_for, xdp_tx_count
 from synfleet.bpf import objects
-from synfleet.net import frames
-from synfleet.testbed.clients import ClientLoad, Transfer, attempt
-from synfleet.testbed.configs import ENCAP_PORT, POLICY_IDS, SERVICE_PORT
-from synfleet.testbed.fleetlab import BACKENDS, PROXIES, SERVICE, FleetLab
+from synfleet_lab import frames
+from synfleet_lab.testbed.clients import ClientLoad, Transfer, attempt
+from synfleet_lab.testbed.configs import ENCAP_PORT, POLICY_IDS, SERVICE_PORT
+from synfleet_lab.testbed.fleetlab import BACKENDS, PROXIES, SERVICE, FleetLab
 
 pytestmark = pytest.mark.netns
 MiB = 1 << 20

@@ -11,7 +11,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from synfleet.testbed.netns import home_namespace
+from synfleet_lab.testbed.netns import home_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,10 +44,19 @@ def test_dockerfile_build_steps_produce_a_package_with_the_bpf_objects(tmp_path)
                         "-w", str(tmp_path / "wheel"), str(context)], check=True)
     (wheel,) = (tmp_path / "wheel").glob("synfleet-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"synfleet/bpf/objects/proxy.bpf.o", "synfleet/bpf/objects/backend.bpf.o"} <= names
+    assert {n for n in names if n.endswith(".bpf.o")} == {
+        f"synfleet/bpf/objects/{p}.bpf.o" for p in ("proxy", "proxy_xdp", "backend")}
     assert "synfleet/operator/handlers.py" in names and "synfleet/agent/sources.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "synfleet = synfleet.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    # The product only: no lab module, no lab dependency.
+    lab = [n for n in names if n.startswith("synfleet_lab") or
+           any(part in ("testbed", "bench", "demo.py", "check.py", "net") for part in n.split("/"))]
+    assert not lab, f"lab files in the product wheel: {lab}"
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    runtime = {r.split(">")[0].split("=")[0].strip() for r in requires if "extra ==" not in r}
+    assert runtime == {"pydantic", "PyYAML", "prometheus-client", "kopf", "kubernetes"}
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies():

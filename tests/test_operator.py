@@ -23,7 +23,7 @@ from synfleet import contract
 from synfleet.agent.agent import uninstall
 from synfleet.config.schema import Role
 from synfleet.resources import names
-from synfleet.testbed.netns import unique_name
+from synfleet_lab.testbed.netns import unique_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "synfleet"

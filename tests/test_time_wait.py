@@ -16,7 +16,7 @@ import pytest
 from conftest import require_bpf
 from fleet import SERVICE_PORT, Fleet, recv_exact, running_fleet
 from synfleet.abi import Counter
-from synfleet.testbed.topology import V4, V6
+from synfleet_lab.testbed.topology import V4, V6
 
 ROTATION_S = 3600
 CLIENT_PORTS = itertools.count(40000)   # one per test: no TIME_WAIT from another test

@@ -13,6 +13,6 @@ def object_path(program: str, directory: Path | str | None = None) -> Path:
     path = Path(directory or OBJECTS_DIR) / f"{program}.bpf.o"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing: build the data plane with `make -C bpf` "
+            f"{path} is missing: build it with `make -C bpf` (the lab's: `make -C lab/bpf`) "
             "(scripts/setup.sh does it)")
     return path

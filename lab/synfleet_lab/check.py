@@ -12,8 +12,8 @@ from typing import Callable
 
 from synfleet.abi import Counter
 from synfleet.cookie import current_epoch
-from synfleet.testbed.fleet import SERVICE_PORT, Fleet, recv_exact
-from synfleet.testbed.topology import V4, V6
+from synfleet_lab.testbed.fleet import SERVICE_PORT, Fleet, recv_exact
+from synfleet_lab.testbed.topology import V4, V6
 
 ROTATION_S = 60
 PAYLOAD = b"synfleet check " * 4096

@@ -37,11 +37,12 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from synfleet.agent.agent import uninstall
-from synfleet.bpf import BpfObject, XdpHook, object_path
+from synfleet.bpf import BpfObject, XdpHook
 from synfleet.config import schema
 from synfleet.cookie import current_epoch
-from synfleet.testbed.configs import SERVICE_PORT, testbed_config
-from synfleet.testbed.netns import NetNS, sh, unique_name
+from synfleet_lab.objects import lab_object
+from synfleet_lab.testbed.configs import SERVICE_PORT, testbed_config
+from synfleet_lab.testbed.netns import NetNS, sh, unique_name
 
 SERVICE = {4: "198.19.0.10", 6: "2001:db8:19::10"}
 FLOOD_PREFIX = {4: "10.66.0.0/16", 6: "2001:db8:66::/48"}
@@ -158,7 +159,7 @@ class AgentProcess:
 
 @dataclass
 class Flood:
-    """A running flood process (synfleet.testbed.flood) in the attacker namespace."""
+    """A running flood process (synfleet_lab.testbed.flood) in the attacker namespace."""
 
     proc: subprocess.Popen
 
@@ -215,7 +216,7 @@ class FleetLab:
     mode: str = "enforce"
     xdp: bool = False       # the proxies' XDP front (node.xdp)
     clock_offsets: dict[str, float] = field(default_factory=dict)
-    http: bool = False      # nginx on the backends instead of synfleet.testbed.service
+    http: bool = False      # nginx on the backends instead of synfleet_lab.testbed.service
     protected: bool = True  # the service in the nodes' configurations
     nodes: dict[str, Node] = field(default_factory=dict)
     agents: dict[str, AgentProcess] = field(default_factory=dict)
@@ -284,7 +285,7 @@ class FleetLab:
                             "permanent")
         if self.xdp:
             # A veth takes its peer's XDP_TX frames only with a native XDP program of its own.
-            with BpfObject(object_path("xdp_pass")).load() as peer, self.switch.entered():
+            with BpfObject(lab_object("xdp_pass")).load() as peer, self.switch.entered():
                 for name in PROXIES:
                     XdpHook(socket.if_nametoindex(f"p-{name}"[:15])).attach(peer.program("xdp_pass"))
         self.route_via("proxy-a")
@@ -386,7 +387,7 @@ class FleetLab:
         return self
 
     def _greeter(self, name: str) -> subprocess.Popen:
-        return _nsenter(self.nodes[name].ns, sys.executable, "-m", "synfleet.testbed.service",
+        return _nsenter(self.nodes[name].ns, sys.executable, "-m", "synfleet_lab.testbed.service",
                         "--name", name, "--port", str(SERVICE_PORT), SERVICE[4], SERVICE[6],
                         stdout=subprocess.PIPE)
 
@@ -436,7 +437,7 @@ class FleetLab:
         """Start a bounded flood from the attacker at `target` (default: the
         proxy the route points to)."""
         target_node = self.nodes[target or self.via]
-        return Flood(_nsenter(self.nodes["attacker"].ns, sys.executable, "-u", "-m", "synfleet.testbed.flood",
+        return Flood(_nsenter(self.nodes["attacker"].ns, sys.executable, "-u", "-m", "synfleet_lab.testbed.flood",
                         "--ifname", "eth0", "--dst-mac", target_node.mac, "--service", SERVICE[family],
                         "--port", str(SERVICE_PORT), "--kind", kind, "--rate", str(rate),
                         "--duration", str(duration), "--source-prefix", FLOOD_PREFIX[family],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from synfleet.testbed.netns import NetNS, unique_name
+from synfleet_lab.testbed.netns import NetNS, unique_name
 
 
 @contextlib.contextmanager

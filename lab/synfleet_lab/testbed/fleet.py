@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from synfleet.config.schema import DataplaneConfig, PolicyEntry
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
-from synfleet.testbed.configs import ENCAP_PORT, SERVICE_PORT, testbed_config
-from synfleet.testbed.topology import V4, V6, Topology
+from synfleet_lab.testbed.configs import ENCAP_PORT, SERVICE_PORT, testbed_config
+from synfleet_lab.testbed.topology import V4, V6, Topology
 
 __all__ = ["ENCAP_PORT", "SERVICE_PORT", "Fleet", "recv_exact"]
 

@@ -27,10 +27,11 @@ import subprocess
 import threading
 from dataclasses import asdict, dataclass
 
-from synfleet.bench.generators import XdpSynGenerator, syn_template
-from synfleet.bpf import BpfObject, XdpHook, object_path
-from synfleet.testbed.configs import SERVICE_PORT
-from synfleet.testbed.fleetlab import SERVICE, FleetLab, _nsenter
+from synfleet.bpf import BpfObject, XdpHook
+from synfleet_lab.bench.generators import XdpSynGenerator, syn_template
+from synfleet_lab.objects import lab_object
+from synfleet_lab.testbed.configs import SERVICE_PORT
+from synfleet_lab.testbed.fleetlab import SERVICE, FleetLab, _nsenter
 
 FLOOD_PPS = 250_000
 WARMUP_S = 0.5
@@ -77,7 +78,7 @@ class LabFlood:
 
     def __init__(self, lab: FleetLab, cpu: int) -> None:
         # A veth takes its peer's live XDP frames only with a native XDP program of its own.
-        with BpfObject(object_path("xdp_pass")).load() as peer, lab.switch.entered():
+        with BpfObject(lab_object("xdp_pass")).load() as peer, lab.switch.entered():
             XdpHook(socket.if_nametoindex("p-attacker")).attach(peer.program("xdp_pass"))
         target, attacker = lab.nodes[lab.via], lab.nodes["attacker"]
         template = syn_template(target.mac, attacker.mac, SERVICE[4], SERVICE_PORT)

@@ -3,7 +3,7 @@ namespace. Sends pre-built frames (valid checksums) on an AF_PACKET socket at
 a capped rate for a fixed time, prints one JSON line per second and a final
 summary, and never runs past --duration.
 
-    python -m synfleet.testbed.flood --ifname eth0 --dst-mac 02:.. --service 198.19.0.10 \\
+    python -m synfleet_lab.testbed.flood --ifname eth0 --dst-mac 02:.. --service 198.19.0.10 \\
         --port 8080 --kind syn --rate 20000 --duration 10
 """
 
@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 
-from synfleet.net import frames
+from synfleet_lab import frames
 
 POOL = 8192          # distinct frames, each with its own random source and port
 BURST = 64

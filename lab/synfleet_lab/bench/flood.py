@@ -16,9 +16,9 @@ under one generator.
   client run an XDP_PASS program: a veth takes its peer's XDP_TX frames only
   then. `synfleet-tc`: the same without the XDP front.
 - `floor`: a TC program that swaps addresses and sends the packet back
-  (bpf/reflect.bpf.c): packet I/O with zero work.
+  (lab/bpf/reflect.bpf.c): packet I/O with zero work.
 
-Generators (synfleet.bench.generators), random sources in 10.66.0.0/16,
+Generators (synfleet_lab.bench.generators), random sources in 10.66.0.0/16,
 Linux-like SYN options, valid checksums:
 - `xdp` (default): BPF live frames sent from the first CPU; the defence node's
   receive work (the NAPI of its eth0 and eth2, in threads) runs on the last
@@ -29,7 +29,7 @@ Linux-like SYN options, valid checksums:
   sender's CPU, so an answered rate is the defence's per-packet cost plus
   trafgen's; `cpu_s_per_million` is the whole machine's busy time.
 
-The attacker drops the answers at TC ingress (bpf/sink.bpf.c) and counts them
+The attacker drops the answers at TC ingress (lab/bpf/sink.bpf.c) and counts them
 on its interface. `generator_pps` is what the generator sends into a TC drop;
 `floor` puts each figure in proportion to the cost of the packet I/O alone.
 
@@ -54,13 +54,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from synfleet.bench import GENERATORS
-from synfleet.bench.generators import TrafgenSynGenerator, XdpSynGenerator, pinned_to, syn_template
-from synfleet.bpf import BpfObject, TcHook, XdpHook, object_path
+from synfleet.bpf import BpfObject, TcHook, XdpHook
 from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
-from synfleet.testbed.configs import SERVICE_PORT, testbed_config
-from synfleet.testbed.netns import NetNS, unique_name, veth
+from synfleet_lab.bench import GENERATORS
+from synfleet_lab.bench.generators import TrafgenSynGenerator, XdpSynGenerator, pinned_to, syn_template
+from synfleet_lab.objects import lab_object
+from synfleet_lab.testbed.configs import SERVICE_PORT, testbed_config
+from synfleet_lab.testbed.netns import NetNS, unique_name, veth
 
 DEFENCES = ("kernel", "nf-synproxy", "synfleet", "synfleet-tc", "floor")
 SERVICE = "198.19.0.10"
@@ -268,7 +269,7 @@ class FloodLab:
         self._hooks.append((ns, hook))
 
     def _attach_object(self, ns: NetNS, ifname: str, name: str) -> None:
-        obj = BpfObject(object_path(name)).load()
+        obj = BpfObject(lab_object(name)).load()
         self._objects.append(obj)
         self._attach(ns, ifname, obj.program(name))
 
@@ -362,7 +363,7 @@ class FloodLab:
         self._attach(self.defence, "eth2", proxy.program)
         if xdp:
             # A veth takes its peer's XDP_TX frames only with an XDP program of its own.
-            peer = BpfObject(object_path("xdp_pass")).load()
+            peer = BpfObject(lab_object("xdp_pass")).load()
             self._objects.append(peer)
             self._attach(self.attacker, "eth0", peer.program("xdp_pass"), XdpHook)
             self._attach(self.client, "eth0", peer.program("xdp_pass"), XdpHook)

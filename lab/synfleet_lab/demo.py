@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from synfleet.agent.pins import DEFAULT_ROOT
 from synfleet.bpf import Map
-from synfleet.testbed.clients import Attempt, ClientLoad
-from synfleet.testbed.fleetlab import BACKENDS, PROXIES, FleetLab
+from synfleet_lab.testbed.clients import Attempt, ClientLoad
+from synfleet_lab.testbed.fleetlab import BACKENDS, PROXIES, FleetLab
 
 WARMUP_S = 3.0
 COOLDOWN_S = 2.0

@@ -3,7 +3,7 @@ attacker namespace's eth0 a Linux-like SYN (MSS 1460, SACK permitted, window
 scale 7) to the service from random sources in 10.66.0.0/16, random ports and
 ISNs, valid checksums.
 
-- `xdp`: bpf/syngen.bpf.c run by BPF_PROG_TEST_RUN in live-frames mode on the
+- `xdp`: lab/bpf/syngen.bpf.c run by BPF_PROG_TEST_RUN in live-frames mode on the
   generator's CPU. A frame costs the generator tens of nanoseconds, so one
   core floods faster than any defence here answers.
 - `trafgen`: netsniff-ng's trafgen, one thread, paced with `-b` or flat out
@@ -23,14 +23,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from synfleet.bpf import BpfObject, object_path
-from synfleet.net import frames
-from synfleet.testbed.netns import NetNS
+from synfleet.bpf import BpfObject
+from synfleet_lab import frames
+from synfleet_lab.objects import lab_object
+from synfleet_lab.testbed.netns import NetNS
 
 FLOOD_SOURCE = "10.66.0.0"        # the /16 the sources are drawn from
 # Linux's SYN options without timestamps: MSS 1460, SACK permitted, window scale 7.
 SYN_OPTIONS = bytes([0x02, 0x04, 0x05, 0xB4, 0x04, 0x02, 0x01, 0x03, 0x03, 0x07, 0x01, 0x01])
-# bpf/syngen.bpf.c's struct syngen_pace: interval_ns, next_ns, last_ns, stop_ns, sent.
+# lab/bpf/syngen.bpf.c's struct syngen_pace: interval_ns, next_ns, last_ns, stop_ns, sent.
 PACE = struct.Struct("<QQQQQ")
 ONLY_KEY = struct.pack("<I", 0)     # both of its maps hold one entry
 
@@ -59,7 +60,7 @@ def pinned_to(cpu: int) -> Iterator[None]:
 
 
 class XdpSynGenerator:
-    """bpf/syngen.bpf.c's `syn_flood`, paced by the program itself."""
+    """lab/bpf/syngen.bpf.c's `syn_flood`, paced by the program itself."""
 
     # A BPF_PROG_TEST_RUN call sets its page pool up and tears it down, which
     # sleeps for tens of milliseconds (an RCU grace period): threads on the
@@ -73,7 +74,7 @@ class XdpSynGenerator:
     def __init__(self, attacker: NetNS, ifname: str, template: bytes, cpu: int) -> None:
         self.attacker, self.ifname, self.template, self.cpu = attacker, ifname, template, cpu
         self.runs = [self.FIRST_RUNS] * self.THREADS
-        self.obj = BpfObject(object_path("syngen")).load()
+        self.obj = BpfObject(lab_object("syngen")).load()
         try:
             size = self.obj.btf_struct_size("syngen_frame")
             if size != len(template):

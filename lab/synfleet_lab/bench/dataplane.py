@@ -1,5 +1,5 @@
 """`synfleet bench dataplane`: ns per packet of each data-plane path, through
-BPF_PROG_TEST_RUN with a large repeat count (see bpf/bench.bpf.c for how the
+BPF_PROG_TEST_RUN with a large repeat count (see lab/bpf/bench.bpf.c for how the
 frame is restored between repetitions and how that cost is taken off)."""
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import secrets
 import struct
 from dataclasses import dataclass
 
-from synfleet.bpf import BpfObject, Program, TypedMap, object_path
+from synfleet.bpf import BpfObject, Program, TypedMap
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
-from synfleet.net import frames
-from synfleet.testbed.configs import ENCAP_PORT, testbed_config
-from synfleet.testbed.configs import SERVICE_PORT as PORT
-from synfleet.testbed.lab import proxy_node_namespace
+from synfleet_lab import frames
+from synfleet_lab.objects import lab_object
+from synfleet_lab.testbed.configs import ENCAP_PORT, testbed_config
+from synfleet_lab.testbed.configs import SERVICE_PORT as PORT
+from synfleet_lab.testbed.lab import proxy_node_namespace
 
 NODE_V4, NODE_V6, BACKEND_V4 = "198.18.0.1", "2001:db8:18::1", "198.18.0.2"
 CLIENT, SERVICE = "198.18.1.7", "198.19.0.10"
@@ -44,7 +45,7 @@ class Case:
 
 class Harness:
     def __init__(self, proxy: Program, backend: Program) -> None:
-        self.obj = BpfObject(object_path("bench")).load()
+        self.obj = BpfObject(lab_object("bench")).load()
         self.restore = self.obj.program("bench_restore")
         self.noop = self.obj.program("bench_noop")
         self.template = TypedMap(self.obj.map("template"), ctypes.c_uint32, _BenchFrame)

@@ -4,7 +4,7 @@ landed), then echoes what it reads until the client closes — or, once what it
 echoed ends with `BYE`, closes first itself, as an HTTP/1.0 server does, so
 that the 4-tuple stays in TIME_WAIT on the backend.
 
-    python -m synfleet.testbed.service --name backend-a --port 8080 ADDRESS...
+    python -m synfleet_lab.testbed.service --name backend-a --port 8080 ADDRESS...
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from synfleet.testbed.configs import SERVICE_PORT
-from synfleet.testbed.fleetlab import SERVICE, FleetLab
-from synfleet.testbed.service import BYE
+from synfleet_lab.testbed.configs import SERVICE_PORT
+from synfleet_lab.testbed.fleetlab import SERVICE, FleetLab
+from synfleet_lab.testbed.service import BYE
 
 CONNECT_TIMEOUT_S = 5.0
 CHURN_PORT_BASE = 45000

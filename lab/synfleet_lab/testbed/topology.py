@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from synfleet.testbed.netns import NetNS, unique_name, veth
+from synfleet_lab.testbed.netns import NetNS, unique_name, veth
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,160 @@
+"""The lab's commands in `synfleet`: `demo`, `check` and `bench`. The product's
+CLI finds them through the `synfleet.commands` entry-point group and calls each
+with its subparsers; what a command runs is imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from synfleet_lab.bench import GENERATORS
+
+
+def _bench_dataplane(args: argparse.Namespace) -> int:
+    from synfleet_lab.bench.dataplane import run
+
+    result = run(repeat=args.repeat, rounds=args.rounds)
+    if args.json:
+        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))
+        return 0
+    print(f"synfleet data plane, ns per packet (BPF_PROG_TEST_RUN, {args.repeat} runs, best of "
+          f"{args.rounds}; kernel {result['kernel']}, {result['cpu']})")
+    for key in ("proxy_syn_ns", "proxy_ack_ns", "proxy_passthrough_ns", "backend_decap_ns"):
+        print(f"  {key:<22} {result[key]:8.1f}")
+    return 0
+
+
+def _bench_flood(args: argparse.Namespace) -> int:
+    from synfleet_lab.bench.flood import DEFENCES, chart, run
+
+    say = (lambda *a, **k: None) if args.json else print
+    defences = tuple(args.defences.split(",")) if args.defences else DEFENCES
+    try:
+        result = run(defences=defences, seconds=args.seconds, progress=say, generator=args.generator)
+    except ValueError as err:      # an unknown defence or generator, refused before anything is built
+        print(f"synfleet bench flood: {err}", file=sys.stderr)
+        return 2
+    if args.chart:
+        chart(result, args.chart)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"\nSYN+ACKs answered per second ({args.generator} generator: {result['generator_pps']:,} SYN/s "
+          "into a TC drop)")
+    for name, r in result["defences"].items():
+        cpu = r["cpu_s_per_million"]
+        print(f"  {name:<12} {r['max_answered_rate']:>12,.0f}/s   "
+              f"{'-' if cpu is None else f'{cpu:.2f}':>6} CPU s per million")
+    print("\nlegitimate handshakes ok during floods at 25 / 50 / 100 % of each defence's best rate")
+    for name, r in result["defences"].items():
+        if r["legit"]:
+            print(f"  {name:<12} " + "   ".join(
+                f"{100 * v['success']:.1f} % (p50 {v['connect_p50_ms']} ms, p99 {v['connect_p99_ms']} ms)"
+                for v in r["legit"].values()))
+    print("\ndefence node state as connections established through it grow")
+    for name, r in result["defences"].items():
+        if r["memory"]:
+            print(f"  {name:<12} conntrack entries " + " / ".join(
+                f"{m['conntrack_entries']} at {m['connections']:,}" for m in r["memory"][1:])
+                + f"  ({r['memory'][-1]['conntrack_bytes']:,} B at the last)")
+    for pair, ratio in result["ratios"].items():
+        print(f"  {pair:<22} " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    if args.chart:
+        print(f"\nchart: {args.chart}")
+    return 0
+
+
+def _bench_http(args: argparse.Namespace) -> int:
+    from synfleet_lab.bench.http import run
+
+    result = run(seconds=args.seconds, flood_pps=args.flood_rate, connections=args.connections,
+                 rounds=args.rounds)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"HTTP requests per second, one connection per request (wrk -c{args.connections}, "
+          f"median of {args.rounds} runs of {args.seconds:g} s; flood {result['flood_pps_asked']:,} SYN/s asked, "
+          f"at least {result['flood_pps_sent_min']:,} sent)")
+    print(f"  {'':<6} {'synfleet':>10} {'baseline':>10} {'ratio':>6}   {'under flood':>11} "
+          f"{'baseline':>10} {'ratio':>6}   errors")
+    for family in ("ipv4", "ipv6"):
+        r = result[family]
+        print(f"  {family:<6} {r['synfleet_rps']:>10,.0f} {r['baseline_rps']:>10,.0f} {r['ratio']:>6.2f}   "
+              f"{r['synfleet_rps_under_flood']:>11,.0f} {r['baseline_rps_under_flood']:>10,.0f} "
+              f"{r['ratio_under_flood']:>6.2f}   {sum(r['errors'].values())}")
+    print(f"  TIME_WAIT sockets retired for a reused 4-tuple: {result['tw_recycled']:,}, "
+          f"refused: {result['tw_refused']:,}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from synfleet_lab.check import run_check
+
+    return run_check(print)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from synfleet_lab import demo
+
+    say = (lambda *a, **k: None) if args.json else print
+    try:
+        result = demo.run(flood_rate=args.flood_rate, flood_s=args.flood_seconds, clients=args.clients,
+                          progress=say)
+    except KeyboardInterrupt:
+        print("synfleet demo: interrupted; everything it created was removed", file=sys.stderr)
+        return 130
+    demo.chart(result, args.chart)
+    if args.json:
+        print(json.dumps(result.summary))
+        return 0
+    print("\nsynfleet demo summary")
+    print(demo.table(result.summary))
+    print(f"\nchart: {args.chart}; namespaces, agents and pins removed")
+    return 0
+
+
+def check(sub: argparse._SubParsersAction) -> None:
+    check = sub.add_parser("check", help="load the data plane, run a real handshake in network "
+                                         "namespaces, and print what it did")
+    check.set_defaults(func=_check)
+
+
+def bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    dp = bench_sub.add_parser("dataplane", help="ns per packet of each data-plane path")
+    dp.add_argument("--repeat", type=int, default=1_000_000, help="runs per measurement (default 10^6)")
+    dp.add_argument("--rounds", type=int, default=3, help="measurements per path; the best is kept")
+    dp.add_argument("--json", action="store_true", help="print one JSON object")
+    dp.set_defaults(func=_bench_dataplane)
+    fl = bench_sub.add_parser("flood", help="SYN+ACKs per second of synfleet, kernel SYN cookies, "
+                                             "nftables synproxy and a zero-work floor (needs root, "
+                                             "nft, two CPUs; trafgen for --generator trafgen)")
+    fl.add_argument("--defences", help="comma-separated subset (default: all)")
+    fl.add_argument("--generator", choices=GENERATORS, default="xdp",
+                    help="xdp: BPF live frames from one CPU, the defence on another (default); "
+                         "trafgen: netsniff-ng's trafgen, sharing the defence's CPU")
+    fl.add_argument("--seconds", type=float, default=3.0, help="length of each rate step (default 3)")
+    fl.add_argument("--json", action="store_true", help="print one JSON object")
+    fl.add_argument("--chart", default="synfleet-bench-flood.png", help="PNG chart path ('' for none)")
+    fl.set_defaults(func=_bench_flood)
+    ht = bench_sub.add_parser("http", help="HTTP requests/s (nginx, wrk, a connection per request) "
+                              "through synfleet and without it, idle and under a SYN flood")
+    ht.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run (default 5)")
+    ht.add_argument("--flood-rate", type=int, default=250_000, help="SYNs per second (default 250000)")
+    ht.add_argument("--connections", type=int, default=32, help="wrk's concurrent connections")
+    ht.add_argument("--rounds", type=int, default=3, help="alternating runs per path; medians reported")
+    ht.add_argument("--json", action="store_true", help="print one JSON object")
+    ht.set_defaults(func=_bench_http)
+
+
+def demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="a fleet in network namespaces under a SYN flood, with a "
+                                       "summary and a chart (needs root)")
+    demo.add_argument("--flood-rate", type=int, default=40000, help="SYNs per second (default 40000)")
+    demo.add_argument("--flood-seconds", type=float, default=15.0, help="flood length (default 15)")
+    demo.add_argument("--clients", type=int, default=4, help="concurrent legitimate clients")
+    demo.add_argument("--chart", default="synfleet-demo.png", help="PNG chart path")
+    demo.add_argument("--json", action="store_true", help="print only the summary as JSON")
+    demo.set_defaults(func=_demo)

@@ -1,1 +1,0 @@
-"""Small helpers for building frames without third-party packet libraries."""
