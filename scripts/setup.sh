@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(clang llvm libbpf-dev bpftool iproute2 ethtool make python3-pip openssl netsniff-ng nftables
+packages=(clang llvm libbpf-dev bpftool iproute2 make python3-pip openssl netsniff-ng nftables
           nginx-light wrk)
 missing=()
 for p in "${packages[@]}"; do

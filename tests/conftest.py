@@ -8,7 +8,6 @@ import ipaddress
 import os
 import secrets
 import shutil
-import subprocess
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from synfleet.config import schema
 from synfleet.cookie import current_epoch
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet_lab.testbed.lab import proxy_node_namespace
+from synfleet_lab.testbed.netns import namespaces
 
 ROTATION_S = 3600
 ENCAP_PORT = 6080
@@ -56,9 +56,8 @@ def skip_unless_required(required_by: str, what: str, reason: str) -> None:
 
 
 def network_namespaces() -> set[str]:
-    """The names `ip netns list` shows now (a line may add "(id: N)")."""
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
+    """The named network namespaces that exist now."""
+    return namespaces()
 
 
 def require_bpf() -> None:

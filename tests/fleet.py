@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import secrets
 import socket
+import sys
 import threading
 import time
 
@@ -101,29 +101,18 @@ class EchoServer:
         self.sock.close()
 
 
-def ss_info(ns: NetNS, filter_expr: str) -> str:
-    return ns.run("ss", "-tinH", "state", "established", filter_expr)
-
-
-def ss_fields(info: str) -> dict:
-    """What `ss -ti` prints of window scale and MSS. (iproute2 6.1's ss leaves
-    out the ts/sack/ecn words on this kernel even on loopback; those come from
-    TCP_INFO, the same kernel record, in tcp_info_options().)"""
-    return {
-        "wscale": tuple(map(int, m.groups())) if (m := re.search(r"wscale:(\d+),(\d+)", info)) else None,
-        "mss": int(re.search(r"\smss:(\d+)", info).group(1)),
-    }
-
-
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 
 
 def tcp_info_options(sock: socket.socket) -> dict:
+    """What the kernel negotiated for a connection (struct tcp_info): options,
+    window scales (send, receive) and the MSS it sends with."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
     opts, scales = info[5], info[6]
     return {"ts": bool(opts & TCPI_OPT_TIMESTAMPS), "sack": bool(opts & TCPI_OPT_SACK),
             "ecn": bool(opts & TCPI_OPT_ECN),
-            "wscale": (scales & 0xF, scales >> 4) if opts & TCPI_OPT_WSCALE else None}
+            "wscale": (scales & 0xF, scales >> 4) if opts & TCPI_OPT_WSCALE else None,
+            "mss": int.from_bytes(info[16:20], sys.byteorder)}
 
 
 def wait_for(predicate, what: str, timeout: float = 10.0):
@@ -140,8 +129,7 @@ def wait_for(predicate, what: str, timeout: float = 10.0):
 
 def xdp_tx_count(ns: NetNS, ifname: str) -> int:
     """Frames an XDP program on the veth `ifname` sent back with XDP_TX (veth's own count)."""
-    stats = dict(line.strip().split(": ") for line in ns.run("ethtool", "-S", ifname).splitlines()[1:])
-    return int(stats["rx_queue_0_xdp_tx"])
+    return ns.ethtool_stats(ifname)["rx_queue_0_xdp_tx"]
 
 
 def xdp_program_id(ns: NetNS, ifname: str) -> int | None:

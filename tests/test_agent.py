@@ -40,8 +40,9 @@ from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir
 from synfleet.bpf import BpfObject, XdpHook
 from synfleet.dataplane.programs import ProxyDataplane
 from synfleet_lab.objects import lab_object
+from synfleet_lab.testbed.fabric import Fabric
 from synfleet_lab.testbed.fleetlab import AgentProcess, Node
-from synfleet_lab.testbed.netns import NetNS, unique_name
+from synfleet_lab.testbed.netns import unique_name
 
 pytestmark = pytest.mark.netns
 
@@ -50,12 +51,9 @@ class OneNode:
     """A namespace with a veth and one proxy agent process driven by a file."""
 
     def __init__(self, tmp_path) -> None:
-        self.ns = NetNS(unique_name("sf-agent"))
-        self.ns.ip("link", "add", "sf0", "type", "veth", "peer", "sf1")
-        for ifname in ("sf0", "sf1"):
-            self.ns.ip("link", "set", ifname, "up")
-        self.ns.ip("addr", "add", f"{PROXY_V4}/24", "dev", "sf0")
-        self.ns.ip("-6", "addr", "add", f"{PROXY_V6}/64", "dev", "sf0", "nodad")
+        self.fabric = Fabric("sf-agent")
+        self.ns = self.fabric.add("node")
+        self.fabric.link(self.ns, "sf0", self.ns, "sf1", [f"{PROXY_V4}/24", f"{PROXY_V6}/64"])
         self.path = str(tmp_path / "proxy.yaml")
         e = tai_epoch()
         self.salts = Salts({x: secrets.token_bytes(16) for x in (e - 1, e, e + 1)})
@@ -78,7 +76,7 @@ class OneNode:
         self.agent.signal(signal.SIGKILL)
         with self.ns.entered():
             uninstall(self.agent.instance)
-        self.ns.delete()
+        self.fabric.close()
 
 
 @pytest.fixture
@@ -205,8 +203,7 @@ def test_the_xdp_front_follows_the_configuration_across_restarts_and_uninstall(n
 
 
 def test_a_driver_without_native_xdp_keeps_the_tc_program_and_says_why(node):
-    node.ns.ip("link", "add", "sfbr0", "type", "bridge")
-    node.ns.ip("link", "set", "sfbr0", "up")
+    Fabric.bridge(node.ns, "sfbr0")
     cfg = unit_config("proxy", node.salts)
     node.write(with_xdp(cfg.model_copy(update={"node": cfg.node.model_copy(
         update={"interfaces": ["sf0", "sfbr0"]})}), True).to_yaml())

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import network_namespaces, require_bpf, skip_unless_required
 from synfleet_lab.bench import flood
+from synfleet_lab.bench.flood.measure import flood_step
 
 pytestmark = pytest.mark.netns
 
@@ -74,7 +75,7 @@ def test_trafgen_tx_ring_frames_are_answered_in_full():
     with flood.FloodLab("trafgen") as lab:
         for defence in ("synfleet-tc", "floor"):
             with lab.defended_by(defence):
-                ring = lab.flood_step(None, 0.5)
+                ring = flood_step(lab, None, 0.5)
             assert ring.offered_pps > 0
             assert ring.answered_pps == pytest.approx(ring.offered_pps, rel=0.05), defence
     assert network_namespaces() == before
@@ -109,7 +110,7 @@ def test_paced_generator_makes_up_what_it_owes_when_its_cpu_is_taken(hog):
     with flood.FloodLab("xdp") as lab, lab.defended_by("floor"):
         task = subprocess.Popen(["taskset", "-c", str(lab.generator_cpu), sys.executable, "-c", CPU_HOGS[hog]])
         try:
-            steps = [lab.flood_step(20_000, 1.0) for _ in range(3)]
+            steps = [flood_step(lab, 20_000, 1.0) for _ in range(3)]
         finally:
             task.kill()
             task.wait()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from pyroute2 import IPRoute
 
 from conftest import agent_document, require_bpf, require_kube
 from fleet import wait_for
@@ -429,10 +430,13 @@ def lab_link():
     traffic (the API server is on this namespace's loopback, so the agent runs here)."""
     require_bpf()
     name = unique_name("sfk")
-    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True)
-    subprocess.run(["ip", "link", "set", name, "up"], check=True)
-    yield name
-    subprocess.run(["ip", "link", "del", name], check=False)
+    with IPRoute() as ipr:     # this thread's namespace
+        ipr.link("add", ifname=name, kind="veth", peer=name + "p")
+        ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+        try:
+            yield name
+        finally:
+            ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
 
 
 def test_agent_in_cluster_mode_follows_its_configmap_and_salt_rotation(fleet, lab_link, tmp_path):

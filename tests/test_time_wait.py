@@ -112,7 +112,7 @@ def counters(fleet: Fleet, *names: Counter) -> dict[Counter, int]:
 
 @contextlib.contextmanager
 def sysctl(ns, key: str, value: int):
-    old = int(ns.run("sysctl", "-n", key))
+    old = int(ns.sysctl_get(key))
     ns.sysctl(key, value)
     try:
         yield

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from synfleet_lab.bench import GENERATORS
+from synfleet_lab.bench.flood import GENERATORS
 
 
 def _bench_dataplane(args: argparse.Namespace) -> int:

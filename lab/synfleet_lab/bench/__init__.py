@@ -1,4 +1,1 @@
-"""Benchmarks (measurements, not tests)."""
-
-# The flood generators `synfleet bench flood` offers (synfleet_lab.bench.generators).
-GENERATORS = ("xdp", "trafgen")
+"""Benchmarks (measurements, not tests): `synfleet bench dataplane | flood | http`."""

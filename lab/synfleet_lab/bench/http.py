@@ -28,10 +28,10 @@ import threading
 from dataclasses import asdict, dataclass
 
 from synfleet.bpf import BpfObject, XdpHook
-from synfleet_lab.bench.generators import XdpSynGenerator, syn_template
+from synfleet_lab.generators import XdpSynGenerator, syn_template
 from synfleet_lab.objects import lab_object
 from synfleet_lab.testbed.configs import SERVICE_PORT
-from synfleet_lab.testbed.fleetlab import SERVICE, FleetLab, _nsenter
+from synfleet_lab.testbed.fleetlab import SERVICE, FleetLab
 
 FLOOD_PPS = 250_000
 WARMUP_S = 0.5
@@ -60,9 +60,10 @@ class WrkResult:
 def wrk(lab: FleetLab, family: int, seconds: float, connections: int = 32) -> WrkResult:
     """wrk from the client namespace, one connection per request."""
     host = SERVICE[family] if family == 4 else f"[{SERVICE[family]}]"
-    proc = _nsenter(lab.nodes["client"].ns, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s",
-                    "--timeout", "2s", "-H", "Connection: close", f"http://{host}:{SERVICE_PORT}/",
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = lab.nodes["client"].ns.popen("wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s",
+                                        "--timeout", "2s", "-H", "Connection: close",
+                                        f"http://{host}:{SERVICE_PORT}/",
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=seconds + 30)
     finally:

@@ -13,9 +13,9 @@ proxy-a; `route_via("proxy-b")` moves them. With `http=True` the backends
 run nginx (Debian's) instead of the greeting service. `set_protected(False)`
 takes the service out of every node's configuration and routes it from the
 proxies to both backends (ECMP on the 4-tuple): the same fabric without
-synfleet's defence, the baseline of `synfleet bench http`. Agents run with
-`nsenter --net`, so they pin into the host's /sys/fs/bpf under instance
-names unique to this lab. `close()` (also on errors, and from the context
+synfleet's defence, the baseline of `synfleet bench http`. Agents join
+their node's network namespace only (NetNS.popen), so they pin into the
+host's /sys/fs/bpf under instance names unique to this lab. `close()` (also on errors, and from the context
 manager) stops everything, uninstalls every instance and removes the
 namespaces and the working directory.
 """
@@ -42,7 +42,8 @@ from synfleet.config import schema
 from synfleet.cookie import current_epoch
 from synfleet_lab.objects import lab_object
 from synfleet_lab.testbed.configs import SERVICE_PORT, testbed_config
-from synfleet_lab.testbed.netns import NetNS, sh, unique_name
+from synfleet_lab.testbed.fabric import Fabric
+from synfleet_lab.testbed.netns import NetNS
 
 SERVICE = {4: "198.19.0.10", 6: "2001:db8:19::10"}
 FLOOD_PREFIX = {4: "10.66.0.0/16", 6: "2001:db8:66::/48"}
@@ -79,9 +80,6 @@ class Node:
     mac: str = ""
 
 
-def _nsenter(ns: NetNS, *args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen(["nsenter", f"--net=/run/netns/{ns.name}", *args], **kw)
-
 
 @dataclass
 class AgentProcess:
@@ -97,7 +95,7 @@ class AgentProcess:
         self.objects_dir = objects_dir or self.objects_dir
         extra = ["--objects", self.objects_dir] if self.objects_dir else []
         log = open(self.log_path, "ab")
-        self.proc = _nsenter(self.node.ns, sys.executable, "-m", "synfleet.cli", "agent",
+        self.proc = self.node.ns.popen(sys.executable, "-m", "synfleet.cli", "agent",
                              "--role", self.role, "--config", self.config_path,
                              "--instance", self.instance, "--listen", f"127.0.0.1:{METRICS_PORT}",
                              *extra, stdout=log, stderr=subprocess.STDOUT)
@@ -159,7 +157,7 @@ class AgentProcess:
 
 @dataclass
 class Flood:
-    """A running flood process (synfleet_lab.testbed.flood) in the attacker namespace."""
+    """A running flood process (synfleet_lab.generators, a PacketSocketGenerator) in the attacker namespace."""
 
     proc: subprocess.Popen
 
@@ -223,7 +221,8 @@ class FleetLab:
     servers: list[subprocess.Popen] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.tag = unique_name("sf")[3:]
+        self.fabric = Fabric("sf")
+        self.tag = self.fabric.prefix.removeprefix("sf-")
         self.workdir = tempfile.mkdtemp(prefix=f"synfleet-lab-{self.tag}-")
         self.switch: NetNS | None = None
         self.salts = SaltPublisher(self)
@@ -237,30 +236,18 @@ class FleetLab:
     # ---- topology ----
 
     def _build(self) -> None:
-        self.switch = NetNS(f"sf-{self.tag}-sw")
-        self.switch.ip("link", "add", "br0", "type", "bridge")
-        self.switch.ip("link", "set", "br0", "up")
+        self.switch = self.fabric.add("sw")
+        self.fabric.bridge(self.switch, "br0")
         for name, host in HOSTS.items():
-            ns = NetNS(f"sf-{self.tag}-{name}")
+            ns = self.fabric.add(name, router=name in PROXIES, rp_filter=False)
             node = Node(name, ns, f"198.18.0.{host}", f"2001:db8:18::{host:x}")
             self.nodes[name] = node
             port = f"p-{name}"[:15]
-            sh("ip", "link", "add", "eth0", "netns", ns.name, "type", "veth", "peer", port,
-               "netns", self.switch.name)
-            self.switch.ip("link", "set", port, "master", "br0", "up")
-            ns.ip("link", "set", "eth0", "up")
-            # Full checksums on the wire: the data plane rewrites and checks them.
-            ns.run("ethtool", "-K", "eth0", "tx", "off")
-            self.switch.run("ethtool", "-K", port, "tx", "off")
-            ns.ip("addr", "add", f"{node.v4}/24", "dev", "eth0")
-            ns.ip("-6", "addr", "add", f"{node.v6}/64", "dev", "eth0", "nodad")
-            ns.sysctl("net.ipv4.conf.all.rp_filter", 0)
-            ns.sysctl("net.ipv4.conf.eth0.rp_filter", 0)
-            node.mac = json.loads(ns.ip("-j", "link", "show", "eth0"))[0]["address"]
+            self.fabric.link(ns, "eth0", self.switch, port, [f"{node.v4}/24", f"{node.v6}/64"])
+            self.switch.set_master(port, "br0")
+            node.mac = ns.mac("eth0")
         for name in PROXIES:
             ns = self.nodes[name].ns
-            ns.sysctl("net.ipv4.conf.all.forwarding", 1)
-            ns.sysctl("net.ipv6.conf.all.forwarding", 1)
             # A proxy that routes (the unprotected baseline) onto the link it
             # received from would teach the client a redirect straight to a
             # backend, which outlives the baseline.
@@ -274,15 +261,11 @@ class FleetLab:
             ns = self.nodes[name].ns
             ns.sysctl("net.ipv4.tcp_syncookies", 1)
             for fam in (4, 6):
-                ns.ip(f"-{fam}", "addr", "add", f"{SERVICE[fam]}/{32 if fam == 4 else 128}", "dev", "lo")
+                ns.add_address("lo", SERVICE[fam])
         # Permanent neighbours: nobody waits for ARP/ND mid-test, and the
         # attacker never answers for its spoofed sources.
-        for a in self.nodes.values():
-            for b in self.nodes.values():
-                if a is not b:
-                    a.ns.ip("neigh", "replace", b.v4, "lladdr", b.mac, "dev", "eth0", "nud", "permanent")
-                    a.ns.ip("-6", "neigh", "replace", b.v6, "lladdr", b.mac, "dev", "eth0", "nud",
-                            "permanent")
+        self.fabric.pin_neighbours((a.ns, "eth0", address, b.mac) for a in self.nodes.values()
+                                   for b in self.nodes.values() if a is not b for address in (b.v4, b.v6))
         if self.xdp:
             # A veth takes its peer's XDP_TX frames only with a native XDP program of its own.
             with BpfObject(lab_object("xdp_pass")).load() as peer, self.switch.entered():
@@ -295,8 +278,8 @@ class FleetLab:
         gw = self.nodes[proxy]
         for name in ("client", "attacker"):
             ns = self.nodes[name].ns
-            ns.ip("route", "replace", f"{SERVICE[4]}/32", "via", gw.v4)
-            ns.ip("-6", "route", "replace", f"{SERVICE[6]}/128", "via", gw.v6)
+            ns.route("replace", SERVICE[4], gw.v4)
+            ns.route("replace", SERVICE[6], gw.v6)
         self.via = proxy
 
     # ---- configuration and agents ----
@@ -334,11 +317,10 @@ class FleetLab:
             ns = self.nodes[name].ns
             for fam in (4, 6):
                 if protected:
-                    ns.run("ip", f"-{fam}", "route", "del", SERVICE[fam], check=False)
+                    ns.route("del", SERVICE[fam])
                     continue
                 ns.sysctl(f"net.ipv{fam}.fib_multipath_hash_policy", 1)
-                hops = [w for b in BACKENDS for w in ("nexthop", "via", getattr(self.nodes[b], f"v{fam}"))]
-                ns.ip(f"-{fam}", "route", "replace", SERVICE[fam], *hops)
+                ns.route("replace", SERVICE[fam], [getattr(self.nodes[b], f"v{fam}") for b in BACKENDS])
         self.write_backend_configs()
         self.write_proxy_configs(self.salts.window(self.salts.epoch()))
         for name, agent in self.agents.items():
@@ -387,7 +369,7 @@ class FleetLab:
         return self
 
     def _greeter(self, name: str) -> subprocess.Popen:
-        return _nsenter(self.nodes[name].ns, sys.executable, "-m", "synfleet_lab.testbed.service",
+        return self.nodes[name].ns.popen(sys.executable, "-m", "synfleet_lab.testbed.service",
                         "--name", name, "--port", str(SERVICE_PORT), SERVICE[4], SERVICE[6],
                         stdout=subprocess.PIPE)
 
@@ -402,7 +384,7 @@ class FleetLab:
             f.write(NGINX_CONF.format(prefix=prefix, port=SERVICE_PORT, v4=SERVICE[4], v6=SERVICE[6],
                                       name=name))
         self.nodes[name].ns.sysctl("net.core.somaxconn", 4096)
-        return _nsenter(self.nodes[name].ns, "nginx", "-p", prefix, "-c", conf,
+        return self.nodes[name].ns.popen("nginx", "-p", prefix, "-c", conf,
                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def _wait_serving(self, name: str, server: subprocess.Popen) -> None:
@@ -411,7 +393,7 @@ class FleetLab:
                 raise RuntimeError(f"the service on {name} failed to start")
             return
         deadline = time.monotonic() + 10
-        while f":{SERVICE_PORT}" not in self.nodes[name].ns.run("ss", "-tlnH", f"sport = :{SERVICE_PORT}"):
+        while not self.nodes[name].ns.listening(SERVICE_PORT):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"nginx on {name} failed to start: {server.stderr.read().decode()}")
             time.sleep(0.05)
@@ -437,7 +419,7 @@ class FleetLab:
         """Start a bounded flood from the attacker at `target` (default: the
         proxy the route points to)."""
         target_node = self.nodes[target or self.via]
-        return Flood(_nsenter(self.nodes["attacker"].ns, sys.executable, "-u", "-m", "synfleet_lab.testbed.flood",
+        return Flood(self.nodes["attacker"].ns.popen(sys.executable, "-u", "-m", "synfleet_lab.generators",
                         "--ifname", "eth0", "--dst-mac", target_node.mac, "--service", SERVICE[family],
                         "--port", str(SERVICE_PORT), "--kind", kind, "--rate", str(rate),
                         "--duration", str(duration), "--source-prefix", FLOOD_PREFIX[family],
@@ -467,10 +449,7 @@ class FleetLab:
         for name, agent in self.agents.items():
             with self.nodes[name].ns.entered():
                 uninstall(agent.instance)
-        for node in self.nodes.values():
-            node.ns.delete()
-        if self.switch:
-            self.switch.delete()
+        self.fabric.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "FleetLab":

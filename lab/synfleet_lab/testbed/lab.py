@@ -7,22 +7,15 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from synfleet_lab.testbed.netns import NetNS, unique_name
+from synfleet_lab.testbed.fabric import Fabric
+from synfleet_lab.testbed.netns import NetNS
 
 
 @contextlib.contextmanager
 def proxy_node_namespace(node_v4: str, node_v6: str) -> Iterator[NetNS]:
-    ns = NetNS(unique_name("sf-lab"))
-    try:
+    with Fabric("sf-lab") as fabric:
         # A proxy forwards: bpf_fib_lookup() answers FWD_DISABLED otherwise.
-        ns.sysctl("net.ipv4.conf.all.forwarding", 1)
-        ns.sysctl("net.ipv6.conf.all.forwarding", 1)
-        ns.ip("link", "add", "sf0", "type", "veth", "peer", "sf1")
-        ns.ip("link", "set", "sf0", "up")
-        ns.ip("link", "set", "sf1", "up")
-        ns.ip("addr", "add", f"{node_v4}/24", "dev", "sf0")
-        ns.ip("-6", "addr", "add", f"{node_v6}/64", "dev", "sf0", "nodad")
+        ns = fabric.add("node", router=True)
+        fabric.link(ns, "sf0", ns, "sf1", [f"{node_v4}/24", f"{node_v6}/64"])
         with ns.entered():
             yield ns
-    finally:
-        ns.delete()

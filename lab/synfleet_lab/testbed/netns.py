@@ -1,17 +1,32 @@
-"""Network namespaces and veth links, driven with iproute2.
+"""Network namespaces and what is in them, through netlink (pyroute2): links,
+addresses, routes, neighbours, sysctls and socket diagnostics, no `ip`, `ss`,
+`sysctl` or `ethtool` processes.
 
 Test and demo infrastructure: everything here runs only inside namespaces it
 created, and `NetNS.delete()` (or the context manager) removes them.
+
+Programs started with `popen()`/`run()` join the namespace's network only (as
+`nsenter --net` does): they keep the host's mounts, so an agent pins into the
+host's /sys/fs/bpf. `run_with_sysfs()` is `ip netns exec`, for the few
+programs that need the namespace's own /sys (a sysfs mount shows the devices
+of the namespace that mounted it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
+import socket
 import subprocess
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
+
+from pyroute2 import DiagSocket, IPRoute, netns
+from pyroute2.ethtool import Ethtool
+from pyroute2.ethtool.ioctl import IoctlEthtool
+from pyroute2.netlink.diag import SS_LISTEN
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -19,6 +34,7 @@ CLONE_NEWNET = 0x40000000
 # tests keep their thread inside a test namespace for a whole session, and some
 # steps (downloads) must still reach out.
 _HOME = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+NUD_PERMANENT = 0x80
 
 
 @contextlib.contextmanager
@@ -41,38 +57,39 @@ def home_namespace() -> contextlib.AbstractContextManager[None]:
     return _thread_in(_HOME, "the original network namespace")
 
 
-def sh(*args: str, check: bool = True) -> str:
-    res = subprocess.run(args, capture_output=True, text=True)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
-    return res.stdout
+def namespaces() -> set[str]:
+    """The named network namespaces (/run/netns) that exist now."""
+    return set(netns.listnetns())
 
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
+def _finished(args: tuple[str, ...], res: subprocess.CompletedProcess, check: bool) -> str:
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout
+
+
+
 class NetNS:
     def __init__(self, name: str) -> None:
         self.name = name
-        sh("ip", "netns", "add", name)
-        self.ip("link", "set", "lo", "up")
+        netns.create(name)
+        try:
+            self.ipr = IPRoute(netns=name)
+            self.link_up("lo")
+        except BaseException:
+            netns.remove(name)
+            raise
 
-    def ip(self, *args: str) -> str:
-        return sh("ip", "-n", self.name, *args)
-
-    def run(self, *args: str, check: bool = True) -> str:
-        return sh("ip", "netns", "exec", self.name, *args, check=check)
-
-    def popen(self, *args: str, **kw) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.name, *args], **kw)
-
-    def sysctl(self, key: str, value: str | int) -> None:
-        self.run("sysctl", "-qw", f"{key}={value}")
+    # ---- programs and sysctls ----
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
-        """Run this thread inside the namespace (for sockets and BPF test runs)."""
+        """Run this thread inside the namespace (for sockets, BPF test runs, and
+        the processes it starts)."""
         target = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
         try:
             with _thread_in(target, self.name):
@@ -80,8 +97,119 @@ class NetNS:
         finally:
             os.close(target)
 
+    def popen(self, *args: str, **kw) -> subprocess.Popen:
+        # A child inherits the network namespace of the thread that forks it.
+        with self.entered():
+            return subprocess.Popen(args, **kw)
+
+    def run(self, *args: str, check: bool = True) -> str:
+        with self.entered():
+            return _finished(args, subprocess.run(args, capture_output=True, text=True), check)
+
+    def run_with_sysfs(self, *args: str, check: bool = True) -> str:
+        full = ("ip", "netns", "exec", self.name, *args)
+        return _finished(full, subprocess.run(full, capture_output=True, text=True), check)
+
+    @staticmethod
+    def _sysctl_path(key: str) -> str:
+        # /proc/sys/net answers for the network namespace of the thread that opens it.
+        return "/proc/sys/" + key.replace(".", "/")
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        with self.entered(), open(self._sysctl_path(key), "w") as f:
+            f.write(str(value))
+
+    def sysctl_get(self, key: str) -> str:
+        with self.entered(), open(self._sysctl_path(key)) as f:
+            return f.read().strip()
+
+    # ---- links ----
+
+    def index(self, ifname: str) -> int:
+        found = self.ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise LookupError(f"no interface {ifname} in {self.name}")
+        return found[0]
+
+    def link_up(self, ifname: str) -> None:
+        self.ipr.link("set", index=self.index(ifname), state="up")
+
+    def add_link(self, ifname: str, kind: str, **attrs) -> None:
+        self.ipr.link("add", ifname=ifname, kind=kind, **attrs)
+
+    def set_master(self, ifname: str, master: str) -> None:
+        self.ipr.link("set", index=self.index(ifname), master=self.index(master))
+
+    def mac(self, ifname: str) -> str:
+        return self.ipr.get_links(self.index(ifname))[0].get_attr("IFLA_ADDRESS")
+
+    def link_packets(self, ifname: str) -> tuple[int, int]:
+        """(tx, rx) packets of an interface."""
+        stats = self.ipr.get_links(self.index(ifname))[0].get_attr("IFLA_STATS64")
+        return stats["tx_packets"], stats["rx_packets"]
+
+    def ethtool_stats(self, ifname: str) -> dict[str, int]:
+        """The driver's own counters (`ethtool -S`)."""
+        with self.entered(), contextlib.closing(IoctlEthtool(ifname)) as eth:
+            return dict(eth.get_statistics())
+
+    def set_feature(self, ifname: str, feature: str, on: bool) -> None:
+        """An offload feature (`ethtool -K`), by its long name, e.g. rx-gro."""
+        with self.entered(), contextlib.closing(Ethtool()) as eth:
+            features = eth.get_features(ifname)
+            features.features[feature].enable = on
+            eth.set_features(ifname, features)
+
+    # ---- addresses, routes, neighbours ----
+
+    def add_address(self, ifname: str, cidr: str) -> None:
+        """An address; IPv6 ones without duplicate address detection (usable at once)."""
+        iface = ipaddress.ip_interface(cidr)
+        extra = {} if iface.version == 4 else {"flags": 0x02}     # IFA_F_NODAD
+        self.ipr.addr("add", index=self.index(ifname), address=str(iface.ip),
+                      prefixlen=iface.network.prefixlen, **extra)
+
+    def del_address(self, ifname: str, cidr: str) -> None:
+        iface = ipaddress.ip_interface(cidr)
+        self.ipr.addr("del", index=self.index(ifname), address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+    def route(self, command: str, dst: str, via: str | list[str] | None = None) -> None:
+        """Add, replace or delete ("del") a route to `dst` ("default", an address
+        or a prefix) via one gateway or, with a list, several (ECMP)."""
+        if dst == "default":
+            family = ipaddress.ip_address(via if isinstance(via, str) else via[0]).version
+            dst = "0.0.0.0/0" if family == 4 else "::/0"
+        network = ipaddress.ip_network(dst)
+        spec = {"dst": str(network.network_address), "dst_len": network.prefixlen,
+                "family": socket.AF_INET if network.version == 4 else socket.AF_INET6}
+        if isinstance(via, str):
+            spec["gateway"] = via
+        elif via:
+            spec["multipath"] = [{"gateway": g} for g in via]
+        self.ipr.route(command, **spec)
+
+    def neighbour(self, ifname: str, address: str, mac: str) -> None:
+        """A permanent neighbour entry: nobody waits for ARP or ND."""
+        family = socket.AF_INET if ipaddress.ip_address(address).version == 4 else socket.AF_INET6
+        self.ipr.neigh("replace", ifindex=self.index(ifname), dst=address, lladdr=mac,
+                       state=NUD_PERMANENT, family=family)
+
+    # ---- sockets ----
+
+    def listening(self, port: int) -> bool:
+        """Whether a TCP socket listens on `port` (sock_diag, as `ss -tl` asks)."""
+        with self.entered(), DiagSocket() as diag:
+            diag.bind()
+            return any(s["idiag_sport"] == port for family in (socket.AF_INET, socket.AF_INET6)
+                       for s in diag.get_sock_stats(family=family, states=1 << SS_LISTEN))
+
+    # ---- lifetime ----
+
     def delete(self) -> None:
-        sh("ip", "netns", "delete", self.name, check=False)
+        with contextlib.suppress(Exception):
+            self.ipr.close()
+        with contextlib.suppress(OSError):
+            netns.remove(self.name)
 
     def __enter__(self) -> "NetNS":
         return self
@@ -91,9 +219,8 @@ class NetNS:
 
 
 def veth(a: NetNS, a_if: str, b: NetNS, b_if: str) -> None:
-    """A veth pair between two namespaces, up, with TX checksum offload off so
-    that packets cross with complete checksums (see docs/operations.md)."""
-    sh("ip", "link", "add", a_if, "netns", a.name, "type", "veth", "peer", b_if, "netns", b.name)
-    for ns, ifname in ((a, a_if), (b, b_if)):
-        ns.ip("link", "set", ifname, "up")
-        ns.run("ethtool", "-K", ifname, "tx", "off")
+    """A veth pair between two namespaces, both ends up. Checksum offloads stay
+    at their defaults, as on a real node (docs/dataplane.md)."""
+    a.add_link(a_if, "veth", peer={"ifname": b_if, "net_ns_fd": b.name})
+    a.link_up(a_if)
+    b.link_up(b_if)

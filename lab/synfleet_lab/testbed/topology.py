@@ -8,9 +8,9 @@ back through the proxy namespace as plain IP forwarding, untouched by synfleet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from synfleet_lab.testbed.netns import NetNS, unique_name, veth
+from synfleet_lab.testbed.fabric import Fabric
 
 
 @dataclass(frozen=True)
@@ -28,48 +28,28 @@ V6 = Addresses("2001:db8:1::7", "2001:db8:1::1", "2001:db8:18::1", "2001:db8:18:
                "2001:db8:19::10", 64)
 
 
-@dataclass
 class Topology:
-    client: NetNS = field(init=False)
-    proxy: NetNS = field(init=False)
-    backend: NetNS = field(init=False)
-
-    def __post_init__(self) -> None:
-        created: list[NetNS] = []
-        try:
-            for role in ("client", "proxy", "backend"):
-                ns = NetNS(unique_name(f"sf-{role}"))
-                created.append(ns)
-                setattr(self, role, ns)
-            self._wire()
-        except BaseException:
-            for ns in created:
-                ns.delete()
-            raise
-
-    def _wire(self) -> None:
-        veth(self.client, "c0", self.proxy, "p0")
-        veth(self.proxy, "p1", self.backend, "b0")
-        for key in ("net.ipv4.conf.all.forwarding", "net.ipv6.conf.all.forwarding"):
-            self.proxy.sysctl(key, 1)
-        self.backend.sysctl("net.ipv4.tcp_syncookies", 1)
-        for ns in (self.proxy, self.backend):
-            ns.sysctl("net.ipv4.conf.all.rp_filter", 0)
-            ns.sysctl("net.ipv4.conf.default.rp_filter", 0)
-        for a in (V4, V6):
-            fam = "-4" if a is V4 else "-6"
-            nodad = [] if a is V4 else ["nodad"]
-            self.client.ip(fam, "addr", "add", f"{a.client}/{a.prefix}", "dev", "c0", *nodad)
-            self.proxy.ip(fam, "addr", "add", f"{a.proxy_client_side}/{a.prefix}", "dev", "p0", *nodad)
-            self.proxy.ip(fam, "addr", "add", f"{a.proxy}/{a.prefix}", "dev", "p1", *nodad)
-            self.backend.ip(fam, "addr", "add", f"{a.backend}/{a.prefix}", "dev", "b0", *nodad)
-            self.backend.ip(fam, "addr", "add", f"{a.service}/{32 if a is V4 else 128}", "dev", "lo")
-            self.client.ip(fam, "route", "add", "default", "via", a.proxy_client_side)
-            self.backend.ip(fam, "route", "add", "default", "via", a.proxy)
+    def __init__(self) -> None:
+        self.fabric = Fabric("sf")
+        with self.fabric.building():
+            self.client = self.fabric.add("client")
+            self.proxy = self.fabric.add("proxy", router=True, rp_filter=False)
+            self.backend = self.fabric.add("backend", rp_filter=False)
+            self.backend.sysctl("net.ipv4.tcp_syncookies", 1)
+            addresses = (V4, V6)
+            self.fabric.link(self.client, "c0", self.proxy, "p0",
+                             [f"{a.client}/{a.prefix}" for a in addresses],
+                             [f"{a.proxy_client_side}/{a.prefix}" for a in addresses])
+            self.fabric.link(self.proxy, "p1", self.backend, "b0",
+                             [f"{a.proxy}/{a.prefix}" for a in addresses],
+                             [f"{a.backend}/{a.prefix}" for a in addresses])
+            for a in addresses:
+                self.backend.add_address("lo", a.service)
+                self.client.route("add", "default", a.proxy_client_side)
+                self.backend.route("add", "default", a.proxy)
 
     def delete(self) -> None:
-        for ns in (self.client, self.proxy, self.backend):
-            ns.delete()
+        self.fabric.close()
 
     def __enter__(self) -> "Topology":
         return self

@@ -12,23 +12,29 @@ ISNs, valid checksums.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ipaddress
+import json
 import os
+import random
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from synfleet.bpf import BpfObject
 from synfleet_lab import frames
 from synfleet_lab.objects import lab_object
 from synfleet_lab.testbed.netns import NetNS
 
-FLOOD_SOURCE = "10.66.0.0"        # the /16 the sources are drawn from
+FLOOD_SOURCE = "10.66.0.0"        # the /16 the bench generators' sources are drawn from
 # Linux's SYN options without timestamps: MSS 1460, SACK permitted, window scale 7.
 SYN_OPTIONS = bytes([0x02, 0x04, 0x05, 0xB4, 0x04, 0x02, 0x01, 0x03, 0x03, 0x07, 0x01, 0x01])
 # lab/bpf/syngen.bpf.c's struct syngen_pace: interval_ns, next_ns, last_ns, stop_ns, sent.
@@ -46,6 +52,12 @@ class Sent:
     """What a generator sent in one step, and over how long."""
     frames: int | None      # None: what the attacker's device counted
     seconds: float
+
+
+class Generator(Protocol):
+    def send(self, rate: int | None, seconds: float) -> Sent: ...
+
+    def close(self) -> None: ...
 
 
 @contextlib.contextmanager
@@ -176,3 +188,84 @@ def _kill_group(proc: subprocess.Popen, timeout: float = 5.0) -> None:
             os.killpg(proc.pid, 0)      # ProcessLookupError once the group is empty
             time.sleep(0.01)
         raise RuntimeError(f"trafgen (session {proc.pid}) still running {timeout} s after SIGKILL")
+
+
+class PacketSocketGenerator:
+    """Pre-built frames, each with its own random source, port and sequence
+    number, sent in bursts on an AF_PACKET socket bound to `ifname`, capped at
+    a rate. Meant to run in a process of its own (see main())."""
+
+    POOL = 8192
+    BURST = 64
+
+    def __init__(self, ifname: str, dst_mac: str, service: str, port: int, kind: str = "syn",
+                 source_prefix: str = "10.66.0.0/16", seed: int | None = None) -> None:
+        if kind not in ("syn", "ack"):
+            raise ValueError(f"kind {kind!r}: syn or ack")
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        self.sock.bind((ifname, 0))
+        src_mac = self.sock.getsockname()[4]
+        rng, net = random.Random(seed), ipaddress.ip_network(source_prefix)
+        flags = frames.SYN if kind == "syn" else frames.ACK
+        self.pool = []
+        for _ in range(self.POOL):
+            source = str(net[rng.randrange(1, net.num_addresses - 1)])
+            options = frames.linux_syn_options(1460, 7, rng.getrandbits(32)) if kind == "syn" else b""
+            frame = frames.tcp(source, service, rng.randrange(1024, 65536), port, flags, rng.getrandbits(32),
+                               0 if kind == "syn" else rng.getrandbits(32), options)
+            self.pool.append(bytes.fromhex(dst_mac.replace(":", "")) + src_mac + frame[12:])
+
+    def send(self, rate: int | None, seconds: float,
+             progress: Callable[[dict], None] = lambda _: None) -> Sent:
+        if rate is None:
+            raise ValueError("a packet socket generator always runs at a capped rate")
+        sent, start, next_report = 0, time.monotonic(), 1.0
+        while (elapsed := time.monotonic() - start) < seconds:
+            if elapsed >= next_report:
+                progress({"t": round(elapsed, 2), "sent": sent})
+                next_report += 1.0
+            ahead = sent / rate - elapsed
+            if ahead > 0:
+                time.sleep(min(ahead, 0.01))
+                continue
+            for i in range(self.BURST):
+                with contextlib.suppress(BlockingIOError):
+                    self.sock.send(self.pool[(sent + i) % self.POOL])
+            sent += self.BURST
+        return Sent(sent, time.monotonic() - start)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A bounded flood from this process's namespace: one JSON line per second
+    ({"t", "sent"}), then {"done": true, "sent", "duration_s"}."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--ifname", required=True)
+    parser.add_argument("--dst-mac", required=True, help="the next hop's MAC (the proxy)")
+    parser.add_argument("--service", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--kind", choices=["syn", "ack"], default="syn")
+    parser.add_argument("--source-prefix", default="10.66.0.0/16",
+                        help="sources are drawn from here (a prefix routed to the attacker)")
+    parser.add_argument("--rate", type=int, default=20000, help="packets per second, at most")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds, at most 120")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    if not 0 < args.duration <= 120 or not 0 < args.rate <= 10_000_000:
+        parser.error("--duration must be in (0, 120] and --rate in (0, 10^7]")
+    generator = PacketSocketGenerator(args.ifname, args.dst_mac, args.service, args.port, args.kind,
+                                      args.source_prefix, args.seed)
+    try:
+        sent = generator.send(args.rate, args.duration, lambda entry: print(json.dumps(entry), flush=True))
+    except KeyboardInterrupt:   # Ctrl-C reaches the whole process group: stop quietly
+        return 130
+    finally:
+        generator.close()
+    print(json.dumps({"done": True, "sent": sent.frames, "duration_s": round(sent.seconds, 3)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The flood benchmark's namespaces and links.
+
+    attacker ──eth0── defence node ──eth1── server
+    (generator)       └──eth2── client
+
+Addresses are IPv4 only; every neighbour is permanent (no ARP under load, and
+none for the spoofed sources). With a defence CPU, the defence node's receive
+work on its flood- and client-facing links runs in NAPI threads pinned there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from synfleet_lab.testbed.fabric import Fabric
+
+SERVICE = "198.19.0.10"
+FLOOD_PREFIX = "10.66.0.0/16"
+ATTACKER, DEFENCE_NEAR, DEFENCE_FAR, SERVER = "10.77.0.66", "10.77.0.1", "10.77.1.1", "10.77.1.2"
+CLIENT, DEFENCE_CLIENT_SIDE = "10.77.2.2", "10.77.2.1"
+
+def _napi_threads() -> set[int]:
+    pids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+            if f.read().startswith("napi/"):
+                pids.add(int(pid))
+    return pids
+
+class FloodTopology:
+    def __init__(self, defence_cpu: int | None) -> None:
+        self.fabric = Fabric("sfb")
+        with self.fabric.building():
+            self.attacker = self.fabric.add("att", rp_filter=False)
+            self.defence = self.fabric.add("dfn", rp_filter=False)
+            self.defence.sysctl("net.ipv4.conf.all.forwarding", 1)
+            self.server = self.fabric.add("srv", rp_filter=False)
+            self.client = self.fabric.add("cli", rp_filter=False)
+            self.fabric.link(self.attacker, "eth0", self.defence, "eth0", [f"{ATTACKER}/24"], [f"{DEFENCE_NEAR}/24"])
+            self.fabric.link(self.defence, "eth1", self.server, "eth0", [f"{DEFENCE_FAR}/24"], [f"{SERVER}/24"])
+            self.fabric.link(self.client, "eth0", self.defence, "eth2", [f"{CLIENT}/24"],
+                             [f"{DEFENCE_CLIENT_SIDE}/24"])
+            self.server.add_address("lo", SERVICE)
+            self.client.route("add", SERVICE, DEFENCE_CLIENT_SIDE)
+            self.server.route("add", "default", DEFENCE_FAR)
+            self.defence.route("add", FLOOD_PREFIX, ATTACKER)
+            self.defence.route("add", SERVICE, SERVER)
+            self.attacker.route("add", SERVICE, DEFENCE_NEAR)
+            ends = ((self.attacker, "eth0", ATTACKER), (self.defence, "eth0", DEFENCE_NEAR),
+                    (self.defence, "eth1", DEFENCE_FAR), (self.server, "eth0", SERVER),
+                    (self.client, "eth0", CLIENT), (self.defence, "eth2", DEFENCE_CLIENT_SIDE))
+            self.mac = {address: ns.mac(ifname) for ns, ifname, address in ends}
+            self.fabric.pin_neighbours((ns, ifname, peer, self.mac[peer]) for ns, ifname, peer in (
+                (self.attacker, "eth0", DEFENCE_NEAR), (self.defence, "eth0", ATTACKER),
+                (self.defence, "eth1", SERVER), (self.server, "eth0", DEFENCE_FAR),
+                (self.client, "eth0", DEFENCE_CLIENT_SIDE), (self.defence, "eth2", CLIENT)))
+            if defence_cpu is not None:
+                self._defence_core(defence_cpu)
+
+    def _defence_core(self, cpu: int) -> None:
+        """Give the defence node's receive work a CPU of its own, as a NIC's
+        interrupt affinity would: its flood-facing and client-facing links run
+        their NAPI in kernel threads pinned there (live frames need the
+        receiver's NAPI anyway), so that legitimate handshakes compete with
+        the flood for the same core."""
+        for ifname in ("eth0", "eth2"):
+            self.defence.set_feature(ifname, "rx-gro", True)
+            before = _napi_threads()
+            # Threaded NAPI is a sysfs switch, and sysfs shows a namespace's devices only in its own mount.
+            self.defence.run_with_sysfs("sh", "-c", f"echo 1 > /sys/class/net/{ifname}/threaded")
+            threads = _napi_threads() - before
+            if not threads:
+                raise RuntimeError(f"no NAPI thread appeared for the defence node's {ifname}")
+            for pid in threads:
+                os.sched_setaffinity(pid, {cpu})
+
+    def attacker_packets(self) -> tuple[int, int]:
+        """(sent, received) frames on the attacker's link: floods out, answers in."""
+        return self.attacker.link_packets("eth0")
+
+    def close(self) -> None:
+        self.fabric.close()
