@@ -8,9 +8,12 @@ import ast
 import subprocess
 import sys
 import tomllib
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+
+from synfleet import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ROOT / "operator" / "synfleet"
@@ -96,3 +99,21 @@ def test_running_the_agent_loads_nothing_of_the_operator():
         capture_output=True, text=True, check=True).stdout.split()
     assert not [m for m in loaded if m.startswith(("synfleet.operator", "synfleet.resources", "synfleet_lab",
                                                    "kopf", "matplotlib"))]
+
+
+def test_the_agent_and_operator_commands_load_no_other_distribution(monkeypatch, capsys):
+    asked: list[str] = []
+    monkeypatch.setattr(cli, "entry_points", lambda group: asked.append(group) or [])
+    for command in cli.PRODUCT_COMMANDS:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+    assert asked == []
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert asked == [cli.COMMANDS_GROUP]
+    assert "come with the lab" in capsys.readouterr().out
+
+
+def test_the_labs_commands_join_the_cli_through_its_entry_points():
+    lab = {ep.name: ep.value for ep in entry_points(group=cli.COMMANDS_GROUP)}
+    assert lab == {name: f"synfleet_lab.commands:{name}" for name in ("bench", "check", "demo")}

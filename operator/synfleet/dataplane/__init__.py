@@ -1,1 +1,2 @@
-"""The data plane as Python sees it: map layouts, tables, and loaded programs."""
+"""The data plane as Python sees it: loaded programs, a DataplaneConfig written
+into their maps, Maglev tables."""
