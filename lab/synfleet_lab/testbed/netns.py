@@ -73,16 +73,38 @@ def _finished(args: tuple[str, ...], res: subprocess.CompletedProcess, check: bo
 
 
 
+def _create(name: str) -> None:
+    """`ip netns add`: a new namespace, bind-mounted at /run/netns/<name>. Made
+    from this thread (unshare, then back), not from a forked child: a child
+    forked from a process with Python signal handlers can run its parent's code."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"unshare for {name}")
+        netns.attach(name, "thread-self")
+    finally:
+        _libc.setns(own, CLONE_NEWNET)
+        os.close(own)
+
+
 class NetNS:
     def __init__(self, name: str) -> None:
         self.name = name
-        netns.create(name)
+        _create(name)
         try:
-            self.ipr = IPRoute(netns=name)
+            # Netlink sockets belong to the namespace of the thread that opens
+            # them: every use of `_ipr` is from inside the namespace (see _netlink).
+            with self.entered():
+                self._ipr = IPRoute()
             self.link_up("lo")
         except BaseException:
             netns.remove(name)
             raise
+
+    def _netlink(self, method: str, *args, **kw):
+        # pyroute2 opens a socket per thread on first use: inside, so it is this namespace's.
+        with self.entered():
+            return getattr(self._ipr, method)(*args, **kw)
 
     # ---- programs and sysctls ----
 
@@ -126,26 +148,26 @@ class NetNS:
     # ---- links ----
 
     def index(self, ifname: str) -> int:
-        found = self.ipr.link_lookup(ifname=ifname)
+        found = self._netlink("link_lookup", ifname=ifname)
         if not found:
             raise LookupError(f"no interface {ifname} in {self.name}")
         return found[0]
 
     def link_up(self, ifname: str) -> None:
-        self.ipr.link("set", index=self.index(ifname), state="up")
+        self._netlink("link", "set", index=self.index(ifname), state="up")
 
     def add_link(self, ifname: str, kind: str, **attrs) -> None:
-        self.ipr.link("add", ifname=ifname, kind=kind, **attrs)
+        self._netlink("link", "add", ifname=ifname, kind=kind, **attrs)
 
     def set_master(self, ifname: str, master: str) -> None:
-        self.ipr.link("set", index=self.index(ifname), master=self.index(master))
+        self._netlink("link", "set", index=self.index(ifname), master=self.index(master))
 
     def mac(self, ifname: str) -> str:
-        return self.ipr.get_links(self.index(ifname))[0].get_attr("IFLA_ADDRESS")
+        return self._netlink("get_links", self.index(ifname))[0].get_attr("IFLA_ADDRESS")
 
     def link_packets(self, ifname: str) -> tuple[int, int]:
         """(tx, rx) packets of an interface."""
-        stats = self.ipr.get_links(self.index(ifname))[0].get_attr("IFLA_STATS64")
+        stats = self._netlink("get_links", self.index(ifname))[0].get_attr("IFLA_STATS64")
         return stats["tx_packets"], stats["rx_packets"]
 
     def ethtool_stats(self, ifname: str) -> dict[str, int]:
@@ -166,12 +188,13 @@ class NetNS:
         """An address; IPv6 ones without duplicate address detection (usable at once)."""
         iface = ipaddress.ip_interface(cidr)
         extra = {} if iface.version == 4 else {"flags": 0x02}     # IFA_F_NODAD
-        self.ipr.addr("add", index=self.index(ifname), address=str(iface.ip),
+        self._netlink("addr", "add", index=self.index(ifname), address=str(iface.ip),
                       prefixlen=iface.network.prefixlen, **extra)
 
     def del_address(self, ifname: str, cidr: str) -> None:
         iface = ipaddress.ip_interface(cidr)
-        self.ipr.addr("del", index=self.index(ifname), address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        self._netlink("addr", "del", index=self.index(ifname), address=str(iface.ip),
+                      prefixlen=iface.network.prefixlen)
 
     def route(self, command: str, dst: str, via: str | list[str] | None = None) -> None:
         """Add, replace or delete ("del") a route to `dst` ("default", an address
@@ -186,12 +209,12 @@ class NetNS:
             spec["gateway"] = via
         elif via:
             spec["multipath"] = [{"gateway": g} for g in via]
-        self.ipr.route(command, **spec)
+        self._netlink("route", command, **spec)
 
     def neighbour(self, ifname: str, address: str, mac: str) -> None:
         """A permanent neighbour entry: nobody waits for ARP or ND."""
         family = socket.AF_INET if ipaddress.ip_address(address).version == 4 else socket.AF_INET6
-        self.ipr.neigh("replace", ifindex=self.index(ifname), dst=address, lladdr=mac,
+        self._netlink("neigh", "replace", ifindex=self.index(ifname), dst=address, lladdr=mac,
                        state=NUD_PERMANENT, family=family)
 
     # ---- sockets ----
@@ -207,7 +230,7 @@ class NetNS:
 
     def delete(self) -> None:
         with contextlib.suppress(Exception):
-            self.ipr.close()
+            self._ipr.close()
         with contextlib.suppress(OSError):
             netns.remove(self.name)
 
