@@ -515,6 +515,12 @@ static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_
 			return drop(SF_CTR_BAD_ENCAP);
 	}
 	count(SF_CTR_DECAPSULATED);
+	if (hdr.sf.flags & SF_ENCAP_F_UNGUARDED) {
+		/* The proxy had no salt and its policy fails open: the kernel's own
+		 * SYN cookies judge the segment. */
+		count(SF_CTR_FAIL_OPEN);
+		return TC_ACT_OK;
+	}
 
 	struct seg s = {};
 

@@ -153,9 +153,30 @@ static __noinline int syn_answer(struct __sk_buff *skb, const struct pkt *p,
 		return drop(SF_CTR_MALFORMED);
 	if (optlen && bpf_skb_load_bytes(skb, p->l4_off + sizeof(struct tcphdr), optbuf.b, optlen))
 		return drop(SF_CTR_MALFORMED);
-	if (!syn_plan_make(p, &optbuf, optlen, pol, cfg, &sp, &why))
+	if (!syn_plan_make(p, &optbuf, optlen, pol, cfg, &sp, &why)) {
+		if (why == SF_CTR_SALT_MISSING && (pol->flags & SF_POLICY_FAIL_OPEN)) {
+			count(SF_CTR_SALT_MISSING);
+			return SF_CONTINUE;	/* to the backend, unguarded */
+		}
 		return drop(why);
+	}
 	return synack_send(skb, p, &sp, synack_room(p, optlen));
+}
+
+/* Whether segments of `pol` go to the backend unguarded: its policy fails open
+ * and no salt covers the current epoch, so no cookie can be minted or checked. */
+static __always_inline bool fail_open_now(const struct sf_policy *pol, const struct sf_config *cfg)
+{
+	const struct sf_salt *salt;
+	__u64 epoch;
+	__u32 slot;
+
+	if (!(pol->flags & SF_POLICY_FAIL_OPEN))
+		return false;
+	epoch = now_epoch(cfg);
+	slot = epoch & SF_SALT_SLOT_MASK;
+	salt = bpf_map_lookup_elem(&salts, &slot);
+	return !salt || !salt->valid || salt->epoch != epoch;
 }
 
 /* ---- ACK: cookie validation ---- */
@@ -164,11 +185,15 @@ static __always_inline bool ack_cookie_valid(const struct pkt *p, const struct s
 {
 	__u32 cookie = bpf_ntohl(p->ack_seq) - 1;
 	__be32 client_isn = bpf_htonl(bpf_ntohl(p->seq) - 1);
-	__u32 slot = cookie_epoch_bits(cookie);
-	const struct sf_salt *salt = bpf_map_lookup_elem(&salts, &slot);
+	const struct sf_salt *salt = NULL;
+	__u64 epoch = 0;
+	__u32 slot;
 
-	if (!salt || !salt_in_window(salt, now_epoch(cfg)) ||
-	    (salt->epoch & SF_COOKIE_EPOCH_MASK) != slot) {
+	if (cookie_epoch(cookie_epoch_bits(cookie), now_epoch(cfg), &epoch)) {
+		slot = epoch & SF_SALT_SLOT_MASK;
+		salt = bpf_map_lookup_elem(&salts, &slot);
+	}
+	if (!salt || !salt->valid || salt->epoch != epoch) {
 		count(SF_CTR_COOKIE_STALE);
 		return false;
 	}
@@ -364,12 +389,20 @@ static __noinline int proxy_packet(struct __sk_buff *skb)
 	if (p.flags & TCP_FLAG_SYN) {
 		if (p.flags & (TCP_FLAG_RST | TCP_FLAG_FIN))
 			return drop(SF_CTR_MALFORMED);
-		if (!(p.flags & TCP_FLAG_ACK))
-			return syn_answer(skb, &p, pol, cfg);
-	} else if ((p.flags & (TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_ACK &&
-		   ack_cookie_valid(&p, cfg)) {
-		p.encap_flags = SF_ENCAP_F_VALIDATED;
+		if (!(p.flags & TCP_FLAG_ACK)) {
+			verdict = syn_answer(skb, &p, pol, cfg);
+			if (verdict != SF_CONTINUE)
+				return verdict;
+			p.encap_flags = SF_ENCAP_F_UNGUARDED;
+		}
+	} else if ((p.flags & (TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_ACK) {
+		if (ack_cookie_valid(&p, cfg))
+			p.encap_flags = SF_ENCAP_F_VALIDATED;
+		else if (fail_open_now(pol, cfg))
+			p.encap_flags = SF_ENCAP_F_UNGUARDED;
 	}
+	if (p.encap_flags & SF_ENCAP_F_UNGUARDED)
+		count(SF_CTR_FAIL_OPEN);
 	return encap_forward(skb, &p, cfg);
 }
 

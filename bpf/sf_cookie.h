@@ -103,12 +103,17 @@ static __always_inline __u32 cookie_epoch_bits(__u32 cookie)
 	return (cookie >> SF_COOKIE_EPOCH_SHIFT) & SF_COOKIE_EPOCH_MASK;
 }
 
-/* A salt may validate while the current epoch is its own, the next (previous
- * cookies stay good one more epoch) or the one before it (a peer proxy whose
- * clock runs ahead). */
-static __always_inline bool salt_in_window(const struct sf_salt *salt, __u64 now_epoch)
+/* The epoch a cookie's two epoch bits name: of now-1 (previous cookies stay
+ * good one more epoch), now, and now+1 (a peer proxy whose clock runs ahead),
+ * the one whose low bits they are; false when none is. */
+static __always_inline bool cookie_epoch(__u32 bits, __u64 now, __u64 *epoch)
 {
-	return salt->valid && salt->epoch + 1 >= now_epoch && salt->epoch <= now_epoch + 1;
+	__u64 back = (now + 1 - bits) & SF_COOKIE_EPOCH_MASK;
+
+	if (back > 2)
+		return false;
+	*epoch = now + 1 - back;
+	return true;
 }
 
 static __always_inline bool cookie_check(const struct cookie_tuple *t, __be32 client_isn,

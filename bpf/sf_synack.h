@@ -210,7 +210,7 @@ static __always_inline bool syn_plan_make(const struct pkt *p, const struct tcp_
 
 	now_ns = node_clock_ns(cfg);
 	epoch = now_ns / cfg->rotation_ns;
-	slot = epoch & SF_COOKIE_EPOCH_MASK;
+	slot = epoch & SF_SALT_SLOT_MASK;
 	salt = bpf_map_lookup_elem(&salts, &slot);
 	if (!salt || !salt->valid || salt->epoch != epoch) {
 		*why = SF_CTR_SALT_MISSING;

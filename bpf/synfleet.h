@@ -1,13 +1,13 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* On-wire formats and map layouts shared by the proxy and backend programs
- * and mirrored, field for field, by synfleet.dataplane.layout in Python.
+ * and mirrored, field for field, by synfleet.abi in Python.
  * Every struct here is part of the agent <-> data plane ABI: change both sides
  * together and bump SF_ABI_VERSION.
  */
 #ifndef SYNFLEET_H
 #define SYNFLEET_H
 
-#define SF_ABI_VERSION 3
+#define SF_ABI_VERSION 4
 
 #define SF_MAX_POLICIES 256
 #define SF_MAX_SERVICES 65536
@@ -15,7 +15,10 @@
 #define SF_MAX_PROXIES 4096
 /* Maglev table size per policy: a prime well above 100x a typical backend count. */
 #define SF_RING_SIZE 4099
-#define SF_SALT_SLOTS 4
+/* Salts by epoch, slot = epoch % SF_SALT_SLOTS: the agent keeps up to an hour
+ * or more of future epochs loaded, so the data plane outlives its control plane. */
+#define SF_SALT_SLOTS 4096
+#define SF_SALT_SLOT_MASK (SF_SALT_SLOTS - 1)
 /* Every configuration table exists twice; `active` names the half packets read. */
 #define SF_CONFIG_SLOTS 2
 
@@ -25,6 +28,9 @@
 /* ---- encapsulation: outer IP / UDP / sf_encap_hdr / inner IP packet ---- */
 #define SF_ENCAP_VERSION 1
 #define SF_ENCAP_F_VALIDATED 0x01
+/* Sent while the proxy has no salt for the epoch and its policy fails open:
+ * the backend's kernel judges the segment with its own SYN cookies. */
+#define SF_ENCAP_F_UNGUARDED 0x02
 
 struct sf_encap_hdr {
 	__u8 version;
@@ -82,6 +88,9 @@ struct sf_service {
 #define SF_POLICY_TIMESTAMPS 0x04
 #define SF_POLICY_ECN 0x08
 #define SF_POLICY_SACK 0x10
+/* No salt for the epoch: send SYNs (and ACKs) to the backend unguarded
+ * instead of dropping them (failurePolicy: open). */
+#define SF_POLICY_FAIL_OPEN 0x20
 
 struct sf_policy {
 	__u16 mss_v4[4];   /* client MSS table, ascending; index goes in the cookie */
@@ -140,6 +149,8 @@ enum sf_counter {
 	SF_CTR_MONITOR_PASSED,
 	SF_CTR_TW_RECYCLED,
 	SF_CTR_TW_REFUSED,
+	/* both: segments sent (proxy) or passed (backend) unguarded */
+	SF_CTR_FAIL_OPEN,
 	SF_CTR_MAX,
 };
 

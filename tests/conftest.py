@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 import shutil
 import time
 
@@ -14,7 +13,7 @@ import pytest
 
 from synfleet import contract
 from synfleet.config import schema
-from synfleet.cookie import current_epoch
+from synfleet.cookie import MasterKey, current_epoch, fresh_key, salts_for
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet_lab.testbed.lab import proxy_node_namespace
 from synfleet_lab.testbed.netns import namespaces
@@ -101,7 +100,16 @@ def tai_epoch() -> int:
 
 
 class Salts(dict):
-    """epoch -> 16-byte key, as published to the proxy."""
+    """epoch -> 16-byte salt, as the proxy's salt map holds them."""
+
+
+def master_keys(from_epoch: int = 0) -> list[MasterKey]:
+    """A pool's master key: one fresh generation, in force from `from_epoch`."""
+    return [fresh_key(1, from_epoch)]
+
+
+# The unit tests' pool master key, and the salts it gives around the unit nodes' epoch.
+UNIT_KEYS = master_keys()
 
 
 @pytest.fixture(scope="session")
@@ -116,11 +124,10 @@ def unit_netns():
 @pytest.fixture(scope="session")
 def salts() -> Salts:
     e = tai_epoch()
-    return Salts({e - 1: secrets.token_bytes(16), e: secrets.token_bytes(16),
-                  e + 1: secrets.token_bytes(16)})
+    return Salts(salts_for(UNIT_KEYS, range(e - 1, e + 2)))
 
 
-def unit_config(role: str, salts: dict[int, bytes] | None = None) -> schema.DataplaneConfig:
+def unit_config(role: str, keys: list[MasterKey] | None = None) -> schema.DataplaneConfig:
     """Both programs in one namespace laid out like a proxy node: every policy,
     both service addresses, backends of both families."""
     proxy = role == "proxy"
@@ -135,14 +142,15 @@ def unit_config(role: str, salts: dict[int, bytes] | None = None) -> schema.Data
                                "ipv6": PROXY_V6 if proxy else BACKEND_V6}},
         "policies": [p.model_dump(by_alias=True, mode="json") for p in policies],
         "allowedProxies": [] if proxy else [PROXY_V4, PROXY_V6],
-        "salts": [{"epoch": e, "key": k.hex()} for e, k in (salts or {}).items()],
+        "saltKeys": [{"generation": k.generation, "fromEpoch": k.from_epoch, "key": k.key.hex()}
+                     for k in keys or []],
     })
 
 
 @pytest.fixture(scope="session")
 def proxy(unit_netns, salts) -> ProxyDataplane:
     dp = ProxyDataplane()
-    dp.apply(unit_config("proxy", salts))
+    dp.apply(unit_config("proxy", UNIT_KEYS))
     dp.set_salts(salts)
     yield dp
     dp.close()
@@ -162,7 +170,7 @@ def addr_pair(family: int) -> tuple[ipaddress._BaseAddress, ipaddress._BaseAddre
     return ipaddress.ip_address(CLIENT_V6), ipaddress.ip_address(SERVICE_V6)
 
 def agent_document(document: dict, ipv4: str | None, ipv6: str | None,
-                   salts: dict[int, bytes] | None = None) -> schema.DataplaneConfig:
+                   keys: list[MasterKey] | None = None) -> schema.DataplaneConfig:
     """What a node's agent with these addresses builds from the ConfigMap's document."""
     addresses = {k: v for k, v in (("ipv4", ipv4), ("ipv6", ipv6)) if v}
-    return schema.parse(contract.node_document(document, addresses, salts))
+    return schema.parse(contract.node_document(document, addresses, keys))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import secrets
 import socket
 import sys
 import threading
 import time
 
 from synfleet.bpf import TcHook, XdpHook
-from synfleet.cookie import current_epoch
+from synfleet.cookie import fresh_key
 from synfleet_lab.testbed.clients import pattern  # noqa: F401
 from synfleet_lab.testbed.fleet import ENCAP_PORT, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
 from synfleet_lab.testbed.netns import NetNS
@@ -20,9 +19,8 @@ SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by Python 3.11
 
 @contextlib.contextmanager
 def running_fleet(rotation_s: int):
-    """A three-namespace fleet with salts for the previous, current and next epoch."""
-    e = current_epoch(rotation_s)
-    f = Fleet.start({e + d: secrets.token_bytes(16) for d in (-1, 0, 1)}, rotation_s)
+    """A three-namespace fleet with a fresh master key."""
+    f = Fleet.start([fresh_key()], rotation_s)
     try:
         yield f
     finally:

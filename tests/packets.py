@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import struct
 
 import mmh3
 from scapy.layers.inet import IP, TCP, UDP
@@ -10,8 +11,9 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from synfleet.abi import ENCAP_SPORT_BASE, ENCAP_SPORT_SPAN, RING_SIZE
+from synfleet.abi import ENCAP_SPORT_BASE, ENCAP_SPORT_SPAN, RING_SIZE, Counter
 from synfleet.cookie import FourTuple
+from synfleet_lab.testbed.configs import ENCAP_PORT
 
 CLIENT_MAC, PROXY_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 
@@ -71,3 +73,34 @@ def ring_slot(t: FourTuple) -> int:
 
 def encap_source_port(t: FourTuple) -> int:
     return ENCAP_SPORT_BASE + flow_hash(t) % ENCAP_SPORT_SPAN
+
+
+# ---- the encapsulation (docs/dataplane.md), built and parsed independently of the BPF code ----
+
+def encapsulated(inner_frame: bytes, outer_src: str, outer_dst: str, policy_id: int,
+                 flags: int = 0, version: int = 1) -> bytes:
+    outer = IP(src=outer_src, dst=outer_dst) if ":" not in outer_src else IPv6(src=outer_src, dst=outer_dst)
+    hdr = struct.pack("!BBH", version, flags, policy_id)
+    return bytes(Ether(src=PROXY_MAC, dst=CLIENT_MAC) / outer / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
+                 / (hdr + inner_frame[14:]))
+
+
+def decode_encap(frame: bytes) -> dict:
+    """The documented encapsulation's fields."""
+    outer = Ether(frame)
+    l3 = outer[IP] if outer.type == 0x0800 else outer[IPv6]
+    udp = outer[UDP]
+    sf = bytes(udp.payload)[:4]
+    return dict(outer=l3, udp=udp, version=sf[0], flags=sf[1],
+                policy_id=struct.unpack("!H", sf[2:4])[0], inner=bytes(udp.payload)[4:])
+
+
+
+def delta(dp, frame):
+    """A test run of `frame` and the counters it moved."""
+    before = dp.counter_values()
+    run = dp.program.test_run(frame)
+    after = dp.counter_values()
+    return run, {c: after[c] - before[c] for c in Counter if after[c] != before[c]}
+
+

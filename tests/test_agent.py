@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import secrets
 import signal
 import socket
 import threading
@@ -26,7 +25,8 @@ from conftest import (
     PROXY_V6,
     ROTATION_S,
     SERVICE_V4,
-    Salts,
+    UNIT_KEYS,
+    master_keys,
     require_bpf,
     tai_epoch,
     unit_config,
@@ -34,10 +34,11 @@ from conftest import (
 from fleet import ingress_program_id, wait_for, xdp_program_id, xdp_tx_count
 from packets import TC_ACT_REDIRECT, tcp_frame
 from synfleet.abi import Counter
-from synfleet.agent.agent import uninstall
+from synfleet.agent.agent import salt_window, uninstall
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir
 from synfleet.bpf import BpfObject, XdpHook
+from synfleet.cookie import salts_for
 from synfleet.dataplane.programs import ProxyDataplane
 from synfleet_lab.objects import lab_object
 from synfleet_lab.testbed.fabric import Fabric
@@ -55,11 +56,14 @@ class OneNode:
         self.ns = self.fabric.add("node")
         self.fabric.link(self.ns, "sf0", self.ns, "sf1", [f"{PROXY_V4}/24", f"{PROXY_V6}/64"])
         self.path = str(tmp_path / "proxy.yaml")
-        e = tai_epoch()
-        self.salts = Salts({x: secrets.token_bytes(16) for x in (e - 1, e, e + 1)})
-        self.write(unit_config("proxy", self.salts).to_yaml())
+        self.keys = master_keys()
+        self.write(unit_config("proxy", self.keys).to_yaml())
         self.agent = AgentProcess(Node("proxy", self.ns, PROXY_V4, PROXY_V6), "proxy", self.path,
                                   unique_name("test-agent"), str(tmp_path / "agent.log"))
+
+    def salts(self) -> dict[int, bytes]:
+        """What the agent loads into the salt map now: the window around the epoch."""
+        return salts_for(self.keys, salt_window(ROTATION_S, tai_epoch()))
 
     def write(self, text: str) -> None:
         with open(self.path + ".tmp", "w") as f:
@@ -95,7 +99,8 @@ def test_agent_pins_attaches_and_serves_probes_and_metrics(node):
     assert node.tc_program_id() is not None
     m = node.agent.metrics()
     assert m["synfleet_config_generation"] == 1 and m["syn_answered"] == 0
-    assert m["synfleet_salt_epoch"] == tai_epoch() and m["synfleet_salt_epochs_ahead"] == 1
+    # Two hours of epochs ahead: two at the unit tests' hour-long epochs.
+    assert m["synfleet_salt_epoch"] == tai_epoch() and m["synfleet_salt_epochs_ahead"] == 2
 
 
 def test_a_bad_file_is_rejected_and_the_last_good_configuration_keeps_serving(node):
@@ -108,13 +113,13 @@ def test_a_bad_file_is_rejected_and_the_last_good_configuration_keeps_serving(no
     assert node.agent.metrics()["synfleet_config_generation"] == good["synfleet_config_generation"]
     assert "rotationSeconds: Input should be greater than or equal to 1" in node.agent.log()
     with node.ns.entered(), ProxyDataplane(node.pins()) as dp:
-        assert dp.applied() and dp.published_salts() == node.salts
+        assert dp.applied() and dp.published_salts() == node.salts()
 
 
 def test_a_changed_file_and_sighup_are_applied_into_the_other_half(node):
     node.agent.start()
     node.agent.wait_ready()
-    cfg = unit_config("proxy", node.salts)
+    cfg = unit_config("proxy", node.keys)
     node.write(cfg.model_copy(update={"rotation_seconds": ROTATION_S // 2}).to_yaml())
     wait_for(lambda: node.agent.metrics()["synfleet_config_generation"] == 2, "the reload")
     with node.ns.entered(), ProxyDataplane(node.pins()) as dp:
@@ -149,7 +154,7 @@ def attached_hooks(node) -> set[tuple[str, str]]:
 
 
 def test_the_xdp_front_answers_syns_on_the_wire(node):
-    node.write(with_xdp(unit_config("proxy", node.salts), True).to_yaml())
+    node.write(with_xdp(unit_config("proxy", node.keys), True).to_yaml())
     with node.ns.entered(), BpfObject(lab_object("xdp_pass")).load() as peer:
         # The client's end needs a native XDP program to take XDP_TX frames.
         XdpHook(socket.if_nametoindex("sf1")).attach(peer.program("xdp_pass"))
@@ -180,7 +185,7 @@ def test_the_xdp_front_answers_syns_on_the_wire(node):
 
 
 def test_the_xdp_front_follows_the_configuration_across_restarts_and_uninstall(node):
-    cfg = unit_config("proxy", node.salts)
+    cfg = unit_config("proxy", node.keys)
     node.write(with_xdp(cfg, True).to_yaml())
     node.agent.start()
     node.agent.wait_ready()
@@ -204,7 +209,7 @@ def test_the_xdp_front_follows_the_configuration_across_restarts_and_uninstall(n
 
 def test_a_driver_without_native_xdp_keeps_the_tc_program_and_says_why(node):
     Fabric.bridge(node.ns, "sfbr0")
-    cfg = unit_config("proxy", node.salts)
+    cfg = unit_config("proxy", node.keys)
     node.write(with_xdp(cfg.model_copy(update={"node": cfg.node.model_copy(
         update={"interfaces": ["sf0", "sfbr0"]})}), True).to_yaml())
     node.agent.start()
@@ -243,11 +248,11 @@ def test_an_agent_without_a_valid_file_is_not_ready_until_one_arrives(node):
 def test_a_proxy_without_a_salt_for_the_current_epoch_is_not_ready(node):
     node.agent.start()
     node.agent.wait_ready()
-    later = {e + 10: k for e, k in node.salts.items()}
-    node.write(unit_config("proxy", later).to_yaml())
+    node.write(unit_config("proxy", master_keys(from_epoch=tai_epoch() + 10)).to_yaml())
     wait_for(lambda: node.agent.metrics()["synfleet_config_generation"] == 2, "the reload")
-    assert node.agent.http("/readyz") == (503, f"no salt published for epoch {tai_epoch()}\n")
-    node.write(unit_config("proxy", node.salts).to_yaml())
+    assert node.agent.http("/readyz") == (
+        503, f"no salt for epoch {tai_epoch()}: SYNs go to the backends unguarded (failurePolicy open)\n")
+    node.write(unit_config("proxy", node.keys).to_yaml())
     node.agent.wait_ready()
 
 
@@ -261,7 +266,7 @@ def test_packets_never_see_a_half_written_configuration(proxy, salts):
     """Two configurations that differ in which policy owns the service: a
     packet must meet one of them whole (SYN+ACK with its window scale), never
     a service pointing at a policy the other one removed (passed untouched)."""
-    a = unit_config("proxy", salts)
+    a = unit_config("proxy", UNIT_KEYS)
     b_policies = [p.model_copy(update={"id": p.id + 100}) for p in a.policies]
     b_policies[0] = b_policies[0].model_copy(
         update={"cookie": b_policies[0].cookie.model_copy(update={"window_scale": 9})})

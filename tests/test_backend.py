@@ -4,17 +4,12 @@ listener: tests/test_e2e_handshake.py covers it.)"""
 
 from __future__ import annotations
 
-import struct
-
 import pytest
-from scapy.layers.inet import IP, UDP
-from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from conftest import (
     BACKEND_V4,
     BACKEND_V6,
-    ENCAP_PORT,
     POLICY_FULL,
     POLICY_MONITOR,
     PORT_FULL,
@@ -23,23 +18,8 @@ from conftest import (
     PROXY_V6,
     addr_pair,
 )
-from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_OK, TC_ACT_SHOT, tcp_frame
+from packets import TC_ACT_OK, TC_ACT_SHOT, delta, encapsulated, tcp_frame
 from synfleet.abi import ENCAP_F_VALIDATED, Counter
-
-
-def encapsulated(inner_frame: bytes, outer_src: str, outer_dst: str, policy_id: int,
-                 flags: int = 0, version: int = 1) -> bytes:
-    outer = IP(src=outer_src, dst=outer_dst) if ":" not in outer_src else IPv6(src=outer_src, dst=outer_dst)
-    hdr = struct.pack("!BBH", version, flags, policy_id)
-    return bytes(Ether(src=PROXY_MAC, dst=CLIENT_MAC) / outer / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
-                 / (hdr + inner_frame[14:]))
-
-
-def delta(dp, frame):
-    before = dp.counter_values()
-    run = dp.program.test_run(frame)
-    after = dp.counter_values()
-    return run, {c: after[c] - before[c] for c in Counter if after[c] != before[c]}
 
 
 @pytest.mark.parametrize("outer", [(PROXY_V4, BACKEND_V4), (PROXY_V6, BACKEND_V6)], ids=["outer4", "outer6"])

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from synfleet.config import schema
+from synfleet.cookie import MasterKey
 
 PROXY = {
     "apiVersion": "synfleet.io/v1alpha1", "kind": "DataplaneConfig", "role": "proxy",
@@ -16,10 +17,10 @@ PROXY = {
     "node": {"interfaces": ["eth0"], "addresses": {"ipv4": "198.18.0.1", "ipv6": "2001:db8:18::1"}},
     "policies": [{"id": 1, "services": [{"address": "198.19.0.10", "port": 443}],
                   "backends": ["198.18.0.11", "198.18.0.12"]}],
-    "salts": [{"epoch": 100, "key": "00" * 16}, {"epoch": 101, "key": "11" * 16},
-              {"epoch": 102, "key": "22" * 16}],
+    "saltKeys": [{"generation": 1, "fromEpoch": 0, "key": "00" * 32},
+                 {"generation": 2, "fromEpoch": 101, "key": "11" * 32}],
 }
-BACKEND = {**PROXY, "role": "backend", "salts": [],
+BACKEND = {**PROXY, "role": "backend", "saltKeys": [],
            "policies": [{"id": 1, "services": [{"address": "198.19.0.10", "port": 443}]}],
            "allowedProxies": ["198.18.0.1"]}
 
@@ -45,7 +46,8 @@ def test_minimal_documents_parse_with_defaults():
     assert proxy.node.encap_port == 6080
     assert proxy.policies[0].mode is schema.Mode.ENFORCE
     assert proxy.policies[0].cookie.mss_v4 == schema.DEFAULT_MSS_V4
-    assert proxy.salt_map[101] == bytes([0x11] * 16)
+    assert proxy.master_keys[1] == MasterKey(2, 101, bytes([0x11] * 32))
+    assert proxy.failure_policy is schema.FailurePolicy.OPEN
     assert schema.parse(BACKEND).allowed_proxies[0].version == 4
 
 
@@ -83,13 +85,14 @@ def test_the_module_docstring_example_is_a_valid_proxy_document():
     (PROXY, "policies.0.cookie", {"mtu": 1000}, "policies[0].cookie.mtu: Input should be greater"),
     (PROXY, "policies.0.backends", [], "policies[0] (id 1): a proxy needs the policy's backends"),
     (PROXY, "policies.0.backends", ["198.18.0.11", "198.18.0.11"], "a backend address is listed twice"),
-    (PROXY, "salts", [], "a proxy needs salts"),
-    (PROXY, "salts.0.key", "xyz", "salts[0].key: String should match pattern"),
-    (PROXY, "salts.0.epoch", 105, "salt epochs [105, 101, 102] must be distinct"),
-    (PROXY, "salts.0.epoch", 92, "salt epochs [92, 101, 102] span more than 4 epochs"),
+    (PROXY, "saltKeys", [], "a proxy needs saltKeys"),
+    (PROXY, "saltKeys.0.key", "00" * 16, "saltKeys[0].key: String should match pattern"),
+    (PROXY, "saltKeys.0.generation", 2, "saltKeys generations [2, 2] must be distinct"),
+    (PROXY, "saltKeys.0.fromEpoch", 101, "a later generation must start at a later epoch"),
+    (PROXY, "failurePolicy", "sometimes", "failurePolicy: Input should be 'open' or 'closed'"),
     (PROXY, "allowedProxies", ["198.18.0.1"], "allowedProxies is for backends"),
     (BACKEND, "allowedProxies", [], "a backend needs allowedProxies"),
-    (BACKEND, "salts", PROXY["salts"], "salts are for proxies only"),
+    (BACKEND, "saltKeys", PROXY["saltKeys"], "saltKeys are for proxies only"),
     (BACKEND, "policies.0.backends", ["198.18.0.11"], "policies[].backends is for proxies"),
     (BACKEND, "node.xdp", True, "node.xdp is for proxies"),
     (PROXY, "node.xdp", "sometimes", "node.xdp: Input should be a valid boolean"),

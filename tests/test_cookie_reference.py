@@ -10,7 +10,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from synfleet.cookie import HASH_BITS, CookieAttributes, FourTuple, cookie_check, cookie_make, siphash24
+from synfleet.cookie import (
+    HASH_BITS,
+    CookieAttributes,
+    FourTuple,
+    cookie_check,
+    cookie_make,
+    derive_salt,
+    fresh_key,
+    salts_for,
+    siphash24,
+)
 from synfleet.dataplane.flow import maglev_table
 
 KEY = bytes(range(16))
@@ -65,3 +75,14 @@ def test_attributes_reject_out_of_range_values():
         CookieAttributes(4, None, False, False)
     with pytest.raises(ValueError):
         CookieAttributes(0, 15, False, False)
+
+
+def test_every_proxy_derives_the_same_salt_per_epoch_from_the_generation_in_force():
+    old, new = fresh_key(1, 10), fresh_key(2, 20)
+    salts = salts_for([new, old], range(8, 23))
+    assert sorted(salts) == list(range(10, 23))       # nothing before the first generation
+    assert salts[19] == derive_salt(old.key, 1, 19) and salts[20] == derive_salt(new.key, 2, 20)
+    assert salts == salts_for([old, new], range(8, 23))
+    assert len(set(salts.values())) == len(salts) and all(len(s) == 16 for s in salts.values())
+    # The generation is part of the input: the same key under another generation gives other salts.
+    assert derive_salt(old.key, 1, 12) != derive_salt(old.key, 2, 12)

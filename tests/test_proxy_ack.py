@@ -5,14 +5,10 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import socket
-import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, UDP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import Ether
 
 from conftest import (
     BACKEND_V4,
@@ -25,7 +21,7 @@ from conftest import (
     addr_pair,
     tai_epoch,
 )
-from packets import TC_ACT_OK, TC_ACT_REDIRECT, checksums_valid, encap_source_port, ring_slot, tcp_frame
+from packets import TC_ACT_OK, TC_ACT_REDIRECT, checksums_valid, decode_encap, encap_source_port, ring_slot, tcp_frame
 from synfleet.abi import ENCAP_F_VALIDATED, Counter
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make
 from synfleet.dataplane.flow import maglev_table
@@ -37,16 +33,6 @@ def handshake_ack(family, sport, isn, cookie, payload=b""):
     client, service = addr_pair(family)
     return tcp_frame(client, service, sport, PORT_FULL, flags="A", seq=isn + 1,
                      ack=(cookie + 1) % 2**32, payload=payload)
-
-
-def decode_encap(frame: bytes) -> dict:
-    """The documented encapsulation, parsed independently of the BPF code."""
-    outer = Ether(frame)
-    l3 = outer[IP] if outer.type == 0x0800 else outer[IPv6]
-    udp = outer[UDP]
-    sf = bytes(udp.payload)[:4]
-    return dict(outer=l3, udp=udp, version=sf[0], flags=sf[1],
-                policy_id=struct.unpack("!H", sf[2:4])[0], inner=bytes(udp.payload)[4:])
 
 
 def validated(proxy, frame) -> bool:

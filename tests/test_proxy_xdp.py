@@ -10,7 +10,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Ether
 
-from conftest import PORT_FULL, addr_pair, unit_config
+from conftest import PORT_FULL, UNIT_KEYS, addr_pair, unit_config
 from packets import TC_ACT_REDIRECT, checksums_valid, tcp_frame
 from synfleet.abi import Counter
 from synfleet.dataplane.programs import ProxyDataplane
@@ -99,9 +99,9 @@ def test_fragments_and_extension_headers_go_on_to_the_tc_program(proxy):
     passed_untouched(proxy, bytes(ext))
 
 
-def test_without_a_salt_for_the_epoch_the_syn_goes_on_to_be_counted_by_tc(unit_netns, salts):
+def test_without_a_salt_for_the_epoch_the_syn_goes_on_to_be_counted_by_tc(unit_netns):
     with ProxyDataplane() as proxy:
-        proxy.apply(unit_config("proxy", salts))      # configured, salts not published
+        proxy.apply(unit_config("proxy", UNIT_KEYS))      # configured, no salt loaded
         client, service = addr_pair(4)
         frame = tcp_frame(client, service, 1000, PORT_FULL, flags="S", options=LINUX_SYN_OPTS)
         passed_untouched(proxy, frame)

@@ -116,23 +116,47 @@ def test_only_proxy_agents_may_read_their_own_salt_secret():
 
 # ---- salts ----
 
-def test_rotation_keeps_published_keys_and_publishes_two_epochs_ahead():
-    first = salts.rotate({}, 100)
-    assert sorted(first) == [99, 100, 101, 102]
-    assert all(len(k) == 16 for k in first.values()) and len(set(first.values())) == 4
-    second = salts.rotate(first, 101)
-    assert sorted(second) == [100, 101, 102, 103]
-    assert all(second[e] == first[e] for e in (100, 101, 102))
-    assert salts.rotate(second, 101) == second
+DAY, MINUTE = 86400, 60
+
+
+def generations(keys) -> list[tuple[int, int]]:
+    return [(k.generation, k.from_epoch) for k in keys]
+
+
+def test_the_first_master_key_covers_the_previous_epoch_and_epochs_roll_over_without_a_write():
+    first = salts.rotate([], 100, MINUTE, DAY)
+    assert generations(first) == [(1, 99)] and len(first[0].key) == 32
+    assert all(salts.rotate(first, e, MINUTE, DAY) == first for e in range(100, 1300))
+
+
+def test_the_next_generation_is_announced_an_hour_ahead_and_the_old_one_kept_while_cookies_need_it():
+    first = salts.rotate([], 100, MINUTE, DAY)          # a generation lasts 1440 one-minute epochs
+    switch = 99 + 1440
+    assert salts.rotate(first, switch - 61, MINUTE, DAY) == first
+    both = salts.rotate(first, switch - 60, MINUTE, DAY)
+    assert generations(both) == [(1, 99), (2, switch)] and both[1].key != first[0].key
+    assert salts.rotate(both, switch, MINUTE, DAY) == both      # cookies of switch - 1 still validate
+    assert generations(salts.rotate(both, switch + 1, MINUTE, DAY)) == [(2, switch)]
+
+
+def test_a_generation_announced_late_still_gets_its_whole_lead():
+    late = salts.rotate(salts.rotate([], 100, MINUTE, DAY), 5000, MINUTE, DAY)
+    assert generations(late) == [(1, 99), (2, 5060)]
+    # Short generations: announced half a generation ahead at most.
+    assert salts.announce_epochs(10, 60) == 3 and salts.announce_epochs(60, DAY) == 60
+
+
+def test_a_changed_epoch_length_starts_a_new_generation_from_now():
+    assert generations(salts.restart(salts.rotate([], 100, MINUTE, DAY), 7)) == [(2, 6)]
 
 
 def test_salt_secret_round_trips_and_is_what_a_proxy_config_accepts():
-    keys = salts.rotate({}, 7)
+    keys = salts.rotate([], 7, MINUTE, DAY)
     secret = salts.secret(EDGE, SETTINGS, keys)
     assert secret["metadata"]["name"] == "synfleet-salts-edge" and secret["type"] == "Opaque"
-    assert contract.secret_salts(secret) == keys
+    assert contract.secret_salt_keys(secret) == keys
     assert contract.secret_rotation_seconds(secret) == 60
-    assert contract.secret_salts(None) == {}
+    assert contract.secret_salt_keys(None) == []
 
 
 # ---- data-plane rendering ----
@@ -153,10 +177,11 @@ def test_policy_renders_into_both_pools_with_backends_and_allowed_proxies():
     assert backend_doc["allowedProxies"] == ["10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"]
     assert proxy_doc["rotationSeconds"] == 60
     assert proxy_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080, "xdp": False}
+    assert proxy_doc["failurePolicy"] == "open" and "failurePolicy" not in backend_doc
     assert backend_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080}
     assert out.policies["shop/web"].backends == 2 and out.policies["shop/web"].problem is None
 
-    cfg = agent_document(proxy_doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5))
+    cfg = agent_document(proxy_doc, "10.0.0.1", "fd00::1", salts.rotate([], 5, MINUTE, DAY))
     assert cfg.role is schema.Role.PROXY and cfg.node.addresses.ipv4.compressed == "10.0.0.1"
     validate_for_nodes(Role.BACKEND, backend_doc, NODES)
 
@@ -167,7 +192,7 @@ def test_a_proxy_pool_asking_for_xdp_renders_the_xdp_front_on():
     out = render(dataclasses.replace(v, proxy_pools=[edge]), SETTINGS)
     doc = out.configs[(Role.PROXY, "edge")]
     assert doc["node"]["xdp"] is True
-    assert agent_document(doc, "10.0.0.1", "fd00::1", salts.rotate({}, 5)).node.xdp is True
+    assert agent_document(doc, "10.0.0.1", "fd00::1", salts.rotate([], 5, MINUTE, DAY)).node.xdp is True
 
 
 def agent_pod(node: str, ready: bool, role: str = "backend", pool: str = "web") -> dict:
@@ -270,7 +295,7 @@ def test_pool_status_progresses_from_rolling_out_to_ready():
     ready = {c["type"]: c for c in rolling["conditions"]}
     assert ready["Ready"]["status"] == "False" and ready["Ready"]["reason"] == "RollingOut"
     assert ready["Progressing"]["status"] == "True"
-    assert rolling["nodes"] == "1/2" and rolling["saltEpoch"] == 42 and rolling["observedGeneration"] == 3
+    assert rolling["nodes"] == "1/2" and rolling["saltGeneration"] == 42 and rolling["observedGeneration"] == 3
     done = pool_status(EDGE, Rollout(desired=2, ready=2, updated=2, current=True), None, rolling["conditions"])
     conds = {c["type"]: c for c in done["conditions"]}
     assert conds["Ready"]["status"] == "True" and conds["Progressing"]["status"] == "False"

@@ -4,14 +4,13 @@ handshake through proxy and backend (IPv4 and IPv6), and print what happened."""
 
 from __future__ import annotations
 
-import secrets
 import socket
 import threading
 import time
 from typing import Callable
 
 from synfleet.abi import Counter
-from synfleet.cookie import current_epoch
+from synfleet.cookie import fresh_key
 from synfleet_lab.testbed.fleet import SERVICE_PORT, Fleet, recv_exact
 from synfleet_lab.testbed.topology import V4, V6
 
@@ -50,9 +49,8 @@ def _round_trip(fleet: Fleet, service: str) -> float:
 
 
 def run_check(say: Callable[[str], None]) -> int:
-    epoch = current_epoch(ROTATION_S)
     say("synfleet check: building client -- proxy -- backend namespaces, loading the data plane")
-    fleet = Fleet.start({epoch + d: secrets.token_bytes(16) for d in (-1, 0, 1)}, ROTATION_S)
+    fleet = Fleet.start([fresh_key()], ROTATION_S)
     try:
         for a in (V4, V6):
             ms = _round_trip(fleet, a.service)

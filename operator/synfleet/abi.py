@@ -11,6 +11,7 @@ import ipaddress
 
 ENCAP_VERSION = 1
 ENCAP_F_VALIDATED = 0x01
+ENCAP_F_UNGUARDED = 0x02
 ENCAP_HDR_LEN = 4
 ENCAP_OVERHEAD = {4: 20 + 8 + ENCAP_HDR_LEN, 6: 40 + 8 + ENCAP_HDR_LEN}
 ENCAP_SPORT_BASE = 49152
@@ -22,7 +23,7 @@ MAX_BACKENDS = 4096
 MAX_PROXIES = 4096
 CONFIG_SLOTS = 2
 RING_SIZE = 4099
-SALT_SLOTS = 4
+SALT_SLOTS = 4096
 BACKEND_NONE = 0xFFFFFFFF
 
 POLICY_ACTIVE = 0x01
@@ -30,6 +31,7 @@ POLICY_ENFORCE = 0x02
 POLICY_TIMESTAMPS = 0x04
 POLICY_ECN = 0x08
 POLICY_SACK = 0x10
+POLICY_FAIL_OPEN = 0x20
 
 
 class Counter(enum.IntEnum):
@@ -59,6 +61,7 @@ class Counter(enum.IntEnum):
     MONITOR_PASSED = enum.auto()
     TW_RECYCLED = enum.auto()
     TW_REFUSED = enum.auto()
+    FAIL_OPEN = enum.auto()
 
 
 class Endpoint(ctypes.Structure):

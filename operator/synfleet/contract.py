@@ -12,9 +12,10 @@ import ipaddress
 import yaml
 
 from synfleet.config.schema import ConfigError
+from synfleet.cookie.salts import MasterKey
 
 CONFIG_KEY = "dataplane.yaml"     # the pool's ConfigMap: the document minus node addresses and salts
-SALTS_KEY = "salts.yaml"          # the proxy pool's Secret: rotationSeconds and the published salts
+SALTS_KEY = "salts.yaml"          # the proxy pool's Secret: rotationSeconds and the master keys
 
 
 def configmap_data(document: dict) -> dict[str, str]:
@@ -37,9 +38,13 @@ def configmap_document(configmap: dict | None, name: str) -> dict:
     return document
 
 
-def secret_data(rotation_seconds: int, salts: dict[int, bytes]) -> dict[str, str]:
-    document = {"rotationSeconds": rotation_seconds,
-                "salts": [{"epoch": e, "key": k.hex()} for e, k in sorted(salts.items())]}
+def _key_entries(keys: list[MasterKey]) -> list[dict]:
+    return [{"generation": k.generation, "fromEpoch": k.from_epoch, "key": k.key.hex()}
+            for k in sorted(keys, key=lambda k: k.generation)]
+
+
+def secret_data(rotation_seconds: int, keys: list[MasterKey]) -> dict[str, str]:
+    document = {"rotationSeconds": rotation_seconds, "saltKeys": _key_entries(keys)}
     return {SALTS_KEY: base64.b64encode(yaml.safe_dump(document, sort_keys=False).encode()).decode()}
 
 
@@ -52,9 +57,11 @@ def secret_rotation_seconds(secret: dict | None) -> int | None:
     return _secret_document(secret).get("rotationSeconds")
 
 
-def secret_salts(secret: dict | None) -> dict[int, bytes]:
-    """The published salts by epoch; empty when the Secret (or its key) is absent."""
-    return {int(s["epoch"]): bytes.fromhex(s["key"]) for s in _secret_document(secret).get("salts", [])}
+def secret_salt_keys(secret: dict | None) -> list[MasterKey]:
+    """The published master keys, oldest generation first; empty when the
+    Secret (or its key) is absent."""
+    return [MasterKey(int(k["generation"]), int(k["fromEpoch"]), bytes.fromhex(k["key"]))
+            for k in _secret_document(secret).get("saltKeys", [])]
 
 
 def node_addresses(text: str) -> dict[str, str]:
@@ -72,11 +79,11 @@ def node_addresses(text: str) -> dict[str, str]:
     return found
 
 
-def node_document(document: dict, addresses: dict[str, str], salts: dict[int, bytes] | None = None) -> dict:
+def node_document(document: dict, addresses: dict[str, str], salt_keys: list[MasterKey] | None = None) -> dict:
     """The document one node's agent applies (and validates with
     synfleet.config.schema): the ConfigMap's, plus the node's addresses and
-    (proxies) the published salts."""
+    (proxies) the pool's master keys."""
     full = {**document, "node": {**(document.get("node") or {}), "addresses": addresses}}
-    if salts is not None:
-        full["salts"] = [{"epoch": e, "key": k.hex()} for e, k in sorted(salts.items())]
+    if salt_keys is not None:
+        full["saltKeys"] = _key_entries(salt_keys)
     return full

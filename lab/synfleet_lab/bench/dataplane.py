@@ -7,12 +7,11 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import platform
-import secrets
 import struct
 from dataclasses import dataclass
 
 from synfleet.bpf import BpfObject, Program, TypedMap
-from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, current_epoch
+from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, current_epoch, derive_salt, fresh_key
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet_lab import frames
 from synfleet_lab.objects import lab_object
@@ -107,12 +106,13 @@ def cases(salt: bytes, epoch: int) -> list[Case]:
 def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
     """Best of `rounds` for each path (the least disturbed measurement)."""
     epoch = current_epoch(ROTATION_S)
-    salt = secrets.token_bytes(16)
+    key = fresh_key()
+    salt = derive_salt(key.key, key.generation, epoch)
     with proxy_node_namespace(NODE_V4, NODE_V6):
         with ProxyDataplane() as proxy, BackendDataplane() as backend:
             common = dict(node_v6=NODE_V6, services={4: SERVICE}, rotation_s=ROTATION_S)
             proxy.apply(testbed_config("proxy", interfaces=["sf0"], node_v4=NODE_V4,
-                                       backends={4: [BACKEND_V4]}, salts={epoch: salt}, **common))
+                                       backends={4: [BACKEND_V4]}, salt_keys=[key], **common))
             backend.apply(testbed_config("backend", interfaces=["sf0"], node_v4=BACKEND_V4,
                                          allowed_proxies=[NODE_V4], **common))
             proxy.set_salts({epoch: salt})

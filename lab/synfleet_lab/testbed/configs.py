@@ -4,6 +4,7 @@ one policy per address family (ids 1 and 2), everything else at defaults."""
 from __future__ import annotations
 
 from synfleet.config import schema
+from synfleet.cookie import MasterKey
 
 SERVICE_PORT = 8080
 ENCAP_PORT = 6080
@@ -14,7 +15,8 @@ def testbed_config(role: str, *, interfaces: list[str], node_v4: str, node_v6: s
                    services: dict[int, str], rotation_s: int,
                    backends: dict[int, list[str]] | None = None,
                    allowed_proxies: list[str] | None = None,
-                   salts: dict[int, bytes] | None = None, mode: str = "enforce",
+                   salt_keys: list[MasterKey] | None = None, failure_policy: str = "open",
+                   mode: str = "enforce",
                    clock_offset_s: float = 0.0, xdp: bool = False) -> schema.DataplaneConfig:
     """`services` and `backends` are keyed by address family."""
     policies = []
@@ -32,5 +34,7 @@ def testbed_config(role: str, *, interfaces: list[str], node_v4: str, node_v6: s
                  "clockOffsetSeconds": clock_offset_s, "xdp": xdp},
         "policies": policies,
         "allowedProxies": allowed_proxies or [],
-        "salts": [{"epoch": e, "key": k.hex()} for e, k in sorted((salts or {}).items())],
+        **({"failurePolicy": failure_policy} if role == "proxy" else {}),
+        "saltKeys": [{"generation": k.generation, "fromEpoch": k.from_epoch, "key": k.key.hex()}
+                     for k in salt_keys or []],
     })

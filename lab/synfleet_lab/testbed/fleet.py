@@ -6,7 +6,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from synfleet.agent.agent import salt_window
 from synfleet.config.schema import DataplaneConfig, PolicyEntry
+from synfleet.cookie import MasterKey, current_epoch, salts_for
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet_lab.testbed.configs import ENCAP_PORT, SERVICE_PORT, testbed_config
 from synfleet_lab.testbed.topology import V4, V6, Topology
@@ -29,11 +31,14 @@ class Fleet:
         return {4: by_id[1], 6: by_id[2]}
 
     @classmethod
-    def start(cls, salts: dict[int, bytes], rotation_s: int) -> "Fleet":
+    def start(cls, keys: list[MasterKey], rotation_s: int) -> "Fleet":
+        """The programs loaded as an agent loads them: the configuration, and the
+        salts its master keys give around the current epoch."""
+        salts = salts_for(keys, salt_window(rotation_s, current_epoch(rotation_s)))
         topo = Topology()
         services = {4: V4.service, 6: V6.service}
         proxy_cfg = testbed_config("proxy", interfaces=["p0"], node_v4=V4.proxy, node_v6=V6.proxy,
-                                   services=services, rotation_s=rotation_s, salts=salts,
+                                   services=services, rotation_s=rotation_s, salt_keys=keys,
                                    backends={4: [V4.backend], 6: [V6.backend]})
         backend_cfg = testbed_config("backend", interfaces=["b0"], node_v4=V4.backend,
                                      node_v6=V6.backend, services=services, rotation_s=rotation_s,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -39,7 +38,8 @@ from dataclasses import dataclass, field
 from synfleet.agent.agent import uninstall
 from synfleet.bpf import BpfObject, XdpHook
 from synfleet.config import schema
-from synfleet.cookie import current_epoch
+from synfleet.cookie import MasterKey, current_epoch
+from synfleet.resources import salts
 from synfleet_lab.objects import lab_object
 from synfleet_lab.testbed.configs import SERVICE_PORT, testbed_config
 from synfleet_lab.testbed.fabric import Fabric
@@ -170,29 +170,40 @@ class Flood:
 
 
 class SaltPublisher:
-    """What the operator does for salts: keys for previous, current and next
-    epoch in every proxy's file, refreshed as epochs pass."""
+    """What the operator does for salts (synfleet.resources.salts): the pool's
+    master keys in every proxy's file, the next generation announced ahead of
+    its turn. Between generations nothing is written: the agents derive each
+    epoch's salt themselves. Between `pause()` and `resume()` the control plane
+    is away (and `keys` may be set by hand)."""
 
     def __init__(self, lab: "FleetLab") -> None:
         self.lab = lab
-        self.keys: dict[int, bytes] = {}
-        self.published: int | None = None
+        self.keys: list[MasterKey] = []
+        self._paused = False
+        self._lock = threading.Lock()     # a publish in flight finishes before a pause
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="salts")
-
-    def window(self, epoch: int) -> dict[int, bytes]:
-        for e in (epoch - 1, epoch, epoch + 1):
-            self.keys.setdefault(e, secrets.token_bytes(16))
-        return {e: self.keys[e] for e in (epoch - 1, epoch, epoch + 1)}
 
     def epoch(self) -> int:
         return current_epoch(self.lab.rotation_s)
 
     def publish(self) -> None:
-        epoch = self.epoch()
-        if epoch != self.published:
-            self.lab.write_proxy_configs(self.window(epoch))
-            self.published = epoch
+        with self._lock:
+            if self._paused:
+                return
+            wanted = salts.rotate(self.keys, self.epoch(), self.lab.rotation_s, self.lab.master_rotation_s)
+            if wanted != self.keys:
+                self.keys = wanted
+                self.lab.write_proxy_configs()
+
+    def pause(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+        self.publish()
 
     def _run(self) -> None:
         while not self._stop.wait(min(0.2, self.lab.rotation_s / 10)):
@@ -211,6 +222,8 @@ class SaltPublisher:
 @dataclass
 class FleetLab:
     rotation_s: int = 60
+    master_rotation_s: int = 86400     # a generation of the pool's master key (ProxyPool salt.masterRotationSeconds)
+    failure_policy: str = "open"       # the proxies' failurePolicy
     mode: str = "enforce"
     xdp: bool = False       # the proxies' XDP front (node.xdp)
     clock_offsets: dict[str, float] = field(default_factory=dict)
@@ -287,12 +300,12 @@ class FleetLab:
     def _path(self, name: str) -> str:
         return os.path.join(self.workdir, f"{name}.yaml")
 
-    def proxy_config(self, name: str, salts: dict[int, bytes]) -> schema.DataplaneConfig:
+    def proxy_config(self, name: str) -> schema.DataplaneConfig:
         node = self.nodes[name]
         backends = {fam: [getattr(self.nodes[b], f"v{fam}") for b in BACKENDS] for fam in (4, 6)}
         return testbed_config("proxy", interfaces=["eth0"], node_v4=node.v4, node_v6=node.v6,
                               services=self._services(), rotation_s=self.rotation_s, backends=backends,
-                              salts=salts, mode=self.mode,
+                              salt_keys=self.salts.keys, failure_policy=self.failure_policy, mode=self.mode,
                               clock_offset_s=self.clock_offsets.get(name, 0.0), xdp=self.xdp)
 
     def backend_config(self, name: str) -> schema.DataplaneConfig:
@@ -322,7 +335,7 @@ class FleetLab:
                 ns.sysctl(f"net.ipv{fam}.fib_multipath_hash_policy", 1)
                 ns.route("replace", SERVICE[fam], [getattr(self.nodes[b], f"v{fam}") for b in BACKENDS])
         self.write_backend_configs()
-        self.write_proxy_configs(self.salts.window(self.salts.epoch()))
+        self.write_proxy_configs()
         for name, agent in self.agents.items():
             deadline = time.monotonic() + 10
             while agent.metrics()["synfleet_config_generation"] <= generations[name]:
@@ -337,9 +350,9 @@ class FleetLab:
             f.write(text)
         os.replace(tmp, self._path(name))
 
-    def write_proxy_configs(self, salts: dict[int, bytes]) -> None:
+    def write_proxy_configs(self) -> None:
         for name in PROXIES:
-            self.write_config(name, self.proxy_config(name, salts).to_yaml())
+            self.write_config(name, self.proxy_config(name).to_yaml())
 
     def write_backend_configs(self) -> None:
         for name in BACKENDS:
@@ -349,7 +362,7 @@ class FleetLab:
         """Every node's policies to enforce or monitor; agents pick it up from the files."""
         self.mode = mode
         self.write_backend_configs()
-        self.write_proxy_configs(self.salts.window(self.salts.epoch()))
+        self.write_proxy_configs()
 
     def start(self) -> "FleetLab":
         self.salts.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import select
 import signal
@@ -20,16 +21,27 @@ import socket
 import time
 from dataclasses import dataclass
 
+from synfleet import abi
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir, hooks_running
 from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
 from synfleet.bpf import BpfError, TcHook, XdpHook
 from synfleet.config import schema
-from synfleet.cookie import current_epoch
+from synfleet.cookie import current_epoch, salts_for
 from synfleet.dataplane.programs import Dataplane, ProxyDataplane, dataplane_for
 
 log = logging.getLogger("synfleet.agent")
 TICK_S = 1.0      # salt epoch bookkeeping and liveness, not configuration (that is event driven)
+# Salts are loaded this far ahead (at most abi.SALT_SLOTS epochs): the data
+# plane keeps answering SYNs this long after its agent and control plane are gone.
+SALTS_AHEAD_S = 7200
+
+
+def salt_window(rotation_seconds: int, now_epoch: int) -> range:
+    """The epochs whose salts a proxy holds: the previous one (its cookies are
+    still good) to SALTS_AHEAD_S ahead."""
+    ahead = min(abi.SALT_SLOTS - 2, max(2, math.ceil(SALTS_AHEAD_S / rotation_seconds)))
+    return range(now_epoch - 1, now_epoch + ahead + 1)
 
 
 @dataclass(frozen=True)
@@ -164,16 +176,25 @@ class Agent:
         dp = self.dataplane
         if isinstance(dp, ProxyDataplane):
             # Salts first: a new configuration never names an epoch without its key.
-            dp.set_salts(cfg.salt_map)
+            self._load_salts(cfg)
         slot = dp.apply(cfg)
         self.config = cfg
         self.state.config_generation += 1
         self.state.last_sync = time.time()
-        self.state.salts_published = set(cfg.salt_map)
         self._tick()
         log.info("configuration applied", extra={
             "generation": self.state.config_generation, "active_slot": slot,
-            "policies": [p.id for p in cfg.policies], "salt_epochs": sorted(cfg.salt_map)})
+            "policies": [p.id for p in cfg.policies],
+            "salt_generations": [k.generation for k in cfg.salt_keys]})
+
+    def _load_salts(self, cfg: schema.DataplaneConfig) -> None:
+        """Derive the salts of the window around the node's current epoch from
+        the master keys and make the salt map hold them."""
+        epoch = current_epoch(cfg.rotation_seconds, cfg.node.clock_offset_seconds)
+        salts = salts_for(cfg.master_keys, salt_window(cfg.rotation_seconds, epoch))
+        self.dataplane.set_salts(salts)
+        self.state.salts_published = set(salts)
+        self.state.salts_loaded_for = epoch
 
     # ---- run ----
 
@@ -189,11 +210,20 @@ class Agent:
         status = self._salt_status()
         if status is None or status[0] == self.state.salt_epoch:
             return
-        epoch, published = status
+        epoch, _ = status
+        if self.state.salts_loaded_for != epoch:
+            self._load_salts(self.config)        # the window moves on: one epoch more ahead
+        published = epoch in self.state.salts_published
         self.state.salt_epoch = epoch
         if not published:
-            log.error("no salt for the current epoch: SYNs are dropped until one is published",
-                      extra={"epoch": epoch, "published": sorted(self.state.salts_published)})
+            log.error("no salt for the current epoch: %s until the pool's master key covers it",
+                      self._without_salt(), extra={"epoch": epoch,
+                                                   "generations": [k.generation for k in self.config.salt_keys]})
+
+    def _without_salt(self) -> str:
+        if self.config.failure_policy is schema.FailurePolicy.OPEN:
+            return "SYNs go to the backends unguarded (failurePolicy open)"
+        return "SYNs are dropped (failurePolicy closed)"
 
     def _not_ready(self) -> str | None:
         if self.config is None and not self._inherited:
@@ -204,7 +234,7 @@ class Agent:
             return "; ".join(f"no XDP front on {name}: {why}" for name, why in self._xdp_failed.items())
         status = self._salt_status()
         if status is not None and not status[1]:
-            return f"no salt published for epoch {status[0]}"
+            return f"no salt for epoch {status[0]}: {self._without_salt()}"
         return None
 
     def _alive(self) -> bool:

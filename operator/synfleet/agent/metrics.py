@@ -31,7 +31,8 @@ class AgentState:
     config_errors: int = 0
     last_sync: float | None = None      # time.time() of the last successful sync
     salt_epoch: int | None = None       # the epoch the node's clock is in
-    salts_published: set[int] = field(default_factory=set)
+    salts_published: set[int] = field(default_factory=set)     # epochs whose salt the map holds
+    salts_loaded_for: int | None = None     # the epoch the salt window was last laid around
     hooks: list[str] = field(default_factory=list)        # interfaces running the TC program
     xdp_hooks: list[str] = field(default_factory=list)    # interfaces running the XDP front
     not_ready: Callable[[], str | None] = lambda: "starting"   # why /readyz fails, or None
@@ -79,7 +80,7 @@ class AgentCollector(Collector):
                 epoch.add_metric(base, s.salt_epoch)
             yield epoch
             ahead = GaugeMetricFamily("synfleet_salt_epochs_ahead",
-                                      "Published salt epochs after the current one", labels=labels)
+                                      "Salt epochs loaded after the current one", labels=labels)
             if s.salt_epoch is not None:
                 ahead.add_metric(base, sum(1 for e in s.salts_published if e > s.salt_epoch))
             yield ahead

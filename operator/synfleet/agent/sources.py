@@ -137,12 +137,12 @@ class KubeSource:
         with self._lock:
             cm, secret = self._objects.get("ConfigMap"), self._objects.get("Secret")
         document = contract.configmap_document(cm, f"{self.opts.namespace}/{self.opts.configmap}")
-        salts = None
+        keys = None
         if self.opts.secret:
             if secret is None:
                 raise ConfigError(f"Secret {self.opts.namespace}/{self.opts.secret} does not exist (yet)")
-            salts = contract.secret_salts(secret)
-        return yaml.safe_dump(contract.node_document(document, contract.node_addresses(self._addresses), salts),
+            keys = contract.secret_salt_keys(secret)
+        return yaml.safe_dump(contract.node_document(document, contract.node_addresses(self._addresses), keys),
                               sort_keys=False)
 
     def close(self) -> None:

@@ -19,8 +19,12 @@ operator renders the same document into a ConfigMap. One schema for both.
         cookie: {windowScale: 7, timestamps: true, ecn: true, sack: true, mtu: 1500}
         backends: [198.18.0.2, 198.18.0.3]      # proxies only
     allowedProxies: [198.18.0.1]     # backends only
-    salts:                           # proxies only: previous, current, next epoch
-      - {epoch: 29348812, key: 00112233445566778899aabbccddeeff}
+    saltKeys:                        # proxies only: the pool's master keys (synfleet.cookie.salts)
+      - generation: 1
+        fromEpoch: 29348812          # the first epoch whose salt it derives
+        key: 00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff
+    failurePolicy: open              # proxies: no salt for an epoch -> SYNs go to the backends
+                                     # unguarded (their kernels' SYN cookies); closed: dropped
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from synfleet.abi import ENCAP_OVERHEAD, MAX_BACKENDS, MAX_POLICIES, MAX_PROXIES, MAX_SERVICES, SALT_SLOTS
+from synfleet.abi import ENCAP_OVERHEAD, MAX_BACKENDS, MAX_POLICIES, MAX_PROXIES, MAX_SERVICES
+from synfleet.cookie.salts import MasterKey
 
 API_VERSION = "synfleet.io/v1alpha1"
 KIND = "DataplaneConfig"
@@ -56,6 +61,14 @@ class Role(str, enum.Enum):
 class Mode(str, enum.Enum):
     ENFORCE = "enforce"
     MONITOR = "monitor"
+
+
+class FailurePolicy(str, enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+MAX_SALT_KEYS = 8     # generations a document may hold (the operator keeps two or three)
 
 
 class _Strict(BaseModel):
@@ -154,9 +167,11 @@ class PolicyEntry(_Strict):
         return backends
 
 
-class SaltEntry(_Strict):
-    epoch: int = Field(ge=0)
-    key: str = Field(pattern=r"^[0-9a-fA-F]{32}$", description="128-bit key, 32 hex digits")
+class SaltKeyEntry(_Strict):
+    """One generation of the pool's master key; salts are derived from it."""
+    generation: int = Field(ge=1)
+    from_epoch: int = Field(alias="fromEpoch", ge=0, description="the first epoch this generation covers")
+    key: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="256-bit master key, 64 hex digits")
 
     @property
     def key_bytes(self) -> bytes:
@@ -172,7 +187,8 @@ class DataplaneConfig(_Strict):
     policies: list[PolicyEntry] = Field(default_factory=list, max_length=MAX_POLICIES)
     allowed_proxies: list[IPAddress] = Field(default_factory=list, alias="allowedProxies",
                                              max_length=MAX_PROXIES)
-    salts: list[SaltEntry] = Field(default_factory=list, max_length=SALT_SLOTS)
+    salt_keys: list[SaltKeyEntry] = Field(default_factory=list, alias="saltKeys", max_length=MAX_SALT_KEYS)
+    failure_policy: FailurePolicy = Field(FailurePolicy.OPEN, alias="failurePolicy")
 
     @model_validator(mode="after")
     def _consistent(self) -> "DataplaneConfig":
@@ -201,14 +217,16 @@ class DataplaneConfig(_Strict):
                 raise ValueError(f"policies[{i}] (id {p.id}): a proxy needs the policy's backends")
         if self.allowed_proxies:
             raise ValueError("allowedProxies is for backends; remove it from a proxy's config")
-        if not self.salts:
-            raise ValueError("a proxy needs salts (previous, current and next epoch)")
-        epochs = [s.epoch for s in self.salts]
-        if len({e % SALT_SLOTS for e in epochs}) != len(epochs):
-            raise ValueError(f"salt epochs {epochs} must be distinct and within {SALT_SLOTS} "
-                             f"consecutive epochs")
-        if max(epochs) - min(epochs) >= SALT_SLOTS:
-            raise ValueError(f"salt epochs {epochs} span more than {SALT_SLOTS} epochs")
+        if not self.salt_keys:
+            raise ValueError("a proxy needs saltKeys (the pool's master key, one per generation)")
+        by_generation = sorted(self.salt_keys, key=lambda k: k.generation)
+        generations = [k.generation for k in by_generation]
+        if len(set(generations)) != len(generations):
+            raise ValueError(f"saltKeys generations {generations} must be distinct")
+        starts = [k.from_epoch for k in by_generation]
+        if starts != sorted(set(starts)):
+            raise ValueError(f"saltKeys: a later generation must start at a later epoch "
+                             f"(generations {generations} start at {starts})")
         families = {b.version for p in self.policies for b in p.backends}
         for family, own in ((4, self.node.addresses.ipv4), (6, self.node.addresses.ipv6)):
             if family in families and own is None:
@@ -221,14 +239,14 @@ class DataplaneConfig(_Strict):
                              "from a backend's config")
         if any(p.backends for p in self.policies):
             raise ValueError("policies[].backends is for proxies; remove it from a backend's config")
-        if self.salts:
-            raise ValueError("salts are for proxies only; a backend must not hold them")
+        if self.salt_keys:
+            raise ValueError("saltKeys are for proxies only; a backend must not hold them")
         if self.policies and not self.allowed_proxies:
             raise ValueError("a backend needs allowedProxies (the proxy nodes' addresses)")
 
     @property
-    def salt_map(self) -> dict[int, bytes]:
-        return {s.epoch: s.key_bytes for s in self.salts}
+    def master_keys(self) -> list[MasterKey]:
+        return [MasterKey(k.generation, k.from_epoch, k.key_bytes) for k in self.salt_keys]
 
     def to_document(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)

@@ -13,9 +13,11 @@ from synfleet.cookie.cookie import (
     mss_index,
     salt_in_window,
 )
+from synfleet.cookie.salts import MasterKey, derive_salt, fresh_key, key_for, salts_for
 from synfleet.cookie.siphash import siphash24
 
 __all__ = [
-    "HASH_BITS", "WSCALE_NONE", "CookieAttributes", "FourTuple", "cookie_check", "cookie_make",
-    "cookie_message", "current_epoch", "epoch_bits", "mss_index", "salt_in_window", "siphash24",
+    "HASH_BITS", "WSCALE_NONE", "CookieAttributes", "FourTuple", "MasterKey", "cookie_check", "cookie_make",
+    "cookie_message", "current_epoch", "derive_salt", "epoch_bits", "fresh_key", "key_for", "mss_index", "salt_in_window",
+    "salts_for", "siphash24",
 ]

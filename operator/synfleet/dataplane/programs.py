@@ -25,12 +25,12 @@ from synfleet.dataplane.flow import maglev_table
 FLIP_GRACE_S = 0.05
 
 
-def policy_value(policy: schema.PolicyEntry) -> PolicyValue:
+def policy_value(policy: schema.PolicyEntry, fail_open: bool) -> PolicyValue:
     c = policy.cookie
     flags = abi.POLICY_ACTIVE
     for on, bit in ((policy.mode is schema.Mode.ENFORCE, abi.POLICY_ENFORCE),
                     (c.timestamps, abi.POLICY_TIMESTAMPS), (c.ecn, abi.POLICY_ECN),
-                    (c.sack, abi.POLICY_SACK)):
+                    (c.sack, abi.POLICY_SACK), (fail_open, abi.POLICY_FAIL_OPEN)):
         flags |= bit if on else 0
     p = PolicyValue(adv_mss_v4=c.advertised_mss(4), adv_mss_v6=c.advertised_mss(6),
                wscale=c.window_scale, flags=flags)
@@ -155,9 +155,10 @@ class Dataplane:
 
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
         by_id = {p.id: p for p in cfg.policies}
+        fail_open = cfg.failure_policy is schema.FailurePolicy.OPEN
         base = slot * abi.MAX_POLICIES
         for pid in range(abi.MAX_POLICIES):
-            self.policies.put(_u32(base + pid), policy_value(by_id[pid]) if pid in by_id else PolicyValue())
+            self.policies.put(_u32(base + pid), policy_value(by_id[pid], fail_open) if pid in by_id else PolicyValue())
         _sync_keys(self.services, slot, {
             _keyed(Endpoint.of(s.address, s.port), slot): ServiceValue(p.id)
             for p in cfg.policies for s in p.services})
@@ -177,6 +178,8 @@ class ProxyDataplane(Dataplane):
     object_name = "proxy"
     MAPS = Dataplane.MAPS + ("salts", "protected_addrs", "backend_ring", "backends")
     XDP_MAPS = Dataplane.MAPS + ("salts",)
+    # ABI 4 keeps thousands of epochs ahead where ABI 3 kept four.
+    OUTGROWN = Dataplane.OUTGROWN + ("salts",)
 
     def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
         super().__init__(pins, objects_dir)
@@ -194,6 +197,7 @@ class ProxyDataplane(Dataplane):
         self.protected_addrs = TypedMap(self.obj.map("protected_addrs"), Endpoint, ServiceValue)
         self.ring = TypedMap(self.obj.map("backend_ring"), ctypes.c_uint32, ctypes.c_uint32)
         self.backends = TypedMap(self.obj.map("backends"), ctypes.c_uint32, Endpoint)
+        self._salt_slots: list[bytes] | None = None     # the salt map's slots as last written here
 
     def close(self) -> None:
         self.xdp_obj.close()
@@ -208,16 +212,21 @@ class ProxyDataplane(Dataplane):
         return out
 
     def set_salts(self, salts: dict[int, bytes]) -> None:
-        """Publish salts by epoch (previous, current, next). A slot is rewritten
-        only when its epoch changes, and then it held an epoch at least four
-        rotations away from the one being used, which no valid cookie names."""
+        """Make the salt map hold exactly these salts by epoch (a window around
+        now, SALT_SLOTS epochs at most). A slot changes only for an epoch that no
+        packet uses: one that has passed, or one still ahead of the next (a
+        future epoch's salt changes when a new master key generation is learnt,
+        which is announced well ahead of its first epoch)."""
         slots = {epoch % abi.SALT_SLOTS: SaltValue.of(epoch, key) for epoch, key in salts.items()}
         if len(slots) != len(salts):
             raise ValueError(f"epochs {sorted(salts)} collide in the {abi.SALT_SLOTS} salt slots")
+        if self._salt_slots is None:     # what the map holds (a previous agent's, after a restart)
+            self._salt_slots = [bytes(self.salts.get(_u32(slot))) for slot in range(abi.SALT_SLOTS)]
         for slot in range(abi.SALT_SLOTS):
-            want = slots.get(slot, SaltValue())
-            if bytes(self.salts.get(_u32(slot))) != bytes(want):
-                self.salts.put(_u32(slot), want)
+            want = bytes(slots.get(slot, SaltValue()))
+            if self._salt_slots[slot] != want:
+                self.salts.put(_u32(slot), SaltValue.from_buffer_copy(want))
+                self._salt_slots[slot] = want
 
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
         addresses = sorted({b for p in cfg.policies for b in p.backends}, key=_address_order)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from synfleet import contract
 from synfleet.config.schema import ConfigError, Role
-from synfleet.cookie import current_epoch
+from synfleet.cookie import current_epoch, key_for
 from synfleet.kube import Kube
 from synfleet.operator.metrics import OperatorMetrics
 from synfleet.resources import agents, names, salts
@@ -56,23 +56,27 @@ class Reconciler:
         self.request_render()
 
     def rotate_salts(self, body: dict) -> None:
-        """Publish the keys the pool needs now (a no-op inside an epoch); a
-        change is rendered so that statuses show the new epoch."""
+        """Publish the master keys the pool needs now (a no-op but for a new
+        generation); a change is rendered so that statuses show it."""
         if self._publish_salts(Pool.from_object(Role.PROXY, body)):
             self.request_render()
 
     def _publish_salts(self, pool: Pool) -> bool:
         """Whether the pool's Secret had to change."""
-        now = current_epoch(pool.spec.salt.rotation_seconds)
+        spec = pool.spec.salt
+        now = current_epoch(spec.rotation_seconds)
         existing = self.kube.get("v1", "Secret", names.salts_secret_name(pool.name), self.settings.namespace)
-        published = contract.secret_salts(existing)
-        wanted = salts.rotate(published, now)
-        same_rotation = contract.secret_rotation_seconds(existing) == pool.spec.salt.rotation_seconds
-        if wanted == published and same_rotation:
+        published = contract.secret_salt_keys(existing)
+        if published and contract.secret_rotation_seconds(existing) != spec.rotation_seconds:
+            wanted = salts.restart(published, now)
+        else:
+            wanted = salts.rotate(published, now, spec.rotation_seconds, spec.master_rotation_seconds)
+        if wanted == published:
             return False
         self.kube.apply(salts.secret(pool, self.settings, wanted))
         self.metrics.rotated(pool.name)
-        log.info("salts published for pool %s: epochs %s (current %d)", pool.name, sorted(wanted), now)
+        log.info("master keys published for pool %s: generations %s (current epoch %d)", pool.name,
+                 {k.generation: k.from_epoch for k in wanted}, now)
         return True
 
     # ---- the whole fleet ----
@@ -143,12 +147,12 @@ class Reconciler:
             label_selector=names.MANAGED_SELECTOR)}
         rollouts = {key: Rollout.from_daemonset(daemonsets.get(names.agent_name(*key)))
                     for key in pools}
-        epochs = {name: self._published_epoch(pool) for (role, name), pool in pools.items()
-                  if role is Role.PROXY}
+        generations = {name: self._generation_in_force(pool) for (role, name), pool in pools.items()
+                       if role is Role.PROXY}
         for key, pool in pools.items():
             obj = pool_objs[key]
             self._report(obj, pool_status(pool, rollouts[key], problems.get(key), _conditions(obj),
-                                          epochs.get(pool.name)), problems.get(key) is not None)
+                                          generations.get(pool.name)), problems.get(key) is not None)
 
         ready_count = {"True": 0, "False": 0}
         for p in view.policies:
@@ -157,16 +161,16 @@ class Reconciler:
             missing = Rollout()
             status = policy_status(p, outcome, rollouts.get((Role.PROXY, p.spec.proxy_pool), missing),
                                    rollouts.get((Role.BACKEND, p.spec.backend_pool), missing),
-                                   epochs.get(p.spec.proxy_pool), _conditions(obj))
+                                   generations.get(p.spec.proxy_pool), _conditions(obj))
             ready_count[self._report(obj, status, outcome.problem is not None)] += 1
         for state, count in ready_count.items():
             self.metrics.policies.labels(state).set(count)
 
-    def _published_epoch(self, pool: Pool) -> int | None:
-        """The pool's current epoch if its key is published, else None."""
+    def _generation_in_force(self, pool: Pool) -> int | None:
+        """The generation of the pool's master key that covers the current epoch, if any."""
         secret = self.kube.get("v1", "Secret", names.salts_secret_name(pool.name), self.settings.namespace)
-        now = current_epoch(pool.spec.salt.rotation_seconds)
-        return now if now in contract.secret_salts(secret) else None
+        key = key_for(contract.secret_salt_keys(secret), current_epoch(pool.spec.salt.rotation_seconds))
+        return key.generation if key else None
 
     def _report(self, obj: dict, status: dict, degraded: bool) -> str:
         """Write the status if it changed, with an Event when Ready changes

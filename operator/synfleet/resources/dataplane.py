@@ -18,10 +18,10 @@ from synfleet import contract
 from synfleet.abi import MAX_POLICIES
 from synfleet.config import schema
 from synfleet.config.schema import Role
+from synfleet.cookie.salts import MASTER_KEY_BYTES, MasterKey
 from synfleet.resources import names
 from synfleet.resources.agents import OperatorSettings, owner_reference
 from synfleet.resources.model import POOL_KINDS, Pool, SynProxyPolicy
-from synfleet.resources.salts import PUBLISHED_BEHIND, wanted_epochs
 
 BACKEND_ROTATION_S = 60   # schema-required; a backend never derives an epoch
 
@@ -226,6 +226,7 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
                "policies": entries[(role, name)]}
         if role is Role.PROXY:
             doc["node"]["xdp"] = pool.spec.xdp
+            doc["failurePolicy"] = pool.spec.failure_policy.value
         if role is Role.BACKEND:
             sources = sorted({a for n in view.nodes for proxy in proxy_sources.get(name, ())
                               if (Role.PROXY, proxy) in pools and selects(pools[(Role.PROXY, proxy)], n)
@@ -238,13 +239,13 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
 def validate_for_nodes(role: Role, document: dict, nodes: list[NodeInfo]) -> None:
     """Check the document as every node's agent will: raises schema.ConfigError
     naming the node whose agent would reject it."""
-    placeholder_salts = {e: bytes(16) for e in wanted_epochs(PUBLISHED_BEHIND)} if role is Role.PROXY else None
+    placeholder_keys = [MasterKey(1, 0, bytes(MASTER_KEY_BYTES))] if role is Role.PROXY else None
     shapes = {(bool(n.ipv4), bool(n.ipv6)): n for n in nodes if n.addresses}
     if not shapes:   # no node yet: check the document alone
         shapes = {(True, True): NodeInfo("(any node)", {}, "192.0.2.1", "2001:db8::1", True)}
     for n in shapes.values():
         try:
-            schema.parse(contract.node_document(document, n.addresses_document, placeholder_salts))
+            schema.parse(contract.node_document(document, n.addresses_document, placeholder_keys))
         except schema.ConfigError as err:
             raise schema.ConfigError(f"the agent on node {n.name} would reject it: {err}") from None
 

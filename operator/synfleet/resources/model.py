@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from synfleet.config.schema import Cookie, Mode, Role
+from synfleet.config.schema import Cookie, FailurePolicy, Mode, Role
 
 GROUP = "synfleet.io"
 VERSION = "v1alpha1"
@@ -34,6 +34,7 @@ class Toleration(_Spec):
 
 class SaltSpec(_Spec):
     rotation_seconds: int = Field(60, alias="rotationSeconds")
+    master_rotation_seconds: int = Field(86400, alias="masterRotationSeconds")
 
 
 class PoolSpec(_Spec):
@@ -47,6 +48,7 @@ class PoolSpec(_Spec):
     priority_class_name: str = Field("system-node-critical", alias="priorityClassName")
     metrics_port: int = Field(9478, alias="metricsPort")
     salt: SaltSpec = Field(default_factory=SaltSpec)       # proxy pools only (the CRD has no salt for backends)
+    failure_policy: FailurePolicy = Field(FailurePolicy.OPEN, alias="failurePolicy")     # proxy pools only
 
 
 class ServiceRef(_Spec):

@@ -52,7 +52,7 @@ class Rollout:
 
 
 def pool_status(pool: Pool, rollout: Rollout, problem: Problem | None, previous: list[dict] | None,
-                salt_epoch: int | None = None) -> dict:
+                salt_generation: int | None = None) -> dict:
     g = pool.generation
     if problem is not None:
         ready = (False, problem.reason, problem.message)
@@ -72,13 +72,13 @@ def pool_status(pool: Pool, rollout: Rollout, problem: Problem | None, previous:
     ]
     status = {"observedGeneration": g, "nodes": rollout.nodes, "nodesReady": rollout.ready,
               "nodesDesired": rollout.desired, "conditions": conditions}
-    if salt_epoch is not None:
-        status["saltEpoch"] = salt_epoch
+    if salt_generation is not None:
+        status["saltGeneration"] = salt_generation
     return status
 
 
 def policy_status(policy: SynProxyPolicy, outcome: PolicyOutcome, proxy_rollout: Rollout,
-                  backend_rollout: Rollout, salt_epoch: int | None, previous: list[dict] | None) -> dict:
+                  backend_rollout: Rollout, salt_generation: int | None, previous: list[dict] | None) -> dict:
     g = policy.generation
     problem = outcome.problem
     if problem is not None:
@@ -98,6 +98,6 @@ def policy_status(policy: SynProxyPolicy, outcome: PolicyOutcome, proxy_rollout:
                             problem.message if problem else "", g, previous)]}
     if outcome.policy_id is not None:
         status["policyId"] = outcome.policy_id
-    if salt_epoch is not None:
-        status["saltEpoch"] = salt_epoch
+    if salt_generation is not None:
+        status["saltGeneration"] = salt_generation
     return status

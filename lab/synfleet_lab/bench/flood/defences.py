@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import socket
 import subprocess
 from collections.abc import Iterator
 
 from synfleet.bpf import BpfObject, TcHook, XdpHook
-from synfleet.cookie import current_epoch
+from synfleet.cookie import current_epoch, fresh_key, salts_for
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet_lab.bench.flood.topology import DEFENCE_NEAR, SERVER, SERVICE, FloodTopology
 from synfleet_lab.objects import lab_object
@@ -126,12 +125,13 @@ def _synfleet(topo: FloodTopology, attached: Attached, xdp: bool) -> None:
     """The proxy on the attacker- and client-facing links (with its XDP front
     unless `xdp` is off), the backend on the server's."""
     epoch = current_epoch(ROTATION_S)
-    salts = {e: secrets.token_bytes(16) for e in (epoch - 1, epoch, epoch + 1)}
+    keys = [fresh_key()]
+    salts = salts_for(keys, range(epoch - 1, epoch + 2))
     services = {4: SERVICE}
     proxy = attached.keep(ProxyDataplane())
     proxy.set_salts(salts)
     proxy.apply(testbed_config("proxy", interfaces=["eth0"], node_v4=DEFENCE_NEAR, node_v6="2001:db8:77::1",
-                               services=services, rotation_s=ROTATION_S, backends={4: [SERVER]}, salts=salts))
+                               services=services, rotation_s=ROTATION_S, backends={4: [SERVER]}, salt_keys=keys))
     attached.attach(topo.defence, "eth0", proxy.program)
     attached.attach(topo.defence, "eth2", proxy.program)
     if xdp:
