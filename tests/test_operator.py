@@ -249,6 +249,10 @@ INVALID = [
      "salt.masterRotationSeconds must be at least 4 x salt.rotationSeconds"),
     ("unknown failure policy", proxy_pool("x", failurePolicy="ignore"),
      'spec.failurePolicy: Unsupported value: "ignore"'),
+    ("allowed address not a CIDR", proxy_pool("x", allowedAddresses=["203.0.113.7/33"]),
+     "must be a CIDR such as 203.0.113.0/24"),
+    ("namespace selector In without values", backend_pool("x", allowedNamespaces={
+        "matchExpressions": [{"key": "team", "operator": "In"}]}), "In and NotIn need values"),
     ("service and addresses both", web_policy(service={"name": "web"}), "set exactly one of spec.service"),
     ("neither service nor addresses", spp("web", ports=[443], proxyPool="edge", backendPool="web"),
      "set exactly one of spec.service"),
@@ -378,6 +382,27 @@ def test_policy_naming_a_missing_service_is_degraded_with_the_reason_and_recover
                              "involvedObject.name=checkout,type=Warning", "-o", "json").stdout
     assert "ServiceNotFound" in {e["reason"] for e in json.loads(warnings)["items"]}
     fleet.kubectl("delete", "synproxypolicy", "checkout", "-n", APP_NS)
+
+
+def test_tenant_a_pool_refuses_a_namespace_it_does_not_admit_until_the_namespace_is_labelled(fleet):
+    apply(fleet, proxy_pool("guarded", allowedNamespaces={"matchLabels": {"synfleet.io/tenant": "edge"}}))
+    apply(fleet, web_policy("tenant", addresses=["203.0.113.60"], proxyPool="guarded"))
+    policy = wait_for(lambda: (p := get(fleet, "synproxypolicy", "tenant", APP_NS))
+                      and condition(p, "Degraded").get("status") == "True" and p, "Degraded", timeout=KUBE_TIMEOUT_S)
+    assert condition(policy, "Degraded")["reason"] == "Forbidden"
+    assert f"ProxyPool 'guarded' does not admit namespace '{APP_NS}'" in condition(policy, "Degraded")["message"]
+    warnings = fleet.kubectl("get", "events", "-n", APP_NS, "--field-selector",
+                             "involvedObject.name=tenant,type=Warning", "-o", "json").stdout
+    assert "Forbidden" in {e["reason"] for e in json.loads(warnings)["items"]}
+    fleet.kubectl("label", "namespace", APP_NS, "synfleet.io/tenant=edge")
+    try:
+        wait_for(lambda: (p := get(fleet, "synproxypolicy", "tenant", APP_NS))
+                 and condition(p, "Degraded").get("reason") != "Forbidden", "the labelled namespace admitted",
+                 timeout=KUBE_TIMEOUT_S)
+    finally:
+        fleet.kubectl("label", "namespace", APP_NS, "synfleet.io/tenant-")
+        fleet.kubectl("delete", "synproxypolicy", "tenant", "-n", APP_NS)
+        delete_pool(fleet, "proxy", "guarded")
 
 
 def test_operator_restart_resumes_without_duplicates_or_rewrites(fleet, operator):

@@ -16,6 +16,7 @@ from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
     ClusterView,
     NodeInfo,
+    Problem,
     allocate_ids,
     configmap,
     ready_agent_nodes,
@@ -62,9 +63,11 @@ NODES = [node("edge-1", "10.0.0.1", "fd00::1", **{"synfleet.io/edge": "true"}),
 READY_AGENTS = {"web": {"web-1", "web-2", "web-3", "web-6"}}
 
 
-def view(*policies: SynProxyPolicy, services=None, slices=None, nodes=NODES, agents=READY_AGENTS) -> ClusterView:
-    return ClusterView(proxy_pools=[EDGE], backend_pools=[WEB], policies=list(policies), nodes=nodes,
-                       services=services or {}, endpoint_slices=slices or [], ready_backend_agents=agents)
+def view(*policies: SynProxyPolicy, services=None, slices=None, nodes=NODES, agents=READY_AGENTS,
+         proxy_pool=EDGE, backend_pool=WEB, namespaces=None) -> ClusterView:
+    return ClusterView(proxy_pools=[proxy_pool], backend_pools=[backend_pool], policies=list(policies), nodes=nodes,
+                       services=services or {}, endpoint_slices=slices or [], ready_backend_agents=agents,
+                       namespace_labels=namespaces or {})
 
 
 # ---- agent workload ----
@@ -286,6 +289,57 @@ def test_configmap_carries_the_document_owned_by_the_pool():
     assert cm["metadata"]["name"] == "synfleet-backend-web"
     assert cm["metadata"]["ownerReferences"][0]["kind"] == "BackendPool"
     assert yaml.safe_load(cm["data"][contract.CONFIG_KEY]) == doc
+
+
+# ---- tenancy ----
+
+TEAMS = {"shop": {"team": "shop", "tier": "prod"}, "blog": {"team": "blog"}, "lab": {}}
+
+
+def test_tenant_a_pool_admits_only_the_namespaces_its_selector_selects():
+    edge = pool(Role.PROXY, "edge", nodeSelector={"synfleet.io/edge": "true"},
+                allowedNamespaces={"matchLabels": {"tier": "prod"}})
+    web = pool(Role.BACKEND, "web", nodeSelector={"tier": "web"},
+               allowedNamespaces={"matchExpressions": [{"key": "team", "operator": "In", "values": ["shop", "blog"]}]})
+    out = render(view(policy("a", addresses=["203.0.113.1"]),
+                      policy("b", namespace="blog", addresses=["203.0.113.2"]),
+                      policy("c", namespace="lab", addresses=["203.0.113.3"]),
+                      proxy_pool=edge, backend_pool=web, namespaces=TEAMS), SETTINGS)
+    assert out.policies["shop/a"].problem is None
+    assert out.policies["blog/b"].problem == Problem(
+        "Forbidden", "ProxyPool 'edge' does not admit namespace 'blog' (its spec.allowedNamespaces)")
+    out = render(view(policy("c", namespace="lab", addresses=["203.0.113.3"]), backend_pool=web,
+                      namespaces=TEAMS), SETTINGS)
+    assert out.policies["lab/c"].problem.reason == "Forbidden" and "BackendPool 'web'" in out.policies["lab/c"].problem.message
+    assert [e["name"] for e in out.configs[(Role.PROXY, "edge")]["policies"]] == []
+
+
+def test_tenant_addresses_must_lie_in_the_pools_allowed_ranges():
+    edge = pool(Role.PROXY, "edge", nodeSelector={"synfleet.io/edge": "true"},
+                allowedAddresses=["203.0.113.0/25", "2001:db8:10::/48"])
+    out = render(view(policy("in", addresses=["203.0.113.5", "2001:db8:10::5"]),
+                      policy("out", addresses=["203.0.113.200"], ports=[80]), proxy_pool=edge), SETTINGS)
+    assert out.policies["shop/in"].problem is None
+    assert out.policies["shop/out"].problem == Problem(
+        "AddressNotAllowed", "203.0.113.200 is outside ProxyPool 'edge''s allowedAddresses "
+                             "(203.0.113.0/25, 2001:db8:10::/48)")
+
+
+def test_tenant_a_services_address_belongs_to_its_namespace_even_before_its_owner_asks():
+    svc = {"spec": {"type": "LoadBalancer"}, "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}}
+    services = {("shop", "web"): svc}
+    squatter = policy("squat", namespace="blog", created="2026-11-01T00:00:00Z", addresses=["203.0.113.7"])
+    out = render(view(squatter, services=services), SETTINGS)
+    assert out.policies["blog/squat"].problem == Problem(
+        "AddressNotAllowed", "203.0.113.7 is an address of a Service in namespace shop; only policies there "
+                             "may protect it")
+    # The owner's policy, younger, protects its Service all the same.
+    out = render(view(squatter, policy("web", service={"name": "web"}), services=services), SETTINGS)
+    assert out.policies["shop/web"].problem is None and out.policies["shop/web"].addresses == ["203.0.113.7"]
+    assert out.policies["blog/squat"].problem.reason == "AddressNotAllowed"
+    # In the owner's namespace, naming the address directly is fine.
+    assert render(view(policy("direct", addresses=["203.0.113.7"]), services=services),
+                  SETTINGS).policies["shop/direct"].problem is None
 
 
 # ---- status ----

@@ -103,21 +103,21 @@ class Reconciler:
         policy_objs = {f'{o["metadata"]["namespace"]}/{o["metadata"]["name"]}': o
                        for o in self.kube.list(API_VERSION, "SynProxyPolicy")}
         policies = [SynProxyPolicy.from_object(o) for o in policy_objs.values()]
-        services, slices = {}, []
-        for p in policies:
-            if p.spec.service is None or (p.namespace, p.spec.service.name) in services:
-                continue
-            svc = self.kube.get("v1", "Service", p.spec.service.name, p.namespace)
-            if svc is not None:
-                services[(p.namespace, p.spec.service.name)] = svc
-                slices += self.kube.list("discovery.k8s.io/v1", "EndpointSlice", p.namespace,
-                                         label_selector=f"kubernetes.io/service-name={p.spec.service.name}")
+        # Every Service: whose namespace an address belongs to is part of the view.
+        services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in self.kube.list("v1", "Service")}
+        slices = []
+        for ref in sorted({(p.namespace, p.spec.service.name) for p in policies if p.spec.service is not None}):
+            if ref in services:
+                slices += self.kube.list("discovery.k8s.io/v1", "EndpointSlice", ref[0],
+                                         label_selector=f"kubernetes.io/service-name={ref[1]}")
         view = ClusterView(
             proxy_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is Role.PROXY],
             backend_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is Role.BACKEND],
             policies=policies,
             nodes=[NodeInfo.from_object(n) for n in self.kube.list("v1", "Node")],
             services=services, endpoint_slices=slices,
+            namespace_labels={n["metadata"]["name"]: n["metadata"].get("labels") or {}
+                              for n in self.kube.list("v1", "Namespace")},
             # The agents' DaemonSet status changes with their pods' readiness,
             # and that event renders: no cluster-wide pod watch is needed.
             ready_backend_agents=ready_agent_nodes(self.kube.list(

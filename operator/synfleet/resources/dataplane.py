@@ -4,8 +4,9 @@ the two per-node parts: `node.addresses` (each agent reads its node's
 addresses from the downward API) and `salts` (proxies read them from the
 salt Secret). Everything else is exactly what `synfleet agent --config` reads.
 
-A policy that cannot be served (missing pool or Service, no address, no
-backend, an address and port another policy owns) is left out with a reason;
+A policy that cannot be served (missing pool or Service, a pool that does not
+admit its namespace, an address it may not claim, no address, no backend, an
+address and port another policy owns) is left out with a reason;
 the others are rendered. Every document is validated with the agent's own
 schema, as each node's agent will see it, before it is returned."""
 
@@ -97,11 +98,20 @@ class ClusterView:
     backend_pools: list[Pool]
     policies: list[SynProxyPolicy]
     nodes: list[NodeInfo]
-    services: dict[tuple[str, str], dict]            # (namespace, name) -> Service
+    services: dict[tuple[str, str], dict]            # (namespace, name) -> Service, every one in the cluster
     endpoint_slices: list[dict] = field(default_factory=list)
     # Nodes whose backend agent pod is Ready, by BackendPool: only they can
     # accept a validated handshake, so only they go into the proxies' tables.
     ready_backend_agents: dict[str, set[str]] = field(default_factory=dict)
+    namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def address_owners(self) -> dict[str, set[str]]:
+        """Each Service address (any type) -> the namespaces whose Services carry it."""
+        owners: dict[str, set[str]] = {}
+        for (namespace, _), svc in self.services.items():
+            for a in service_addresses(svc, ["LoadBalancer", "ExternalIP", "ClusterIP"]):
+                owners.setdefault(str(ipaddress.ip_address(a)), set()).add(namespace)
+        return owners
 
 
 @dataclass
@@ -152,12 +162,32 @@ def endpoint_nodes(slices: list[dict], namespace: str, service: str) -> set[str]
     return nodes
 
 
-def _resolve(p: SynProxyPolicy, view: ClusterView, pools: dict[tuple[Role, str], Pool]) \
-        -> tuple[list[str], list[NodeInfo]] | Problem:
+def _tenancy(p: SynProxyPolicy, addresses: list[str], proxy_pool: Pool,
+             owners: dict[str, set[str]]) -> Problem | None:
+    """Whether the policy may claim these addresses: a Service's addresses belong
+    to the Service's namespace (first come does not win), and the proxy pool
+    may limit what `addresses` names."""
+    for a in addresses:
+        address = str(ipaddress.ip_address(a))
+        holders = owners.get(address, set())
+        if holders and p.namespace not in holders:
+            return Problem("AddressNotAllowed", f"{address} is an address of a Service in namespace "
+                                                f"{', '.join(sorted(holders))}; only policies there may protect it")
+        if p.spec.service is None and not proxy_pool.spec.admits_address(address):
+            return Problem("AddressNotAllowed", f"{address} is outside ProxyPool {proxy_pool.name!r}'s "
+                                                f"allowedAddresses ({', '.join(proxy_pool.spec.allowed_addresses)})")
+    return None
+
+
+def _resolve(p: SynProxyPolicy, view: ClusterView, pools: dict[tuple[Role, str], Pool],
+             owners: dict[str, set[str]]) -> tuple[list[str], list[NodeInfo]] | Problem:
     """The policy's protected addresses and its backend nodes, or why there are none."""
     for role, pool_name in ((Role.PROXY, p.spec.proxy_pool), (Role.BACKEND, p.spec.backend_pool)):
         if (role, pool_name) not in pools:
             return Problem(f"{POOL_KINDS[role]}NotFound", f"{POOL_KINDS[role]} {pool_name!r} does not exist")
+        if not pools[(role, pool_name)].spec.admits_namespace(view.namespace_labels.get(p.namespace, {})):
+            return Problem("Forbidden", f"{POOL_KINDS[role]} {pool_name!r} does not admit namespace "
+                                        f"{p.namespace!r} (its spec.allowedNamespaces)")
     backend_pool = pools[(Role.BACKEND, p.spec.backend_pool)]
     agents = view.ready_backend_agents.get(backend_pool.name, set())
     backends = [n for n in view.nodes
@@ -174,6 +204,9 @@ def _resolve(p: SynProxyPolicy, view: ClusterView, pools: dict[tuple[Role, str],
         if (svc.get("spec") or {}).get("externalTrafficPolicy") == "Local":
             hosting = endpoint_nodes(view.endpoint_slices, p.namespace, p.spec.service.name)
             backends = [n for n in backends if n.name in hosting]
+    refused = _tenancy(p, addresses, pools[(Role.PROXY, p.spec.proxy_pool)], owners)
+    if refused is not None:
+        return refused
     if not backends:
         return Problem("NoBackends", f"no Ready node of BackendPool {backend_pool.name!r} with a Ready agent "
                                      f"{'hosts an endpoint' if p.spec.service else 'has an address'}")
@@ -187,6 +220,7 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
     entries: dict[tuple[Role, str], list[dict]] = {key: [] for key in pools}
     proxy_sources: dict[str, set[str]] = {}     # backend pool -> proxy pools feeding it
     owner: dict[tuple[str, int], str] = {}
+    address_owners = view.address_owners()
 
     for p in sorted(view.policies, key=lambda p: (p.created, p.key)):
         pid = ids[p.key]
@@ -194,7 +228,7 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
             outcomes[p.key] = PolicyOutcome(None, problem=Problem(
                 "TooManyPolicies", f"all {MAX_POLICIES - 1} policy ids are in use"))
             continue
-        resolved = _resolve(p, view, pools)
+        resolved = _resolve(p, view, pools, address_owners)
         if isinstance(resolved, Problem):
             outcomes[p.key] = PolicyOutcome(pid, problem=resolved)
             continue

@@ -4,6 +4,7 @@ mirror the CRDs in crds/ and never invent their own defaults."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,31 @@ class Toleration(_Spec):
     toleration_seconds: int | None = Field(None, alias="tolerationSeconds")
 
 
+class SelectorRequirement(_Spec):
+    key: str
+    operator: str                      # In, NotIn, Exists, DoesNotExist (the CRD's enum)
+    values: list[str] = Field(default_factory=list)
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        present = self.key in labels
+        if self.operator == "Exists":
+            return present
+        if self.operator == "DoesNotExist":
+            return not present
+        inside = present and labels[self.key] in self.values
+        return inside if self.operator == "In" else not inside
+
+
+class LabelSelector(_Spec):
+    """Kubernetes' label selector: every label and every expression must hold."""
+    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: list[SelectorRequirement] = Field(default_factory=list, alias="matchExpressions")
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels.items()) and \
+            all(e.matches(labels) for e in self.match_expressions)
+
+
 class SaltSpec(_Spec):
     rotation_seconds: int = Field(60, alias="rotationSeconds")
     master_rotation_seconds: int = Field(86400, alias="masterRotationSeconds")
@@ -49,6 +75,16 @@ class PoolSpec(_Spec):
     metrics_port: int = Field(9478, alias="metricsPort")
     salt: SaltSpec = Field(default_factory=SaltSpec)       # proxy pools only (the CRD has no salt for backends)
     failure_policy: FailurePolicy = Field(FailurePolicy.OPEN, alias="failurePolicy")     # proxy pools only
+    allowed_namespaces: LabelSelector | None = Field(None, alias="allowedNamespaces")    # None: every namespace
+    allowed_addresses: list[str] | None = Field(None, alias="allowedAddresses")           # proxy pools; None: any
+
+    def admits_namespace(self, labels: dict[str, str]) -> bool:
+        return self.allowed_namespaces is None or self.allowed_namespaces.matches(labels)
+
+    def admits_address(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return self.allowed_addresses is None or any(
+            ip in ipaddress.ip_network(cidr, strict=False) for cidr in self.allowed_addresses)
 
 
 class ServiceRef(_Spec):
