@@ -221,11 +221,15 @@ class KubeCluster:
         return subprocess.run([str(self.tools["helm"]), "--kubeconfig", str(self.kubeconfig), *args],
                               text=True, capture_output=True, check=check)
 
-    def service_account_token(self, namespace: str, name: str) -> str:
-        """A bound token for the ServiceAccount (TokenRequest), as a pod would mount."""
+    def service_account_token(self, namespace: str, name: str, pod: dict | None = None) -> str:
+        """A bound token for the ServiceAccount (TokenRequest), as a pod would
+        mount; bound to `pod`, it names the pod's node as the kubelet's does."""
+        spec: dict = {"expirationSeconds": 3600}
+        if pod is not None:
+            spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": pod["metadata"]["name"],
+                                      "uid": pod["metadata"]["uid"]}
         resp = self.post(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
-                         {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                          "spec": {"expirationSeconds": 3600}})
+                         {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
         return resp["status"]["token"]
 
 

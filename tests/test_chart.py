@@ -79,7 +79,8 @@ def test_rendered_manifests_validate_against_kubernetes_schemas(tmp_path, values
         checked += 1
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-            "CustomResourceDefinition", "ClusterKopfPeering", "Service", "PodDisruptionBudget"} <= kinds
+            "CustomResourceDefinition", "ClusterKopfPeering", "Service", "PodDisruptionBudget",
+            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= kinds
     assert checked >= 12
 
 

@@ -165,7 +165,7 @@ def web_policy(name: str = "web", **spec) -> dict:
 def test_chart_installs_crds_rbac_peering_and_the_operator_deployment(kube):
     crds = kube.kubectl("get", "crd", "-o", "name").stdout.split()
     assert {"customresourcedefinition.apiextensions.k8s.io/" + n for n in (
-        "synproxypolicies.synfleet.io", "proxypools.synfleet.io", "backendpools.synfleet.io",
+        "synproxypolicies.synfleet.io", "proxypools.synfleet.io", "backendpools.synfleet.io", "nodeagents.synfleet.io",
         "clusterkopfpeerings.kopf.dev")} <= set(crds)
     assert get(kube, "deployment", RELEASE)["spec"]["replicas"] == 2
     assert get(kube, "clusterkopfpeering", RELEASE, namespace=None) is not None
@@ -468,21 +468,35 @@ def lab_link():
             ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
 
 
+def agent_pod_on(kube: KubeCluster, node: str, service_account: str) -> dict:
+    """A pod object of the agent's ServiceAccount assigned to `node` (no kubelet
+    runs it): what a token bound to it names as its node."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": unique_name("agent"), "namespace": NAMESPACE},
+           "spec": {"nodeName": node, "serviceAccountName": service_account,
+                    "containers": [{"name": "agent", "image": "ghcr.io/synfleet/agent:test"}]}}
+    apply(kube, pod)
+    return get(kube, "pod", pod["metadata"]["name"])
+
+
 def test_agent_in_cluster_mode_follows_its_configmap_and_outlives_an_operator_outage(fleet, operator, lab_link,
                                                                                     tmp_path):
     apply(fleet, proxy_pool("lab", rotation_s=10, interface=lab_link, nodeSelector={"synfleet.io/proxy": "lab"}))
     add_node(fleet, "lab-1", ["10.0.2.1", "fd00:2::1"], **{"synfleet.io/proxy": "lab"})
     apply(fleet, web_policy("lab", addresses=["203.0.113.50"], ports=[443], proxyPool="lab"))
     wait_for(lambda: (d := configmap_document(fleet, "synfleet-proxy-lab")) and d["policies"], "the lab pool rendered", timeout=KUBE_TIMEOUT_S)
-    # The agent authenticates as its pool's ServiceAccount: RBAC as in a cluster.
-    token = fleet.service_account_token(NAMESPACE, "synfleet-proxy-lab")
+    # The agent authenticates as its pool's ServiceAccount with a token bound to
+    # its pod on lab-1, as the kubelet mounts it: RBAC and admission as in a cluster.
+    pod = agent_pod_on(fleet, "lab-1", "synfleet-proxy-lab")
+    token = fleet.service_account_token(NAMESPACE, "synfleet-proxy-lab", pod)
     kubeconfig = fleet.write_kubeconfig(tmp_path / "agent.kubeconfig", token, NAMESPACE)
     port, instance = free_port(), unique_name("kube-agent")
+    pool_uid = get(fleet, "proxypool", "lab")["metadata"]["uid"]
     log = open(tmp_path / "agent.log", "wb")
     agent = subprocess.Popen(
         [sys.executable, "-m", "synfleet.cli", "agent", "--role", "proxy", "--kubernetes",
          "--namespace", NAMESPACE, "--configmap", "synfleet-proxy-lab", "--secret", "synfleet-salts-lab",
          "--node-addresses", "10.0.2.1,fd00:2::1", "--kubeconfig", str(kubeconfig),
+         "--pool", "lab", "--pool-uid", pool_uid, "--node-name", "lab-1",
          "--instance", instance, "--listen", f"127.0.0.1:{port}"],
         stdout=log, stderr=subprocess.STDOUT)
 
@@ -506,9 +520,25 @@ def test_agent_in_cluster_mode_follows_its_configmap_and_outlives_an_operator_ou
         wait_for(lambda: agent.poll() is None and ready(), "the agent ready", timeout=60)
         generation = metric("synfleet_config_generation")
         assert generation >= 1
+        report = wait_for(lambda: (o := get(fleet, "nodeagent", "proxy-lab-lab-1"))
+                          and condition(o, "Ready").get("status") == "True" and o, "the node's NodeAgent", timeout=30)
+        assert report["spec"] == {"role": "proxy", "pool": "lab", "nodeName": "lab-1"}
+        assert report["metadata"]["ownerReferences"][0]["uid"] == pool_uid
+        (program,) = report["status"]["programs"]
+        assert program["interface"] == lab_link and program["hook"] == "tc" and program["programId"] > 0
+        assert report["status"]["saltGeneration"] == 1 and report["status"]["saltEpochsAhead"] == 720
+        assert report["status"]["failurePolicy"] == "open" and "syn_answered" in report["status"]["counters"]
+        # The agent's token writes its own node's report only.
+        forged = {"apiVersion": report["apiVersion"], "kind": "NodeAgent",
+                  "metadata": {"name": "proxy-lab-lab-2", "namespace": NAMESPACE},
+                  "spec": {**report["spec"], "nodeName": "lab-2"}}
+        denied = fleet.kubectl("apply", "-f", "-", input=yaml.safe_dump(forged), kubeconfig=kubeconfig, check=False)
+        assert denied.returncode != 0 and "only the NodeAgent of the node its token was issued for" in denied.stderr
         apply(fleet, web_policy("lab", addresses=["203.0.113.50"], ports=[443, 8443], proxyPool="lab"))
         wait_for(lambda: (metric("synfleet_config_generation") or 0) > generation,
                  "the agent applying the changed ConfigMap", timeout=KUBE_TIMEOUT_S)
+        wait_for(lambda: get(fleet, "nodeagent", "proxy-lab-lab-1")["status"]["configGeneration"] > generation,
+                 "the NodeAgent showing the new generation", timeout=10)
         # Two hours of 10 s epochs loaded ahead; with the operator gone the epochs roll on.
         assert metric("synfleet_salt_epochs_ahead") == 720
         operator.stop()
@@ -526,7 +556,12 @@ def test_agent_in_cluster_mode_follows_its_configmap_and_outlives_an_operator_ou
         log.close()
         uninstall(instance)
         fleet.kubectl("delete", "synproxypolicy", "lab", "-n", APP_NS, "--ignore-not-found")
+        # No kubelet confirms a graceful deletion here.
+        fleet.kubectl("delete", "pod", pod["metadata"]["name"], "-n", NAMESPACE, "--ignore-not-found",
+                      "--grace-period=0", "--force")
         delete_pool(fleet, "proxy", "lab")
+    # The report goes with its pool.
+    wait_for(lambda: get(fleet, "nodeagent", "proxy-lab-lab-1") is None, "the NodeAgent collected", timeout=60)
     print((tmp_path / "agent.log").read_text()[-2000:])
 
 

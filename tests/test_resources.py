@@ -113,8 +113,15 @@ def test_only_proxy_agents_may_read_their_own_salt_secret():
     assert {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["synfleet-salts-edge"],
             "verbs": ["get", "list", "watch"]} in proxy_rules
     assert all("secrets" not in r["resources"] for r in backend_rules)
-    assert all(r.get("resourceNames") for r in proxy_rules + backend_rules)
-    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in proxy_rules + backend_rules)
+    # Reads by name only; the one write is the agent's own NodeAgent report (the
+    # chart's admission policy holds it to its node, as create cannot be named).
+    report = {"apiGroups": ["synfleet.io"], "resources": ["nodeagents", "nodeagents/status"],
+              "verbs": ["get", "create", "patch"]}
+    for rules in (proxy_rules, backend_rules):
+        assert report in rules
+        others = [r for r in rules if r != report]
+        assert all(r.get("resourceNames") for r in others)
+        assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in others)
 
 
 # ---- salts ----

@@ -45,9 +45,15 @@ def _agent(args: argparse.Namespace) -> int:
             return 2
         kube = KubeSourceOptions(namespace=args.namespace, configmap=args.configmap, secret=args.secret,
                                  node_addresses=args.node_addresses, kubeconfig=args.kubeconfig)
+    report = None
+    if args.kubernetes and args.pool_uid and args.node_name:
+        from synfleet.agent.report import ReportOptions
+
+        report = ReportOptions(namespace=args.namespace, pool=args.pool or instance, pool_uid=args.pool_uid,
+                               node_name=args.node_name)
     agent = Agent(AgentOptions(role=role, config_path=args.config, kube=kube, instance=instance,
                                pin_root=args.pin_root, listen=args.listen or None,
-                               objects_dir=args.objects))
+                               objects_dir=args.objects, report=report))
     agent.start()
     agent.run()
     return 0
@@ -90,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="this node's addresses, comma-separated (default: $SYNFLEET_NODE_ADDRESSES, "
                             "which the DaemonSet fills from status.hostIPs)")
     agent.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, or $KUBECONFIG)")
+    agent.add_argument("--pool", help="--kubernetes: the pool this agent serves (default: --instance)")
+    agent.add_argument("--pool-uid", help="--kubernetes: the pool's uid; with --node-name, the agent keeps "
+                                          "its node's NodeAgent object (owned by the pool)")
+    agent.add_argument("--node-name", default=os.environ.get("SYNFLEET_NODE_NAME"),
+                       help="this node's name (default: $SYNFLEET_NODE_NAME, from spec.nodeName)")
     agent.add_argument("--instance", help="pin directory name under --pin-root (default: the role)")
     agent.add_argument("--pin-root", default="/sys/fs/bpf/synfleet", help="bpffs directory for pins")
     agent.add_argument("--listen", default="0.0.0.0:9478",

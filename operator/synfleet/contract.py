@@ -7,12 +7,19 @@ agent will build, and neither side knows how the other is written."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 
 import yaml
 
-from synfleet.config.schema import ConfigError
+from synfleet.config.schema import ConfigError, Role
 from synfleet.cookie.salts import MasterKey
+
+GROUP = "synfleet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+POOL_KINDS = {Role.PROXY: "ProxyPool", Role.BACKEND: "BackendPool"}
+NODE_AGENT_KIND = "NodeAgent"     # one per (pool, node), written by that node's agent
 
 CONFIG_KEY = "dataplane.yaml"     # the pool's ConfigMap: the document minus node addresses and salts
 SALTS_KEY = "salts.yaml"          # the proxy pool's Secret: rotationSeconds and the master keys
@@ -87,3 +94,25 @@ def node_document(document: dict, addresses: dict[str, str], salt_keys: list[Mas
     if salt_keys is not None:
         full["saltKeys"] = _key_entries(salt_keys)
     return full
+
+
+def node_agent_name(role: Role, pool: str, node: str) -> str:
+    """`<role>-<pool>-<node>`: pool names are at most 40 characters and node
+    names 253, so a long node name is shortened with a digest to stay a valid name."""
+    name = f"{role.value}-{pool}-{node}"
+    if len(name) <= 253:
+        return name
+    digest = hashlib.sha256(node.encode()).hexdigest()[:10]
+    return f"{name[:242]}-{digest}"
+
+
+def node_agent(role: Role, pool: str, pool_uid: str, node: str, namespace: str) -> dict:
+    """The NodeAgent object (without status) an agent keeps for its node; owned
+    by its pool, so that it goes away with it."""
+    return {"apiVersion": API_VERSION, "kind": NODE_AGENT_KIND,
+            "metadata": {"name": node_agent_name(role, pool, node), "namespace": namespace,
+                         "labels": {"synfleet.io/role": role.value, "synfleet.io/pool": pool,
+                                    "synfleet.io/node": node[:63]},
+                         "ownerReferences": [{"apiVersion": API_VERSION, "kind": POOL_KINDS[role], "name": pool,
+                                              "uid": pool_uid}]},
+            "spec": {"role": role.value, "pool": pool, "nodeName": node}}

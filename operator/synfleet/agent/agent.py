@@ -20,14 +20,16 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from synfleet import abi
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir, hooks_running
+from synfleet.agent.report import NodeReporter, ReportOptions
 from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
 from synfleet.bpf import BpfError, TcHook, XdpHook
 from synfleet.config import schema
-from synfleet.cookie import current_epoch, salts_for
+from synfleet.cookie import current_epoch, key_for, salts_for
 from synfleet.dataplane.programs import Dataplane, ProxyDataplane, dataplane_for
 
 log = logging.getLogger("synfleet.agent")
@@ -53,6 +55,7 @@ class AgentOptions:
     pin_root: str = DEFAULT_ROOT
     listen: str | None = "0.0.0.0:9478"
     objects_dir: str | None = None
+    report: ReportOptions | None = None     # cluster mode: keep this node's NodeAgent object
 
 
 class Agent:
@@ -75,7 +78,10 @@ class Agent:
         self._last_tick = time.monotonic()
         self._stop = False
         self._reload = False
+        self._last_error: str | None = None
         self.source = FileSource(opts.config_path) if opts.kube is None else KubeSource(opts.kube)
+        self.reporter = NodeReporter(self.source.kube, opts.role, opts.report, self._node_status) \
+            if opts.report and isinstance(self.source, KubeSource) else None
 
     # ---- start ----
 
@@ -163,6 +169,7 @@ class Agent:
                                          f"this agent runs --role {self.opts.role.value}")
         except schema.ConfigError as err:
             self.state.config_errors += 1
+            self._last_error = str(err)
             log.error("configuration rejected; the last good one keeps serving",
                       extra={"source": self.source.describe(), "error": str(err)})
             if self.config is None:
@@ -237,6 +244,29 @@ class Agent:
             return f"no salt for epoch {status[0]}: {self._without_salt()}"
         return None
 
+    def _node_status(self) -> dict:
+        """What the NodeAgent object says (see agent/report.py)."""
+        programs = [{"interface": name, "hook": kind, "programId": hook.query() or 0}
+                    for kind, hooks in (("tc", self._hooks), ("xdp", self._xdp_hooks))
+                    for name, hook in sorted(list(hooks.items()))]
+        not_ready = self._not_ready()
+        status = {"programs": programs, "configGeneration": self.state.config_generation,
+                  "counters": {c.name.lower(): v for c, v in self.dataplane.counter_values().items()},
+                  "notReady": not_ready, "degraded": not_ready if self.config is not None else None}
+        if self.state.last_sync is not None:
+            status["lastApplied"] = datetime.fromtimestamp(self.state.last_sync, timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ")
+        if self._last_error:
+            status["lastError"] = self._last_error[:4096]
+        cfg = self.config
+        if cfg is not None and self.opts.role is schema.Role.PROXY and self.state.salt_epoch is not None:
+            epoch = self.state.salt_epoch
+            key = key_for(cfg.master_keys, epoch)
+            status.update(failurePolicy=cfg.failure_policy.value, saltEpoch=epoch,
+                          saltEpochsAhead=sum(1 for e in self.state.salts_published if e > epoch),
+                          **({"saltGeneration": key.generation} if key else {}))
+        return status
+
     def _alive(self) -> bool:
         return time.monotonic() - self._last_tick < 10 * TICK_S
 
@@ -252,6 +282,8 @@ class Agent:
         signal.set_wakeup_fd(wake_w)
         log.info("agent running", extra={"instance": self.opts.instance, "listen": self.opts.listen,
                                          "hooks": self.state.hooks})
+        if self.reporter:
+            self.reporter.start()
         try:
             while not self._stop:
                 try:
@@ -271,6 +303,8 @@ class Agent:
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
             os.close(wake_w)
+            if self.reporter:
+                self.reporter.stop()
             watch.close()
             if server:
                 server.shutdown()

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 import kopf
 
 from synfleet.config.schema import Role
+from synfleet.contract import GROUP, POOL_KINDS, VERSION
 from synfleet.kube import Kube
 from synfleet.operator.reconcile import Reconciler
 from synfleet.resources.dataplane import NodeInfo
-from synfleet.resources.model import GROUP, POOL_KINDS, VERSION
 from synfleet.resources.names import MANAGED_BY
 
 SALT_CHECK_S = 5.0     # how often a proxy pool's salts are checked; keys are published epochs ahead

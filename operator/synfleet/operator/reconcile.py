@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from synfleet import contract
 from synfleet.config.schema import ConfigError, Role
+from synfleet.contract import API_VERSION, POOL_KINDS
 from synfleet.cookie import current_epoch, key_for
 from synfleet.kube import Kube
 from synfleet.operator.metrics import OperatorMetrics
@@ -25,7 +26,7 @@ from synfleet.resources.dataplane import (
     selects,
     validate_for_nodes,
 )
-from synfleet.resources.model import API_VERSION, POOL_KINDS, Pool, SynProxyPolicy
+from synfleet.resources.model import Pool, SynProxyPolicy
 from synfleet.resources.status import Rollout, policy_status, pool_status
 
 log = logging.getLogger("synfleet.operator")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from synfleet import contract
 from synfleet.config.schema import Role
+from synfleet.contract import API_VERSION
 from synfleet.resources import names
-from synfleet.resources.model import API_VERSION, Pool
+from synfleet.resources.model import Pool
 
 BPFFS = "/sys/fs/bpf"
 BTF = "/sys/kernel/btf"
@@ -37,7 +39,8 @@ def _meta(pool: Pool, settings: OperatorSettings, name: str | None = None) -> di
 
 
 def agent_args(pool: Pool, settings: OperatorSettings) -> list[str]:
-    args = ["agent", "--role", pool.role.value, "--kubernetes", "--instance", pool.name,
+    args = ["agent", "--role", pool.role.value, "--kubernetes", "--instance", pool.name, "--pool", pool.name,
+            "--pool-uid", pool.uid,
             "--namespace", settings.namespace,
             "--configmap", names.agent_name(pool.role, pool.name),
             "--listen", f"0.0.0.0:{pool.spec.metrics_port}"]
@@ -123,6 +126,10 @@ def role(pool: Pool, settings: OperatorSettings) -> dict:
     if pool.role is Role.PROXY:
         rules.append({"apiGroups": [""], "resources": ["secrets"],
                       "resourceNames": [names.salts_secret_name(pool.name)], "verbs": ["get", "list", "watch"]})
+    # Its own node's report (create cannot be limited by name: the chart's
+    # admission policy holds each agent to its node and pool).
+    rules.append({"apiGroups": [contract.GROUP], "resources": ["nodeagents", "nodeagents/status"],
+                  "verbs": ["get", "create", "patch"]})
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": _meta(pool, settings), "rules": rules}
 

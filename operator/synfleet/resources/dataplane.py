@@ -19,10 +19,11 @@ from synfleet import contract
 from synfleet.abi import MAX_POLICIES
 from synfleet.config import schema
 from synfleet.config.schema import Role
+from synfleet.contract import POOL_KINDS
 from synfleet.cookie.salts import MASTER_KEY_BYTES, MasterKey
 from synfleet.resources import names
 from synfleet.resources.agents import OperatorSettings, owner_reference
-from synfleet.resources.model import POOL_KINDS, Pool, SynProxyPolicy
+from synfleet.resources.model import Pool, SynProxyPolicy
 
 BACKEND_ROTATION_S = 60   # schema-required; a backend never derives an epoch
 

@@ -10,13 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from synfleet.config.schema import Cookie, FailurePolicy, Mode, Role
-
-GROUP = "synfleet.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-
-
-POOL_KINDS = {Role.PROXY: "ProxyPool", Role.BACKEND: "BackendPool"}
+from synfleet.contract import POOL_KINDS
 
 
 class _Spec(BaseModel):
