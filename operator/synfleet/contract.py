@@ -20,6 +20,9 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 POOL_KINDS = {Role.PROXY: "ProxyPool", Role.BACKEND: "BackendPool"}
 NODE_AGENT_KIND = "NodeAgent"     # one per (pool, node), written by that node's agent
+LABEL_POOL = "synfleet.io/pool"
+LABEL_ROLE = "synfleet.io/role"
+LABEL_NODE = "synfleet.io/node"
 
 CONFIG_KEY = "dataplane.yaml"     # the pool's ConfigMap: the document minus node addresses and salts
 SALTS_KEY = "salts.yaml"          # the proxy pool's Secret: rotationSeconds and the master keys
@@ -111,8 +114,7 @@ def node_agent(role: Role, pool: str, pool_uid: str, node: str, namespace: str) 
     by its pool, so that it goes away with it."""
     return {"apiVersion": API_VERSION, "kind": NODE_AGENT_KIND,
             "metadata": {"name": node_agent_name(role, pool, node), "namespace": namespace,
-                         "labels": {"synfleet.io/role": role.value, "synfleet.io/pool": pool,
-                                    "synfleet.io/node": node[:63]},
+                         "labels": {LABEL_ROLE: role.value, LABEL_POOL: pool, LABEL_NODE: node[:63]},
                          "ownerReferences": [{"apiVersion": API_VERSION, "kind": POOL_KINDS[role], "name": pool,
                                               "uid": pool_uid}]},
             "spec": {"role": role.value, "pool": pool, "nodeName": node}}

@@ -65,12 +65,12 @@ def ready_agent_nodes(pods: list[dict]) -> dict[str, set[str]]:
     ready: dict[str, set[str]] = {}
     for pod in pods:
         labels = pod["metadata"].get("labels") or {}
-        if labels.get(names.LABEL_ROLE) != Role.BACKEND.value or pod["metadata"].get("deletionTimestamp"):
+        if labels.get(contract.LABEL_ROLE) != Role.BACKEND.value or pod["metadata"].get("deletionTimestamp"):
             continue
         conditions = (pod.get("status") or {}).get("conditions") or []
         node = (pod.get("spec") or {}).get("nodeName")
         if node and any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
-            ready.setdefault(labels[names.LABEL_POOL], set()).add(node)
+            ready.setdefault(labels[contract.LABEL_POOL], set()).add(node)
     return ready
 
 

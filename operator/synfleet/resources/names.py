@@ -3,12 +3,11 @@ most 40 characters (a CRD rule), so every derived name is a valid label value.""
 
 from __future__ import annotations
 
+from synfleet import contract
 from synfleet.config.schema import Role
 
 MANAGED_BY = "synfleet-operator"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"    # what the operator made
-LABEL_POOL = "synfleet.io/pool"
-LABEL_ROLE = "synfleet.io/role"
 
 
 def agent_name(role: Role, pool: str) -> str:
@@ -21,7 +20,7 @@ def salts_secret_name(pool: str) -> str:
 
 
 def selector_labels(role: Role, pool: str) -> dict[str, str]:
-    return {LABEL_ROLE: role.value, LABEL_POOL: pool}
+    return {contract.LABEL_ROLE: role.value, contract.LABEL_POOL: pool}
 
 
 def labels(role: Role, pool: str) -> dict[str, str]:
