@@ -5,6 +5,7 @@ round again while the backend still holds them in TIME_WAIT)."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -43,7 +44,9 @@ Transfer/sec:      2.50MB
 @pytest.mark.netns
 @pytest.mark.parametrize("family", [4, 6])
 def test_one_connection_per_request_keeps_up_with_the_unprotected_baseline(lab, family):
-    """Alternating runs, so that both see the same machine; the best of each."""
+    """Alternating runs, so that both see the same machine; the medians, as
+    `synfleet bench http` reports them (a best-of compares outliers: one
+    baseline round at 8,305 req/s beside 6,648 and 6,100 once failed it)."""
     runs: dict[bool, list[WrkResult]] = {True: [], False: []}
     try:
         for _ in range(ROUNDS):
@@ -57,8 +60,8 @@ def test_one_connection_per_request_keeps_up_with_the_unprotected_baseline(lab, 
                          "baseline": [r.__dict__ for r in baseline]})
     assert all(r.errors == 0 and r.timeouts == 0 for r in synfleet), report
     assert all(r.requests > 0 for r in baseline), report
-    best = max(r.rps for r in synfleet) / max(r.rps for r in baseline)
-    assert best >= 0.9, report
+    ratio = statistics.median(r.rps for r in synfleet) / statistics.median(r.rps for r in baseline)
+    assert ratio >= 0.9, report
     # The load did what it is for: 4-tuples came back while the backend held them.
     assert lab.counters(("backend-a", "backend-b"))["tw_recycled"] > 0
 

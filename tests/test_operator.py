@@ -91,12 +91,22 @@ def add_agent_pod(kube: KubeCluster, role: str, pool: str, node: str, ready: boo
 
 
 def report_rollout(kube: KubeCluster, ds_name: str, ready: int, desired: int) -> None:
-    """What the DaemonSet controller would write once its pods are (not) ready."""
+    """What the DaemonSet controller would write once its pods are (not) ready,
+    and what those pods' agents (on nodes <pool>-1 …) report in their NodeAgents."""
     ds = get(kube, "daemonset", ds_name)
     kube.merge_patch(f"/apis/apps/v1/namespaces/{NAMESPACE}/daemonsets/{ds_name}/status", {"status": {
         "currentNumberScheduled": desired, "desiredNumberScheduled": desired, "numberMisscheduled": 0,
         "numberReady": ready, "updatedNumberScheduled": desired, "numberAvailable": ready,
         "observedGeneration": ds["metadata"]["generation"]}})
+    _, role, pool = ds_name.split("-", 2)
+    for i in range(1, desired + 1):
+        obj = contract.node_agent(Role(role), pool, ds["metadata"]["ownerReferences"][0]["uid"], f"{pool}-{i}",
+                                  NAMESPACE)
+        apply(kube, obj)
+        kube.merge_patch(f"/apis/synfleet.io/v1alpha1/namespaces/{NAMESPACE}/nodeagents/{obj['metadata']['name']}"
+                         "/status", {"status": {"conditions": [
+                             {"type": "Ready", "status": "True" if i <= ready else "False",
+                              "reason": "Serving" if i <= ready else "NotReady"}]}})
 
 
 def pool_objects(role: str, pool: str) -> list[tuple[str, str]]:

@@ -68,6 +68,7 @@ def salts(body, memo: kopf.Memo, **_) -> None:
 @kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
 @kopf.on.event("apps", "v1", "daemonsets", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 @kopf.on.event("", "v1", "namespaces")        # their labels decide which pools admit their policies
+@kopf.on.event(GROUP, VERSION, "nodeagents")   # the agents' reports: the pools' Nodes column
 def rerender(memo: kopf.Memo, **_) -> None:
     memo.reconciler.request_render()
 

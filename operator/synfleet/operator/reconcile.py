@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 from synfleet import contract
 from synfleet.config.schema import ConfigError, Role
-from synfleet.contract import API_VERSION, POOL_KINDS
+from synfleet.contract import API_VERSION, NODE_AGENT_KIND, POOL_KINDS
 from synfleet.cookie import current_epoch, key_for
 from synfleet.kube import Kube
 from synfleet.operator.metrics import OperatorMetrics
@@ -146,7 +147,11 @@ class Reconciler:
         daemonsets = {d["metadata"]["name"]: d for d in self.kube.list(
             "apps/v1", "DaemonSet", self.settings.namespace,
             label_selector=names.MANAGED_SELECTOR)}
-        rollouts = {key: Rollout.from_daemonset(daemonsets.get(names.agent_name(*key)))
+        reports = Counter((r["spec"]["role"], r["spec"]["pool"]) for r in self.kube.list(
+            API_VERSION, NODE_AGENT_KIND, self.settings.namespace)
+            if any(c.get("type") == "Ready" and c.get("status") == "True" for c in _conditions(r)))
+        rollouts = {key: Rollout.from_daemonset(daemonsets.get(names.agent_name(*key)),
+                                                reports.get((key[0].value, key[1]), 0))
                     for key in pools}
         generations = {name: self._generation_in_force(pool) for (role, name), pool in pools.items()
                        if role is Role.PROXY}

@@ -27,24 +27,28 @@ def condition(ctype: str, true: bool, reason: str, message: str, generation: int
 
 @dataclass(frozen=True)
 class Rollout:
-    """The DaemonSet's progress, as its controller reports it."""
+    """The DaemonSet's progress, as its controller reports it, and how many of
+    the pool's agents report their node Ready in their NodeAgent objects."""
     desired: int = 0
     ready: int = 0
     updated: int = 0
     current: bool = False     # the controller has seen the latest template
+    reported: int | None = None
 
     @classmethod
-    def from_daemonset(cls, ds: dict | None) -> "Rollout":
+    def from_daemonset(cls, ds: dict | None, reported: int | None = None) -> "Rollout":
         if not ds:
-            return cls()
+            return cls(reported=reported)
         st = ds.get("status") or {}
         return cls(desired=st.get("desiredNumberScheduled", 0), ready=st.get("numberReady", 0),
                    updated=st.get("updatedNumberScheduled", 0),
-                   current=st.get("observedGeneration", 0) >= ds["metadata"].get("generation", 1))
+                   current=st.get("observedGeneration", 0) >= ds["metadata"].get("generation", 1),
+                   reported=reported)
 
     @property
     def nodes(self) -> str:
-        return f"{self.ready}/{self.desired}"
+        """Nodes whose agent reports Ready (its NodeAgent) / nodes that should run one."""
+        return f"{self.ready if self.reported is None else self.reported}/{self.desired}"
 
     @property
     def complete(self) -> bool:
@@ -70,7 +74,8 @@ def pool_status(pool: Pool, rollout: Rollout, problem: Problem | None, previous:
         condition("Degraded", problem is not None, problem.reason if problem else "AsExpected",
                   problem.message if problem else "", g, previous),
     ]
-    status = {"observedGeneration": g, "nodes": rollout.nodes, "nodesReady": rollout.ready,
+    status = {"observedGeneration": g, "nodes": rollout.nodes,
+              "nodesReady": rollout.ready if rollout.reported is None else rollout.reported,
               "nodesDesired": rollout.desired, "conditions": conditions}
     if salt_generation is not None:
         status["saltGeneration"] = salt_generation
