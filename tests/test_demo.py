@@ -1,5 +1,6 @@
-"""`synfleet demo` as a user runs it: a subprocess, its JSON, its chart, and
-nothing left behind, also when interrupted."""
+"""`synfleet demo` and `synfleet check` as a user runs them (the lab's
+commands through the product's CLI): a subprocess, its output, and nothing
+left behind, also when interrupted."""
 
 from __future__ import annotations
 
@@ -56,4 +57,15 @@ def test_an_interrupted_demo_removes_everything(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "everything it created was removed" in err
+    assert state() == before
+
+
+def test_check_runs_a_handshake_per_family_through_the_proxy_and_cleans_up():
+    require_bpf()
+    before = state()
+    out = subprocess.run([sys.executable, "-m", "synfleet.cli", "check"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("handshake through the proxy") == 2
+    assert "OK, the backend accepted both connections from cookies; it never saw a SYN" in out.stdout
     assert state() == before
