@@ -142,8 +142,7 @@ def unit_config(role: str, keys: list[MasterKey] | None = None) -> schema.Datapl
                                "ipv6": PROXY_V6 if proxy else BACKEND_V6}},
         "policies": [p.model_dump(by_alias=True, mode="json") for p in policies],
         "allowedProxies": [] if proxy else [PROXY_V4, PROXY_V6],
-        "saltKeys": [{"generation": k.generation, "fromEpoch": k.from_epoch, "key": k.key.hex()}
-                     for k in keys or []],
+        "saltKeys": contract.salt_key_entries(keys or []),
     })
 
 

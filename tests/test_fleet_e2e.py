@@ -46,8 +46,7 @@ class RawPort:
         self.sock.settimeout(2)
 
     def send(self, dst_mac: str, frame: bytes) -> None:
-        mac = bytes.fromhex(dst_mac.replace(":", ""))
-        self.sock.send(mac + bytes.fromhex(self.node.mac.replace(":", "")) + frame[12:])
+        self.sock.send(frames.addressed(frame, dst_mac, self.node.mac))
 
     def syn_ack_for(self, source: str, sport: int) -> tuple[int, int]:
         """(cookie, ack) of the SYN+ACK answering source:sport."""

@@ -11,6 +11,7 @@ from conftest import agent_document
 from synfleet import contract
 from synfleet.config import schema
 from synfleet.config.schema import Role
+from synfleet.contract import condition
 from synfleet.resources import agents, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
@@ -24,7 +25,7 @@ from synfleet.resources.dataplane import (
     validate_for_nodes,
 )
 from synfleet.resources.model import Pool, SynProxyPolicy
-from synfleet.resources.status import Rollout, condition, policy_status, pool_status
+from synfleet.resources.status import Rollout, policy_status, pool_status
 
 SETTINGS = OperatorSettings(namespace="synfleet-system", agent_image="ghcr.io/synfleet/agent:0.1.0")
 

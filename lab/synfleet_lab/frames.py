@@ -40,6 +40,11 @@ def ethernet(ethertype: int, payload: bytes) -> bytes:
     return DST_MAC + SRC_MAC + struct.pack("!H", ethertype) + payload
 
 
+def addressed(frame: bytes, dst_mac: str, src_mac: str) -> bytes:
+    """`frame` between these two MACs ("02:00:…") instead of the builders' fixed ones."""
+    return bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + frame[12:]
+
+
 def tcp(src: str, dst: str, sport: int, dport: int, flags: int, seq: int, ack: int,
         options: bytes = b"", payload: bytes = b"", window: int = 64240) -> bytes:
     if len(options) % 4 or len(options) > 40:

@@ -43,8 +43,8 @@ ONLY_KEY = struct.pack("<I", 0)     # both of its maps hold one entry
 
 
 def syn_template(dst_mac: str, src_mac: str, service: str, port: int) -> bytes:
-    frame = frames.tcp(FLOOD_SOURCE, service, 0, port, frames.SYN, 0, 0, options=SYN_OPTIONS)
-    return bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + frame[12:]
+    return frames.addressed(frames.tcp(FLOOD_SOURCE, service, 0, port, frames.SYN, 0, 0, options=SYN_OPTIONS),
+                            dst_mac, src_mac)
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class PacketSocketGenerator:
             raise ValueError(f"kind {kind!r}: syn or ack")
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         self.sock.bind((ifname, 0))
-        src_mac = self.sock.getsockname()[4]
+        src_mac = self.sock.getsockname()[4].hex(":")
         rng, net = random.Random(seed), ipaddress.ip_network(source_prefix)
         flags = frames.SYN if kind == "syn" else frames.ACK
         self.pool = []
@@ -213,7 +213,7 @@ class PacketSocketGenerator:
             options = frames.linux_syn_options(1460, 7, rng.getrandbits(32)) if kind == "syn" else b""
             frame = frames.tcp(source, service, rng.randrange(1024, 65536), port, flags, rng.getrandbits(32),
                                0 if kind == "syn" else rng.getrandbits(32), options)
-            self.pool.append(bytes.fromhex(dst_mac.replace(":", "")) + src_mac + frame[12:])
+            self.pool.append(frames.addressed(frame, dst_mac, src_mac))
 
     def send(self, rate: int | None, seconds: float,
              progress: Callable[[dict], None] = lambda _: None) -> Sent:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+from datetime import datetime, timezone
 
 import yaml
 
@@ -48,13 +49,14 @@ def configmap_document(configmap: dict | None, name: str) -> dict:
     return document
 
 
-def _key_entries(keys: list[MasterKey]) -> list[dict]:
+def salt_key_entries(keys: list[MasterKey]) -> list[dict]:
+    """The documents' `saltKeys` (the Secret's and an agent's), oldest generation first."""
     return [{"generation": k.generation, "fromEpoch": k.from_epoch, "key": k.key.hex()}
             for k in sorted(keys, key=lambda k: k.generation)]
 
 
 def secret_data(rotation_seconds: int, keys: list[MasterKey]) -> dict[str, str]:
-    document = {"rotationSeconds": rotation_seconds, "saltKeys": _key_entries(keys)}
+    document = {"rotationSeconds": rotation_seconds, "saltKeys": salt_key_entries(keys)}
     return {SALTS_KEY: base64.b64encode(yaml.safe_dump(document, sort_keys=False).encode()).decode()}
 
 
@@ -95,8 +97,20 @@ def node_document(document: dict, addresses: dict[str, str], salt_keys: list[Mas
     (proxies) the pool's master keys."""
     full = {**document, "node": {**(document.get("node") or {}), "addresses": addresses}}
     if salt_keys is not None:
-        full["saltKeys"] = _key_entries(salt_keys)
+        full["saltKeys"] = salt_key_entries(salt_keys)
     return full
+
+
+def condition(ctype: str, true: bool, reason: str, message: str, generation: int | None,
+              previous: list[dict] | None, now: str | None = None) -> dict:
+    """A status condition whose lastTransitionTime moves only when its status
+    does (the operator's on the custom resources, an agent's on its NodeAgent)."""
+    status = "True" if true else "False"
+    old = next((c for c in previous or [] if c.get("type") == ctype), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == status and \
+        old.get("lastTransitionTime") else (now or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return {"type": ctype, "status": status, "reason": reason, "message": message,
+            **({} if generation is None else {"observedGeneration": generation}), "lastTransitionTime": since}
 
 
 def node_agent_name(role: Role, pool: str, node: str) -> str:

@@ -3,6 +3,7 @@ one policy per address family (ids 1 and 2), everything else at defaults."""
 
 from __future__ import annotations
 
+from synfleet import contract
 from synfleet.config import schema
 from synfleet.cookie import MasterKey
 
@@ -35,6 +36,5 @@ def testbed_config(role: str, *, interfaces: list[str], node_v4: str, node_v6: s
         "policies": policies,
         "allowedProxies": allowed_proxies or [],
         **({"failurePolicy": failure_policy} if role == "proxy" else {}),
-        "saltKeys": [{"generation": k.generation, "fromEpoch": k.from_epoch, "key": k.key.hex()}
-                     for k in salt_keys or []],
+        "saltKeys": contract.salt_key_entries(salt_keys or []),
     })

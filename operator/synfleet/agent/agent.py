@@ -29,7 +29,7 @@ from synfleet.agent.report import NodeReporter, ReportOptions
 from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
 from synfleet.bpf import BpfError, TcHook, XdpHook
 from synfleet.config import schema
-from synfleet.cookie import current_epoch, key_for, salts_for
+from synfleet.cookie import MasterKey, current_epoch, key_for, salts_for
 from synfleet.dataplane.programs import Dataplane, ProxyDataplane, dataplane_for
 
 log = logging.getLogger("synfleet.agent")
@@ -79,6 +79,8 @@ class Agent:
         self._stop = False
         self._reload = False
         self._last_error: str | None = None
+        self._salts: dict[int, bytes] = {}       # derived so far, by epoch ...
+        self._salts_keys: list[MasterKey] = []   # ... from these master keys
         self.source = FileSource(opts.config_path) if opts.kube is None else KubeSource(opts.kube)
         self.reporter = NodeReporter(self.source.kube, opts.role, opts.report, self._node_status) \
             if opts.report and isinstance(self.source, KubeSource) else None
@@ -198,9 +200,15 @@ class Agent:
         """Derive the salts of the window around the node's current epoch from
         the master keys and make the salt map hold them."""
         epoch = current_epoch(cfg.rotation_seconds, cfg.node.clock_offset_seconds)
-        salts = salts_for(cfg.master_keys, salt_window(cfg.rotation_seconds, epoch))
-        self.dataplane.set_salts(salts)
-        self.state.salts_published = set(salts)
+        window = salt_window(cfg.rotation_seconds, epoch)
+        keys = cfg.master_keys
+        if keys != self._salts_keys:
+            self._salts, self._salts_keys = {}, keys
+        # Each new epoch derives one salt, not the whole window again.
+        known = {e: s for e, s in self._salts.items() if e in window}
+        self._salts = known | salts_for(keys, (e for e in window if e not in known))
+        self.dataplane.set_salts(self._salts)
+        self.state.salts_published = set(self._salts)
         self.state.salts_loaded_for = epoch
 
     # ---- run ----
@@ -244,15 +252,16 @@ class Agent:
             return f"no salt for epoch {status[0]}: {self._without_salt()}"
         return None
 
-    def _node_status(self) -> dict:
+    def _node_status(self, counters: bool) -> dict:
         """What the NodeAgent object says (see agent/report.py)."""
         programs = [{"interface": name, "hook": kind, "programId": hook.query() or 0}
                     for kind, hooks in (("tc", self._hooks), ("xdp", self._xdp_hooks))
                     for name, hook in sorted(list(hooks.items()))]
         not_ready = self._not_ready()
         status = {"programs": programs, "configGeneration": self.state.config_generation,
-                  "counters": {c.name.lower(): v for c, v in self.dataplane.counter_values().items()},
                   "notReady": not_ready, "degraded": not_ready if self.config is not None else None}
+        if counters:
+            status["counters"] = {c.name.lower(): v for c, v in self.dataplane.counter_values().items()}
         if self.state.last_sync is not None:
             status["lastApplied"] = datetime.fromtimestamp(self.state.last_sync, timezone.utc).strftime(
                 "%Y-%m-%dT%H:%M:%SZ")
@@ -263,7 +272,7 @@ class Agent:
             epoch = self.state.salt_epoch
             key = key_for(cfg.master_keys, epoch)
             status.update(failurePolicy=cfg.failure_policy.value, saltEpoch=epoch,
-                          saltEpochsAhead=sum(1 for e in self.state.salts_published if e > epoch),
+                          saltEpochsAhead=self.state.salt_epochs_ahead,
                           **({"saltGeneration": key.generation} if key else {}))
         return status
 

@@ -36,6 +36,11 @@ class AgentState:
     hooks: list[str] = field(default_factory=list)        # interfaces running the TC program
     xdp_hooks: list[str] = field(default_factory=list)    # interfaces running the XDP front
     not_ready: Callable[[], str | None] = lambda: "starting"   # why /readyz fails, or None
+
+    @property
+    def salt_epochs_ahead(self) -> int:
+        """Epochs after the current one whose salt the map holds."""
+        return sum(1 for e in self.salts_published if e > self.salt_epoch)
     alive: Callable[[], bool] = lambda: True
 
 
@@ -82,7 +87,7 @@ class AgentCollector(Collector):
             ahead = GaugeMetricFamily("synfleet_salt_epochs_ahead",
                                       "Salt epochs loaded after the current one", labels=labels)
             if s.salt_epoch is not None:
-                ahead.add_metric(base, sum(1 for e in s.salts_published if e > s.salt_epoch))
+                ahead.add_metric(base, s.salt_epochs_ahead)
             yield ahead
 
 

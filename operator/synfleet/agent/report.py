@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from synfleet import contract
 from synfleet.config.schema import Role
@@ -45,28 +44,22 @@ class ReportOptions:
 
 def conditions(not_ready: str | None, degraded: str | None, previous: list[dict]) -> list[dict]:
     """Ready and Degraded, each keeping its lastTransitionTime while its status holds."""
-    before = {c["type"]: c for c in previous}
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    out = []
-    for ctype, status, reason, message in (
-            ("Ready", not_ready is None, "Serving" if not_ready is None else "NotReady", not_ready or ""),
-            ("Degraded", degraded is not None, "Degraded" if degraded else "AsExpected", degraded or "")):
-        value = "True" if status else "False"
-        since = before.get(ctype, {}).get("lastTransitionTime") if before.get(ctype, {}).get("status") == value \
-            else now
-        out.append({"type": ctype, "status": value, "reason": reason, "message": message,
-                    "lastTransitionTime": since or now})
-    return out
+    return [contract.condition("Ready", not_ready is None, "Serving" if not_ready is None else "NotReady",
+                               not_ready or "", None, previous),
+            contract.condition("Degraded", degraded is not None, "Degraded" if degraded else "AsExpected",
+                               degraded or "", None, previous)]
 
 
 class NodeReporter:
-    """`snapshot()` returns the status without conditions plus `notReady` and
-    `degraded` (reasons or None); the reporter adds the conditions and writes."""
+    """`snapshot(counters)` returns the status without conditions (with the
+    counters only when asked: reading them walks every per-CPU slot) plus
+    `notReady` and `degraded` (reasons or None); the reporter adds the
+    conditions and writes."""
 
-    def __init__(self, kube: Kube, role: Role, opts: ReportOptions, snapshot: Callable[[], dict]) -> None:
+    def __init__(self, kube: Kube, role: Role, opts: ReportOptions, snapshot: Callable[[bool], dict]) -> None:
         self.kube, self.role, self.opts, self.snapshot = kube, role, opts, snapshot
         self.obj = contract.node_agent(role, opts.pool, opts.pool_uid, opts.node_name, opts.namespace)
-        self._written: dict | None = None
+        self._written: dict | None = None     # the last status written, counters aside
         self._conditions: list[dict] = []
         self._counters_at = 0.0
         self._stop = threading.Event()
@@ -95,17 +88,19 @@ class NodeReporter:
 
     def report(self) -> bool:
         """Write the status if it changed; True when it wrote."""
-        status = self.snapshot()
-        not_ready, degraded = status.pop("notReady"), status.pop("degraded")
         counters_due = time.monotonic() - self._counters_at >= COUNTERS_S
+        status = self.snapshot(counters_due)
+        not_ready, degraded = status.pop("notReady"), status.pop("degraded")
+        counters = status.pop("counters", None)
         self._conditions = conditions(not_ready, degraded, self._conditions)
-        full = {**status, "conditions": self._conditions}
-        unchanged = self._written is not None and \
-            {**full, "counters": None} == {**self._written, "counters": None}
-        if unchanged and not counters_due:
+        status["conditions"] = self._conditions
+        if status == self._written and not counters_due:
             return False
         if self._written is None:
             self.kube.apply(self.obj)       # create (or take over) the object; its spec never changes
-        self.kube.patch_status(self.obj, full)
-        self._written, self._counters_at = full, time.monotonic()
+        # A merge patch: counters left out keep their last written values.
+        self.kube.patch_status(self.obj, {**status, "counters": counters} if counters_due else status)
+        self._written = status
+        if counters_due:
+            self._counters_at = time.monotonic()
         return True

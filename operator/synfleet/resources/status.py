@@ -4,25 +4,10 @@ observedGeneration and node counts, from what the operator observed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
+from synfleet.contract import condition
 from synfleet.resources.dataplane import PolicyOutcome, Problem
 from synfleet.resources.model import Pool, SynProxyPolicy
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def condition(ctype: str, true: bool, reason: str, message: str, generation: int,
-              previous: list[dict] | None, now: str | None = None) -> dict:
-    """A condition whose lastTransitionTime moves only when its status does."""
-    status = "True" if true else "False"
-    old = next((c for c in previous or [] if c.get("type") == ctype), None)
-    since = old["lastTransitionTime"] if old and old.get("status") == status and \
-        old.get("lastTransitionTime") else (now or _now())
-    return {"type": ctype, "status": status, "reason": reason, "message": message,
-            "observedGeneration": generation, "lastTransitionTime": since}
 
 
 @dataclass(frozen=True)
@@ -46,9 +31,13 @@ class Rollout:
                    reported=reported)
 
     @property
+    def ready_nodes(self) -> int:
+        """Nodes whose agent reports Ready in its NodeAgent (the pods' readiness without reports)."""
+        return self.ready if self.reported is None else self.reported
+
+    @property
     def nodes(self) -> str:
-        """Nodes whose agent reports Ready (its NodeAgent) / nodes that should run one."""
-        return f"{self.ready if self.reported is None else self.reported}/{self.desired}"
+        return f"{self.ready_nodes}/{self.desired}"
 
     @property
     def complete(self) -> bool:
@@ -75,7 +64,7 @@ def pool_status(pool: Pool, rollout: Rollout, problem: Problem | None, previous:
                   problem.message if problem else "", g, previous),
     ]
     status = {"observedGeneration": g, "nodes": rollout.nodes,
-              "nodesReady": rollout.ready if rollout.reported is None else rollout.reported,
+              "nodesReady": rollout.ready_nodes,
               "nodesDesired": rollout.desired, "conditions": conditions}
     if salt_generation is not None:
         status["saltGeneration"] = salt_generation
