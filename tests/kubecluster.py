@@ -238,7 +238,7 @@ class OperatorProcess:
     ServiceAccount: it can do exactly what the chart's RBAC lets it do."""
 
     def __init__(self, cluster: KubeCluster, namespace: str, service_account: str, peering: str,
-                 name: str = "operator") -> None:
+                 name: str = "operator", teardown_timeout_s: float = 120.0) -> None:
         self.cluster = cluster
         self.log_path = cluster.workdir / f"{name}.log"
         token = cluster.service_account_token(namespace, service_account)
@@ -247,7 +247,8 @@ class OperatorProcess:
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.args = ["python3", "-m", "synfleet.cli", "operator", "--namespace", namespace,
                      "--agent-image", "ghcr.io/synfleet/agent:test", "--peering", peering,
-                     "--metrics-port", str(self.metrics_port), "--liveness", self.liveness]
+                     "--metrics-port", str(self.metrics_port), "--liveness", self.liveness,
+                     "--teardown-timeout", str(teardown_timeout_s)]
         # kopf names its peering entry after POD_ID (the chart sets the pod's name).
         self.peer_id = f"{name}-{free_port()}"
         self.env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_ID": self.peer_id}

@@ -8,6 +8,7 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -33,11 +34,12 @@ from conftest import (
 )
 from fleet import ingress_program_id, wait_for, xdp_program_id, xdp_tx_count
 from packets import TC_ACT_REDIRECT, tcp_frame
-from synfleet.abi import Counter
+from synfleet import abi
+from synfleet.abi import Counter, SaltValue
 from synfleet.agent.agent import salt_window, uninstall
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir
-from synfleet.bpf import BpfObject, XdpHook
+from synfleet.bpf import BpfObject, Map, XdpHook
 from synfleet.cookie import salts_for
 from synfleet.dataplane.programs import ProxyDataplane
 from synfleet_lab.objects import lab_object
@@ -314,3 +316,44 @@ def test_probes_listen_on_ipv4_and_ipv6(listen, url):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def pinned_max_entries(path: str) -> int:
+    pinned = Map.open_pinned(path)
+    try:
+        return pinned.max_entries
+    finally:
+        pinned.close()
+
+
+def test_an_upgrade_that_enlarges_a_map_keeps_the_previous_program_until_a_configuration_fills_it(node):
+    """A release whose object has a larger map than the pinned one (the salt map
+    grew from 4 slots to 4096 in ABI 4) starts on an empty map: swapping its
+    program in before a configuration filled it would leave SYNs without a salt.
+    Once swapped, pins of maps the release no longer has go."""
+    node.agent.start()
+    node.agent.wait_ready()
+    previous = node.tc_program_id()
+    node.agent.signal(signal.SIGTERM)
+    # What the previous release left pinned: a four-slot salt map, and a map
+    # this release no longer has.
+    salts_pin, dropped_pin = os.path.join(node.pins(), "salts"), os.path.join(node.pins(), "salts_v3")
+    os.unlink(salts_pin)
+    for path, name in ((salts_pin, "salts"), (dropped_pin, "salts_v3")):
+        subprocess.run(["bpftool", "map", "create", path, "type", "array", "key", "4",
+                        "value", str(ctypes.sizeof(SaltValue)), "entries", "4", "name", name], check=True)
+    good = open(node.path).read()
+    node.write("role: [")        # the configuration is not there yet
+    node.agent.start()
+    status, body = wait_for(lambda: (r := node.agent.http("/readyz"))[0] == 503 and "upgrade" in r[1] and r,
+                            "the upgrade waiting")
+    assert "upgrade waiting for a configuration to fill its new maps (salts)" in body
+    assert node.tc_program_id() == previous, "the new program went in on an empty salt map"
+    assert pinned_max_entries(salts_pin) == 4, "a crash now must leave the next agent the same choice"
+    node.write(good)
+    node.agent.wait_ready()
+    assert node.tc_program_id() not in (None, previous)
+    assert pinned_max_entries(salts_pin) == abi.SALT_SLOTS
+    assert not os.path.exists(dropped_pin), "a map no program uses any more stayed pinned"
+    with node.ns.entered(), ProxyDataplane(node.pins()) as dp:
+        assert dp.published_salts() == node.salts()

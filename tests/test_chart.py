@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import kubernetes_validate
@@ -13,7 +14,9 @@ import pytest
 import yaml
 
 from conftest import require_kube
-from kubecluster import KubeCluster, kube_tools
+from fleet import wait_for
+from kubecluster import KubeCluster, OperatorProcess, kube_tools
+from synfleet.resources.names import FINALIZER
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "synfleet"
@@ -111,19 +114,87 @@ def test_single_replica_has_no_disruption_budget_and_metrics_can_be_off(tmp_path
     assert "--metrics-port=0" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
-def test_chart_installs_into_a_real_api_server(tmp_path):
-    cluster = KubeCluster(tmp_path).start()
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    kube = KubeCluster(tmp_path_factory.mktemp("chart")).start()
     try:
-        cluster.kubectl("create", "namespace", "edge-system")
-        values = {**CUSTOM_VALUES, "metrics": {"port": 9090}}     # no ServiceMonitor CRD here
-        (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
-        cluster.helm("install", "edge", str(CHART), "--namespace", "edge-system",
-                     "--values", str(tmp_path / "values.yaml"))
-        dep = json.loads(cluster.kubectl("get", "deployment", "edge-synfleet", "-n", "edge-system",
-                                         "-o", "json").stdout)
-        assert dep["spec"]["replicas"] == 3
-        status = cluster.helm("status", "edge", "--namespace", "edge-system", "-o", "json").stdout
-        assert json.loads(status)["info"]["status"] == "deployed"
-        cluster.helm("uninstall", "edge", "--namespace", "edge-system")
+        yield kube
     finally:
-        cluster.stop()
+        kube.stop()
+
+
+def test_chart_installs_into_a_real_api_server(cluster, tmp_path):
+    cluster.kubectl("create", "namespace", "edge-system")
+    values = {**CUSTOM_VALUES, "metrics": {"port": 9090}}     # no ServiceMonitor CRD here
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    cluster.helm("install", "edge", str(CHART), "--namespace", "edge-system",
+                 "--values", str(tmp_path / "values.yaml"))
+    dep = json.loads(cluster.kubectl("get", "deployment", "edge-synfleet", "-n", "edge-system",
+                                     "-o", "json").stdout)
+    assert dep["spec"]["replicas"] == 3
+    status = cluster.helm("status", "edge", "--namespace", "edge-system", "-o", "json").stdout
+    assert json.loads(status)["info"]["status"] == "deployed"
+    cluster.helm("uninstall", "edge", "--namespace", "edge-system")
+
+
+RELEASE_KINDS = "deployment,serviceaccount,service,role,rolebinding,clusterrole,clusterrolebinding," \
+                "clusterkopfpeering,validatingadmissionpolicy,validatingadmissionpolicybinding"
+
+
+def released(cluster: KubeCluster, release: str) -> list[str]:
+    """Every object the chart made for `release` that still exists."""
+    out = cluster.kubectl("get", RELEASE_KINDS, "-A", "-l", f"app.kubernetes.io/instance={release}",
+                          "-o", "name").stdout
+    return out.split()
+
+
+def crds(cluster: KubeCluster) -> list[str]:
+    return cluster.kubectl("get", "crd", "-o", "name").stdout.split()
+
+
+def test_helm_uninstall_without_pools_leaves_only_the_crds(cluster):
+    cluster.kubectl("create", "namespace", "bare-system")
+    cluster.helm("install", "bare", str(CHART), "--namespace", "bare-system")
+    assert len(released(cluster, "bare")) >= 9
+    cluster.helm("uninstall", "bare", "--namespace", "bare-system", "--wait")
+    assert released(cluster, "bare") == []
+    assert {"customresourcedefinition.apiextensions.k8s.io/" + n for n in (
+        "proxypools.synfleet.io", "backendpools.synfleet.io", "synproxypolicies.synfleet.io",
+        "nodeagents.synfleet.io")} <= set(crds(cluster)), "Helm never deletes crds/"
+
+
+def test_helm_uninstall_with_pools_leaves_them_serving_and_a_reinstall_finishes_their_deletion(cluster):
+    namespace, release = "pools-system", "pools"
+    cluster.kubectl("create", "namespace", namespace)
+    cluster.helm("install", release, str(CHART), "--namespace", namespace)
+    operator = OperatorProcess(cluster, namespace, f"{release}-synfleet", peering=f"{release}-synfleet").start()
+    pool = {"apiVersion": "synfleet.io/v1alpha1", "kind": "ProxyPool", "metadata": {"name": "kept"},
+            "spec": {"nodeSelector": {"synfleet.io/proxy": "kept"}, "interface": "eth0"}}
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool))
+    agent_objects = [("daemonset", "synfleet-proxy-kept"), ("configmap", "synfleet-proxy-kept"),
+                     ("secret", "synfleet-salts-kept")]
+
+    def present(kind: str, name: str, ns: str | None = namespace) -> dict | None:
+        r = cluster.kubectl("get", kind, name, "-o", "json", *(["-n", ns] if ns else []), check=False)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+    try:
+        wait_for(lambda: all(present(k, n) for k, n in agent_objects)
+                 and FINALIZER in (present("proxypool", "kept", None)["metadata"].get("finalizers") or []),
+                 "the pool's agent objects and finalizer", timeout=30)
+        operator.stop()        # what deleting the operator's Deployment does to its pods
+        cluster.helm("uninstall", release, "--namespace", namespace, "--wait")
+        assert released(cluster, release) == []
+        # The operator made these, not Helm: the agents keep running and serving.
+        assert all(present(k, n) for k, n in agent_objects) and present("proxypool", "kept", None)
+        cluster.kubectl("delete", "proxypool", "kept", "--wait=false")
+        time.sleep(2)
+        assert present("proxypool", "kept", None)["metadata"].get("deletionTimestamp"), \
+            "with no operator, the finalizer holds the deletion"
+        # The documented way out: install again; the operator finishes the deletion.
+        cluster.helm("install", release, str(CHART), "--namespace", namespace)
+        operator = OperatorProcess(cluster, namespace, f"{release}-synfleet", peering=f"{release}-synfleet",
+                                   name="operator-again").start()
+        wait_for(lambda: present("proxypool", "kept", None) is None, "the pool's deletion finished", timeout=60)
+        wait_for(lambda: not any(present(k, n) for k, n in agent_objects), "its objects collected", timeout=60)
+    finally:
+        operator.stop()

@@ -3,17 +3,22 @@ backends, a client and an attacker (synfleet_lab.testbed.fleetlab)."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
 import shutil
 import signal
 import socket
 import struct
+import subprocess
 import time
 
 import pytest
 
 from conftest import require_bpf
 from fleet import ingress_program_id, wait_for, xdp_tx_count
+from synfleet.abi import SaltValue
+from synfleet.agent.pins import DEFAULT_ROOT
 from synfleet.bpf import objects
 from synfleet_lab import frames
 from synfleet_lab.testbed.clients import ClientLoad, Transfer, attempt
@@ -234,6 +239,28 @@ def test_agent_kill_restart_and_upgrade_mid_transfer_keep_the_connection(lab, tm
     assert after["forwarded"] >= counters_before["forwarded"] + (40 * MiB) // (64 << 10)
     assert after["decapsulated"] >= counters_before["decapsulated"]
     assert attempt(lab, 4).ok and attempt(lab, 6).ok
+
+
+def test_an_upgrade_that_replaces_an_outgrown_map_drops_no_handshake(lab):
+    """The proxy's salt map pinned as a release before ABI 4 left it (four
+    slots): the upgraded agent starts a larger one, fills it from the
+    configuration, and only then swaps its program in."""
+    agent = lab.agents["proxy-a"]
+    salts_pin = os.path.join(DEFAULT_ROOT, agent.instance, "salts")
+    load = ClientLoad(lab, concurrency=4).start()
+    time.sleep(0.5)
+    agent.signal(signal.SIGTERM)
+    os.unlink(salts_pin)
+    subprocess.run(["bpftool", "map", "create", salts_pin, "type", "array", "key", "4",
+                    "value", str(ctypes.sizeof(SaltValue)), "entries", "4", "name", "salts"], check=True)
+    agent.start()
+    agent.wait_ready()
+    time.sleep(0.5)
+    attempts = load.stop()
+    assert '"new_maps": ["salts"]' in agent.log()
+    assert len(attempts) >= 50
+    assert all(a.ok for a in attempts), [a.error for a in attempts if not a.ok][:5]
+    print(f"{len(attempts)} handshakes across the upgrade, none failed")
 
 
 @pytest.fixture

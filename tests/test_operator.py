@@ -6,6 +6,7 @@ and write DaemonSet status the way the DaemonSet controller would."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ from fleet import wait_for
 from kubecluster import KubeCluster, OperatorProcess, free_port
 from synfleet import contract
 from synfleet.agent.agent import uninstall
+from synfleet.agent.pins import DEFAULT_ROOT
+from synfleet.bpf import TcHook
 from synfleet.config.schema import Role
 from synfleet.resources import names
 from synfleet_lab.testbed.netns import unique_name
@@ -35,6 +38,8 @@ APP_NS = "shop"
 
 # The API server, the operator and the garbage collector each take their time.
 KUBE_TIMEOUT_S = 30.0
+# How long the tests' operator waits for nodes that never confirm a teardown.
+TEARDOWN_TIMEOUT_S = 15.0
 
 
 def apply(kube: KubeCluster, *docs: dict) -> None:
@@ -147,7 +152,7 @@ def kube(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def operator(kube):
-    op = OperatorProcess(kube, NAMESPACE, RELEASE, peering=RELEASE).start()
+    op = OperatorProcess(kube, NAMESPACE, RELEASE, peering=RELEASE, teardown_timeout_s=TEARDOWN_TIMEOUT_S).start()
     yield op
     op.stop()
 
@@ -478,14 +483,87 @@ def lab_link():
             ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
 
 
-def agent_pod_on(kube: KubeCluster, node: str, service_account: str) -> dict:
-    """A pod object of the agent's ServiceAccount assigned to `node` (no kubelet
-    runs it): what a token bound to it names as its node."""
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": unique_name("agent"), "namespace": NAMESPACE},
-           "spec": {"nodeName": node, "serviceAccountName": service_account,
+def agent_pod_on(kube: KubeCluster, node: str, role: str, pool: str, ready: bool = False) -> dict:
+    """An agent pod of the pool assigned to `node` (no kubelet runs it): what a
+    token bound to it names as its node; `ready` as the kubelet would report it."""
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": unique_name("agent"), "namespace": NAMESPACE, "labels": names.labels(Role(role), pool)},
+           "spec": {"nodeName": node, "serviceAccountName": names.agent_name(Role(role), pool),
                     "containers": [{"name": "agent", "image": "ghcr.io/synfleet/agent:test"}]}}
     apply(kube, pod)
+    if ready:
+        kube.merge_patch(f"/api/v1/namespaces/{NAMESPACE}/pods/{pod['metadata']['name']}/status", {"status": {
+            "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}})
     return get(kube, "pod", pod["metadata"]["name"])
+
+
+class KubeAgent:
+    """`synfleet agent --kubernetes` as the DaemonSet runs it, in this namespace
+    on `interface`, authenticated as its pool's ServiceAccount with a token bound
+    to a pod on `node`: RBAC and admission as in a cluster."""
+
+    def __init__(self, kube: KubeCluster, role: str, pool: str, node: str, addresses: str, interface: str,
+                 workdir: Path, ready_pod: bool = False) -> None:
+        self.kube, self.role, self.pool, self.node, self.interface = kube, role, pool, node, interface
+        self.pod = agent_pod_on(kube, node, role, pool, ready=ready_pod)
+        token = kube.service_account_token(NAMESPACE, names.agent_name(Role(role), pool), self.pod)
+        self.kubeconfig = kube.write_kubeconfig(workdir / f"{pool}-{node}.kubeconfig", token, NAMESPACE)
+        self.port, self.instance = free_port(), unique_name("kube-agent")
+        self.pool_uid = get(kube, f"{role}pool", pool)["metadata"]["uid"]
+        self.log_path = workdir / f"{pool}-{node}.log"
+        secret = ["--secret", f"synfleet-salts-{pool}"] if role == "proxy" else []
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "synfleet.cli", "agent", "--role", role, "--kubernetes",
+                 "--namespace", NAMESPACE, "--configmap", f"synfleet-{role}-{pool}", *secret,
+                 "--node-addresses", addresses, "--kubeconfig", str(self.kubeconfig),
+                 "--pool", pool, "--pool-uid", self.pool_uid, "--node-name", node,
+                 "--instance", self.instance, "--listen", f"127.0.0.1:{self.port}"],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def metric(self, name: str) -> float | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        return next((sample.value for family in text_string_to_metric_families(text)
+                     for sample in family.samples if sample.name == name), None)
+
+    def readyz(self) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+        except OSError as err:
+            return 0, str(err)
+
+    def ready(self) -> bool:
+        return self.readyz()[0] == 200
+
+    def report(self) -> dict | None:
+        return get(self.kube, "nodeagent", contract.node_agent_name(Role(self.role), self.pool, self.node))
+
+    def program(self) -> int | None:
+        return TcHook(socket.if_nametoindex(self.interface)).query()
+
+    def pins(self) -> Path:
+        return Path(DEFAULT_ROOT) / self.instance
+
+    def stop(self) -> str:
+        """Stop the process (SIGTERM: the data plane stays); its log."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def close(self) -> None:
+        self.stop()
+        uninstall(self.instance)
+        # No kubelet confirms a graceful deletion here.
+        self.kube.kubectl("delete", "pod", self.pod["metadata"]["name"], "-n", NAMESPACE, "--ignore-not-found",
+                          "--grace-period=0", "--force")
 
 
 def test_agent_in_cluster_mode_follows_its_configmap_and_outlives_an_operator_outage(fleet, operator, lab_link,
@@ -494,60 +572,33 @@ def test_agent_in_cluster_mode_follows_its_configmap_and_outlives_an_operator_ou
     add_node(fleet, "lab-1", ["10.0.2.1", "fd00:2::1"], **{"synfleet.io/proxy": "lab"})
     apply(fleet, web_policy("lab", addresses=["203.0.113.50"], ports=[443], proxyPool="lab"))
     wait_for(lambda: (d := configmap_document(fleet, "synfleet-proxy-lab")) and d["policies"], "the lab pool rendered", timeout=KUBE_TIMEOUT_S)
-    # The agent authenticates as its pool's ServiceAccount with a token bound to
-    # its pod on lab-1, as the kubelet mounts it: RBAC and admission as in a cluster.
-    pod = agent_pod_on(fleet, "lab-1", "synfleet-proxy-lab")
-    token = fleet.service_account_token(NAMESPACE, "synfleet-proxy-lab", pod)
-    kubeconfig = fleet.write_kubeconfig(tmp_path / "agent.kubeconfig", token, NAMESPACE)
-    port, instance = free_port(), unique_name("kube-agent")
-    pool_uid = get(fleet, "proxypool", "lab")["metadata"]["uid"]
-    log = open(tmp_path / "agent.log", "wb")
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "synfleet.cli", "agent", "--role", "proxy", "--kubernetes",
-         "--namespace", NAMESPACE, "--configmap", "synfleet-proxy-lab", "--secret", "synfleet-salts-lab",
-         "--node-addresses", "10.0.2.1,fd00:2::1", "--kubeconfig", str(kubeconfig),
-         "--pool", "lab", "--pool-uid", pool_uid, "--node-name", "lab-1",
-         "--instance", instance, "--listen", f"127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT)
-
-    def metric(name: str) -> float | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            return None
-        return next((sample.value for family in text_string_to_metric_families(text)
-                     for sample in family.samples if sample.name == name), None)
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
+    agent = KubeAgent(fleet, "proxy", "lab", "lab-1", "10.0.2.1,fd00:2::1", lab_link, tmp_path)
+    metric = agent.metric
     try:
-        wait_for(lambda: agent.poll() is None and ready(), "the agent ready", timeout=60)
+        wait_for(lambda: agent.proc.poll() is None and agent.ready(), "the agent ready", timeout=60)
         generation = metric("synfleet_config_generation")
         assert generation >= 1
-        report = wait_for(lambda: (o := get(fleet, "nodeagent", "proxy-lab-lab-1"))
+        report = wait_for(lambda: (o := agent.report())
                           and condition(o, "Ready").get("status") == "True" and o, "the node's NodeAgent", timeout=30)
         assert report["spec"] == {"role": "proxy", "pool": "lab", "nodeName": "lab-1"}
-        assert report["metadata"]["ownerReferences"][0]["uid"] == pool_uid
+        assert report["metadata"]["ownerReferences"][0]["uid"] == agent.pool_uid
         (program,) = report["status"]["programs"]
         assert program["interface"] == lab_link and program["hook"] == "tc" and program["programId"] > 0
         assert report["status"]["saltGeneration"] == 1 and report["status"]["saltEpochsAhead"] == 720
         assert report["status"]["failurePolicy"] == "open" and "syn_answered" in report["status"]["counters"]
+        assert report["status"]["configVersion"] == get(fleet, "configmap", "synfleet-proxy-lab")[
+            "metadata"]["resourceVersion"]
         # The agent's token writes its own node's report only.
         forged = {"apiVersion": report["apiVersion"], "kind": "NodeAgent",
                   "metadata": {"name": "proxy-lab-lab-2", "namespace": NAMESPACE},
                   "spec": {**report["spec"], "nodeName": "lab-2"}}
-        denied = fleet.kubectl("apply", "-f", "-", input=yaml.safe_dump(forged), kubeconfig=kubeconfig, check=False)
+        denied = fleet.kubectl("apply", "-f", "-", input=yaml.safe_dump(forged), kubeconfig=agent.kubeconfig,
+                               check=False)
         assert denied.returncode != 0 and "only the NodeAgent of the node its token was issued for" in denied.stderr
         apply(fleet, web_policy("lab", addresses=["203.0.113.50"], ports=[443, 8443], proxyPool="lab"))
         wait_for(lambda: (metric("synfleet_config_generation") or 0) > generation,
                  "the agent applying the changed ConfigMap", timeout=KUBE_TIMEOUT_S)
-        wait_for(lambda: get(fleet, "nodeagent", "proxy-lab-lab-1")["status"]["configGeneration"] > generation,
+        wait_for(lambda: agent.report()["status"]["configGeneration"] > generation,
                  "the NodeAgent showing the new generation", timeout=10)
         # Two hours of 10 s epochs loaded ahead; with the operator gone the epochs roll on.
         assert metric("synfleet_salt_epochs_ahead") == 720
@@ -556,23 +607,147 @@ def test_agent_in_cluster_mode_follows_its_configmap_and_outlives_an_operator_ou
             epoch = metric("synfleet_salt_epoch")
             wait_for(lambda: (metric("synfleet_salt_epoch") or 0) >= epoch + 2,
                      "the agent two salt epochs on with the operator stopped", timeout=35)
-            assert ready() and metric("synfleet_salt_epochs_ahead") == 720
+            assert agent.ready() and metric("synfleet_salt_epochs_ahead") == 720
         finally:
             operator.start()
         assert metric("synfleet_config_errors_total") == 0
     finally:
-        agent.terminate()
-        agent.wait(10)
-        log.close()
-        uninstall(instance)
+        # Deleted while its agent runs: the agent leaves the node bare.
         fleet.kubectl("delete", "synproxypolicy", "lab", "-n", APP_NS, "--ignore-not-found")
-        # No kubelet confirms a graceful deletion here.
-        fleet.kubectl("delete", "pod", pod["metadata"]["name"], "-n", NAMESPACE, "--ignore-not-found",
-                      "--grace-period=0", "--force")
         delete_pool(fleet, "proxy", "lab")
+        print(agent.stop())
+        agent.close()
+        fleet.kubectl("delete", "node", "lab-1")
     # The report goes with its pool.
-    wait_for(lambda: get(fleet, "nodeagent", "proxy-lab-lab-1") is None, "the NodeAgent collected", timeout=60)
-    print((tmp_path / "agent.log").read_text()[-2000:])
+    wait_for(lambda: agent.report() is None, "the NodeAgent collected", timeout=60)
+
+
+@pytest.fixture
+def teardown_fleet(fleet, lab_link, tmp_path):
+    """A proxy pool and a backend pool (the same new name for both: names are
+    not re-used, as the garbage collector may still be collecting an earlier
+    pool's NodeAgents), one node each, each node's agent a real process in
+    cluster mode (the proxy on one end of the lab's veth, the backend on the
+    other), and a policy of that name through both pools. Yields (name, agents)."""
+    proxy_if, backend_if = lab_link, lab_link + "p"
+    gone = unique_name("gone")
+    add_node(fleet, f"{gone}-p1", ["10.0.3.1"], **{"synfleet.io/proxy": gone})
+    add_node(fleet, f"{gone}-b1", ["10.0.3.11"], **{"synfleet.io/backend": gone})
+    apply(fleet, proxy_pool(gone, rotation_s=10, interface=proxy_if, nodeSelector={"synfleet.io/proxy": gone}),
+          backend_pool(gone, interface=backend_if, nodeSelector={"synfleet.io/backend": gone}))
+    wait_for(lambda: get(fleet, "configmap", f"synfleet-proxy-{gone}") and get(fleet, "configmap", f"synfleet-backend-{gone}")
+             and get(fleet, "secret", f"synfleet-salts-{gone}"), "both pools' ConfigMaps", timeout=KUBE_TIMEOUT_S)
+    agents = [KubeAgent(fleet, "proxy", gone, f"{gone}-p1", "10.0.3.1", proxy_if, tmp_path),
+              KubeAgent(fleet, "backend", gone, f"{gone}-b1", "10.0.3.11", backend_if, tmp_path, ready_pod=True)]
+    try:
+        for agent in agents:
+            wait_for(lambda: agent.proc.poll() is None and agent.ready() and agent.report()
+                     and condition(agent.report(), "Ready").get("status") == "True",
+                     f"the {agent.role} agent Ready and reporting", timeout=60)
+        apply(fleet, web_policy(gone, addresses=["203.0.113.70"], proxyPool=gone, backendPool=gone))
+        wait_for(lambda: condition(get(fleet, "synproxypolicy", gone, APP_NS) or {}, "Degraded").get("reason")
+                 == "AsExpected", "the policy rendered into both pools", timeout=KUBE_TIMEOUT_S)
+        yield gone, agents
+    finally:
+        fleet.kubectl("delete", "synproxypolicy", gone, "-n", APP_NS, "--ignore-not-found")
+        for role in ("proxy", "backend"):
+            fleet.kubectl("delete", f"{role}pool", gone, "--ignore-not-found")
+        for agent in agents:
+            print(agent.stop())
+            agent.close()
+        fleet.kubectl("delete", "node", f"{gone}-p1", f"{gone}-b1")
+
+
+def applied_everywhere(kube: KubeCluster, agents: list[KubeAgent]) -> bool:
+    """Every agent reports the version of its pool's ConfigMap as it is now."""
+    return all(agent.report()["status"].get("configVersion") == get(
+        kube, "configmap", f"synfleet-{agent.role}-{agent.pool}")["metadata"]["resourceVersion"] for agent in agents)
+
+
+def test_teardown_deleting_a_policy_returns_once_its_nodes_stopped_serving_it(teardown_fleet, fleet):
+    gone, agents = teardown_fleet
+    wait_for(lambda: applied_everywhere(fleet, agents), "both agents applying the policy", timeout=KUBE_TIMEOUT_S)
+    assert all(agent.metric("synfleet_config_generation") >= 2 for agent in agents)
+    policy = get(fleet, "synproxypolicy", gone, APP_NS)
+    assert names.FINALIZER in policy["metadata"]["finalizers"]
+    started = time.monotonic()
+    fleet.kubectl("delete", "synproxypolicy", gone, "-n", APP_NS, "--timeout=60s")   # waits for the finalizer
+    took = time.monotonic() - started
+    for role in ("proxy", "backend"):
+        assert configmap_document(fleet, f"synfleet-{role}-{gone}")["policies"] == []
+    assert applied_everywhere(fleet, agents), "the deletion finished before the nodes applied it"
+    assert all(agent.program() for agent in agents), "deleting a policy detached a pool's agent"
+    print(f"policy deletion confirmed by both nodes in {took:.1f} s")
+
+
+def test_teardown_deleting_both_pools_leaves_their_nodes_bare_within_30_s(teardown_fleet, fleet):
+    gone, agents = teardown_fleet
+    assert all(agent.program() and agent.pins().is_dir() for agent in agents)
+    started = time.monotonic()
+    fleet.kubectl("delete", "proxypool,backendpool", gone, "--wait=false")
+    retired: set[str] = set()
+
+    def note_retired() -> None:
+        for agent in agents:
+            report = agent.report()
+            if report and condition(report, "Retired").get("status") == "True":
+                retired.add(agent.role)
+
+    def bare() -> bool:
+        note_retired()
+        return not any(agent.program() or agent.pins().exists() for agent in agents)
+
+    def released() -> bool:
+        note_retired()
+        return not get(fleet, "proxypool", gone, None) and not get(fleet, "backendpool", gone, None)
+    wait_for(bare, "no hook and no pin of either pool left", timeout=30)
+    took_bare = time.monotonic() - started
+    wait_for(released, "both pools' finalizers released", timeout=30)
+    took_released = time.monotonic() - started
+    assert retired == {"proxy", "backend"}, "each NodeAgent said Retired before it went"
+    assert took_released < TEARDOWN_TIMEOUT_S, "the pools went by the timeout, not by their nodes' confirmation"
+    wait_for(lambda: not any(get(fleet, kind, name) for role in ("proxy", "backend")
+                             for kind, name in pool_objects(role, gone)),
+             "everything the pools owned collected", timeout=60)
+    took_gone = time.monotonic() - started
+    for agent in agents:
+        assert agent.proc.poll() is None, "a retired agent stays up (idle) until its DaemonSet goes"
+        status, body = agent.readyz()
+        assert status == 503 and f"retired: {contract.POOL_KINDS[Role(agent.role)]} {gone} is being deleted" in body
+        assert "retired: the node is bare" in agent.stop()
+    assert not Path(DEFAULT_ROOT, agents[0].instance).exists()
+    print(f"nodes bare {took_bare:.1f} s after the deletion, pools released after {took_released:.1f} s, "
+          f"their objects collected after {took_gone:.1f} s")
+
+
+def test_teardown_a_node_that_never_confirms_holds_the_pool_only_until_the_timeout(fleet, operator):
+    add_node(fleet, "mute-1", ["10.0.4.1"], **{"synfleet.io/proxy": "mute"})
+    apply(fleet, proxy_pool("mute", nodeSelector={"synfleet.io/proxy": "mute"}))
+    uid = wait_for(lambda: (p := get(fleet, "proxypool", "mute", None)) and names.FINALIZER in (
+        p["metadata"].get("finalizers") or []) and p["metadata"]["uid"], "the pool with its finalizer",
+        timeout=KUBE_TIMEOUT_S)
+    # An agent that reported once and then went silent (its process died).
+    report = contract.node_agent(Role.PROXY, "mute", uid, "mute-1", NAMESPACE)
+    apply(fleet, report)
+    fleet.merge_patch(f"/apis/synfleet.io/v1alpha1/namespaces/{NAMESPACE}/nodeagents/proxy-mute-mute-1/status",
+                      {"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Serving"}]}})
+    try:
+        started = time.monotonic()
+        fleet.kubectl("delete", "proxypool", "mute", "--wait=false")
+        time.sleep(3)
+        pool = get(fleet, "proxypool", "mute", None)
+        assert pool is not None and condition(pool, "Ready")["reason"] == "Retiring"
+        assert "waiting for 1 node(s) to detach: mute-1" in condition(pool, "Ready")["message"]
+        wait_for(lambda: get(fleet, "proxypool", "mute", None) is None, "the pool gone after the timeout",
+                 timeout=TEARDOWN_TIMEOUT_S + 30)
+        assert time.monotonic() - started >= TEARDOWN_TIMEOUT_S - 1
+        warnings = json.loads(fleet.kubectl("get", "events", "-A", "--field-selector",
+                                            "involvedObject.name=mute,reason=TeardownTimeout", "-o", "json").stdout)
+        (message,) = {e["message"] for e in warnings["items"]}
+        assert "node(s) mute-1 did not confirm" in message and "synfleet agent uninstall --instance mute" in message
+    finally:
+        fleet.kubectl("delete", "proxypool", "mute", "--ignore-not-found", "--wait=false")
+        fleet.kubectl("delete", "node", "mute-1")
 
 
 def test_examples_apply_through_kustomize(kube):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, timezone
 
 import pytest
 import yaml
@@ -12,7 +13,7 @@ from synfleet import contract
 from synfleet.config import schema
 from synfleet.config.schema import Role
 from synfleet.contract import condition
-from synfleet.resources import agents, names, salts
+from synfleet.resources import agents, lifecycle, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
     ClusterView,
@@ -385,3 +386,63 @@ def test_degraded_policy_status_carries_reason_and_keeps_its_id():
     assert st["policyId"] == 1
     assert conds["Degraded"]["status"] == "True" and conds["Degraded"]["reason"] == "ServiceNotFound"
     assert conds["Ready"]["status"] == "False"
+
+
+# ---- deletions ----
+
+def report(role: Role, pool_name: str, node_name: str, ready: bool = True, retired: bool = False,
+           version: str | None = None) -> lifecycle.AgentReport:
+    obj = contract.node_agent(role, pool_name, f"uid-{pool_name}", node_name, "synfleet-system")
+    obj["status"] = {"conditions": [{"type": "Ready", "status": str(ready)},
+                                    {"type": "Retired", "status": str(retired)}],
+                     **({"configVersion": version} if version else {})}
+    return lifecycle.AgentReport.from_object(obj)
+
+
+def test_a_deleted_pool_waits_for_each_live_node_whose_agent_reported_and_has_not_retired():
+    reports = [report(Role.BACKEND, "web", "web-1", retired=True), report(Role.BACKEND, "web", "web-2"),
+               report(Role.BACKEND, "web", "web-3"),      # its node is NotReady: nobody can answer there
+               report(Role.BACKEND, "web", "web-9"),      # its node is gone
+               report(Role.BACKEND, "other", "web-1"), report(Role.PROXY, "web", "web-1")]
+    assert lifecycle.unretired(WEB, reports, NODES) == ["web-2"]
+    assert lifecycle.unretired(WEB, reports[:1], NODES) == []
+
+
+def test_a_deleted_policy_waits_for_serving_agents_that_have_not_applied_the_current_version():
+    reports = [report(Role.PROXY, "edge", "edge-1", version="41"), report(Role.PROXY, "edge", "edge-2", version="42"),
+               report(Role.PROXY, "edge", "edge-2", ready=False, version="40"),   # not serving: not waited for
+               report(Role.PROXY, "edge", "edge-1")]      # reports no version (an older agent): cannot be waited for
+    assert lifecycle.not_applied(EDGE, reports, NODES, "42") == ["edge-1"]
+    assert lifecycle.not_applied(EDGE, reports, NODES, "41") == ["edge-2"]
+
+
+def test_the_teardown_wait_ends_at_the_timeout_counted_from_the_deletion():
+    now = datetime(2026, 12, 2, 12, 2, 0, tzinfo=timezone.utc)
+    assert not lifecycle.overdue("2026-12-02T12:00:01Z", now, 120)
+    assert lifecycle.overdue("2026-12-02T12:00:00Z", now, 120)
+    assert not lifecycle.overdue(None, now, 120)
+
+
+def test_a_policy_being_deleted_leaves_the_documents_but_keeps_its_id_until_it_is_gone():
+    going = policy("going", policy_id=5, addresses=["203.0.113.10"])
+    going = going.model_copy(update={"deleting": True})
+    young = policy("young", created="2026-11-26T10:00:00Z", addresses=["203.0.113.11"])
+    rendered = render(view(going, young), SETTINGS)
+    assert rendered.policies["shop/going"].problem.reason == "Deleting"
+    assert [p["name"] for p in rendered.configs[(Role.PROXY, "edge")]["policies"]] == ["shop/young"]
+    assert rendered.policies["shop/young"].policy_id != 5
+
+
+def test_a_retiring_configmap_keeps_the_document_beside_the_instruction():
+    document = render(view(), SETTINGS).configs[(Role.PROXY, "edge")]
+    cm = configmap(EDGE, SETTINGS, document, retire="ProxyPool edge is being deleted")
+    assert contract.configmap_retirement(cm) == "ProxyPool edge is being deleted"
+    assert contract.configmap_document(cm, "cm") == document
+    assert contract.configmap_retirement(configmap(EDGE, SETTINGS, document)) is None
+
+
+def test_a_retiring_pool_says_whom_it_waits_for():
+    status = lifecycle.retiring_status(EDGE, ["edge-2"], [])
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "Retiring")
+    assert ready["message"] == "deleting: waiting for 1 node(s) to detach: edge-2"

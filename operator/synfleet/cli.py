@@ -68,7 +68,7 @@ def _operator(args: argparse.Namespace) -> int:
         return 2
     run(OperatorOptions(
         settings=OperatorSettings(namespace=args.namespace, agent_image=args.agent_image,
-                                  encap_port=args.encap_port),
+                                  encap_port=args.encap_port, teardown_timeout_s=args.teardown_timeout),
         peering=args.peering, metrics_port=args.metrics_port or None, liveness=args.liveness or None))
     return 0
 
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--agent-image", default=os.environ.get("SYNFLEET_AGENT_IMAGE"),
                     help="agent image for pools that name none (default: $SYNFLEET_AGENT_IMAGE)")
     op.add_argument("--encap-port", type=int, default=6080, help="UDP port of the encapsulation")
+    op.add_argument("--teardown-timeout", type=float, default=120.0,
+                    help="seconds a deleted pool or policy waits for its nodes to confirm before it goes "
+                         "anyway, with a Warning naming them")
     op.add_argument("--peering", default="synfleet", help="ClusterKopfPeering name (leader election)")
     op.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
     op.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf liveness endpoint")

@@ -26,11 +26,31 @@ LABEL_ROLE = "synfleet.io/role"
 LABEL_NODE = "synfleet.io/node"
 
 CONFIG_KEY = "dataplane.yaml"     # the pool's ConfigMap: the document minus node addresses and salts
+# Also in the pool's ConfigMap, once the pool is being deleted: why. Every agent
+# that reads it detaches its hooks, removes its pins and reports Retired. A
+# stopping agent (SIGTERM: a restart or an upgrade) keeps the data plane; only
+# this explicit instruction takes it away.
+RETIRE_KEY = "retire"
 SALTS_KEY = "salts.yaml"          # the proxy pool's Secret: rotationSeconds and the master keys
 
 
-def configmap_data(document: dict) -> dict[str, str]:
-    return {CONFIG_KEY: yaml.safe_dump(document, sort_keys=False)}
+def configmap_data(document: dict, retire: str | None = None) -> dict[str, str]:
+    data = {CONFIG_KEY: yaml.safe_dump(document, sort_keys=False)}
+    if retire:
+        data[RETIRE_KEY] = retire
+    return data
+
+
+def configmap_retirement(configmap: dict | None) -> str | None:
+    """Why the pool's agents must leave their nodes bare, if they must."""
+    return ((configmap or {}).get("data") or {}).get(RETIRE_KEY) or None
+
+
+def configmap_version(configmap: dict | None) -> str | None:
+    """What an agent reports as the configuration it applied (its NodeAgent's
+    configVersion): the ConfigMap's resourceVersion, so the operator knows
+    when every node runs what it last wrote."""
+    return ((configmap or {}).get("metadata") or {}).get("resourceVersion")
 
 
 def configmap_document(configmap: dict | None, name: str) -> dict:

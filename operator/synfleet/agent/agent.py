@@ -3,10 +3,14 @@ to its configuration file.
 
 Start: load the objects re-using the maps pinned by a previous agent (their
 contents, connections' cookies and counters survive), atomically replace the
-program on every configured interface, pin it. Run: re-read the file on SIGHUP
-or when inotify sees it change; a file that fails validation is logged and
-counted and the last good configuration keeps serving. SIGTERM and SIGINT end
-the process and leave the data plane running; `uninstall` removes it.
+program on every configured interface, pin it. A map the previous agent did
+not pin (an upgrade enlarged it, or renamed it because its layout changed)
+starts empty, so then the new program goes in only once a configuration has
+filled it; until then the previous program serves on its own maps. Run:
+re-read the file on SIGHUP or when inotify sees it change; a file that fails
+validation is logged and counted and the last good configuration keeps
+serving. SIGTERM and SIGINT end the process and leave the data plane running;
+`uninstall`, or in cluster mode the pool's retirement instruction, removes it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from synfleet.dataplane.programs import Dataplane, ProxyDataplane, dataplane_for
 
 log = logging.getLogger("synfleet.agent")
 TICK_S = 1.0      # salt epoch bookkeeping and liveness, not configuration (that is event driven)
+# A starting agent in cluster mode waits this long for its ConfigMap and Secret
+# before going on without them (the API server may be the thing that is down).
+SYNC_WAIT_S = 10.0
 # Salts are loaded this far ahead (at most abi.SALT_SLOTS epochs): the data
 # plane keeps answering SYNs this long after its agent and control plane are gone.
 SALTS_AHEAD_S = 7200
@@ -81,6 +88,9 @@ class Agent:
         self._last_error: str | None = None
         self._salts: dict[int, bytes] = {}       # derived so far, by epoch ...
         self._salts_keys: list[MasterKey] = []   # ... from these master keys
+        self._swap_pending = False      # the new program waits for a configuration (see start)
+        self._config_version: str | None = None    # the source's version of the applied document
+        self.retired: str | None = None     # why this node was left bare
         self.source = FileSource(opts.config_path) if opts.kube is None else KubeSource(opts.kube)
         self.reporter = NodeReporter(self.source.kube, opts.role, opts.report, self._node_status) \
             if opts.report and isinstance(self.source, KubeSource) else None
@@ -91,17 +101,31 @@ class Agent:
         self.pins.create()
         previous_program = self.pins.pinned_program_id()
         self.dataplane = dataplane_for(self.opts.role, self.pins.path, self.opts.objects_dir)
-        self.dataplane.pin_maps(self.pins.path)
         log.info("data plane loaded", extra={"pins": self.pins.path, "reused_maps": self.dataplane.reused,
+                                              "new_maps": self.dataplane.fresh,
                                               "program_id": self.dataplane.program.id,
                                               "replaces_program_id": previous_program})
         if previous_program is not None:
             self._hooks = hooks_running(previous_program)
         self._xdp_hooks = self.pins.hooks(XDP_PIN, XdpHook)
         self._inherited = self.dataplane.applied()
+        self.source.wait_synced(SYNC_WAIT_S)
         self.reload()
-        # A configuration error must not leave the interfaces with the old
-        # programs forever: the new ones read the same maps, swap them in.
+        if self.config is None and self.dataplane.fresh and previous_program is not None:
+            # The new program would run on empty maps (no salts: every SYN
+            # would meet the failure policy); the previous one keeps serving.
+            self._swap_pending = True
+            log.warning("the new program waits for a configuration to fill its new maps; "
+                        "the previous program keeps serving", extra={"new_maps": self.dataplane.fresh})
+            return
+        self._swap_in()
+
+    def _swap_in(self) -> None:
+        """Pin the maps and put the new programs on the hooks. A configuration
+        error must not leave the interfaces with the old programs forever: the
+        new ones read the same maps, swap them in."""
+        self._swap_pending = False
+        self.dataplane.pin_maps(self.pins.path)
         if self.config:
             self._attach(self.config.node.interfaces, self._xdp_wanted())
         else:
@@ -109,6 +133,10 @@ class Agent:
         self.pins.pin_program(self.dataplane.program)
         if isinstance(self.dataplane, ProxyDataplane):
             self.pins.pin_program(self.dataplane.xdp_program, XDP_PIN)
+        # Maps of a previous release that this one renamed or dropped: no program uses them now.
+        stale = self.pins.prune(keep=set(self.dataplane.MAPS) | {"program", XDP_PIN})
+        if stale:
+            log.info("unpinned maps of the previous release", extra={"maps": stale})
 
     def _xdp_wanted(self) -> list[str]:
         return list(self.config.node.interfaces) if self.config.node.xdp else []
@@ -161,6 +189,7 @@ class Agent:
             text = self.source.read()
             digest = hashlib.sha256(text.encode()).hexdigest()
             if digest == self._config_digest:
+                self._config_version = self.source.version
                 return True
             if digest == self._rejected_digest:
                 return False
@@ -179,6 +208,7 @@ class Agent:
             return False
         self._apply(cfg)
         self._config_digest = digest
+        self._config_version = self.source.version
         return True
 
     def _apply(self, cfg: schema.DataplaneConfig) -> None:
@@ -241,6 +271,11 @@ class Agent:
         return "SYNs are dropped (failurePolicy closed)"
 
     def _not_ready(self) -> str | None:
+        if self.retired:
+            return f"retired: {self.retired}"
+        if self._swap_pending:
+            return (f"upgrade waiting for a configuration to fill its new maps "
+                    f"({', '.join(self.dataplane.fresh)}); the previous program serves")
         if self.config is None and not self._inherited:
             return f"no valid configuration yet: {self._first_error}" if self._first_error else "starting"
         if self._missing_interfaces:
@@ -259,7 +294,10 @@ class Agent:
                     for name, hook in sorted(list(hooks.items()))]
         not_ready = self._not_ready()
         status = {"programs": programs, "configGeneration": self.state.config_generation,
-                  "notReady": not_ready, "degraded": not_ready if self.config is not None else None}
+                  "notReady": not_ready, "retired": self.retired,
+                  "degraded": not_ready if self.config is not None else None}
+        if self._config_version is not None:
+            status["configVersion"] = self._config_version
         if counters:
             status["counters"] = {c.name.lower(): v for c, v in self.dataplane.counter_values().items()}
         if self.state.last_sync is not None:
@@ -303,10 +341,9 @@ class Agent:
                     os.read(wake_r, 512)
                 if watch in ready and watch.changed():
                     self._reload = True
-                if self._reload:
+                if self._reload and not self.retired:
                     self._reload = False
-                    if self.reload() and self._hooks_stale():
-                        self._attach(self.config.node.interfaces, self._xdp_wanted())
+                    self._follow_source()
                 self._tick()
         finally:
             signal.set_wakeup_fd(-1)
@@ -319,6 +356,27 @@ class Agent:
                 server.shutdown()
             log.info("agent stopped; the data plane keeps running",
                      extra={"hooks": self.state.hooks, "pins": self.pins.path})
+
+    def _follow_source(self) -> None:
+        why = self.source.retirement()
+        if why:
+            self._retire(why)
+        elif self.reload() and (self._swap_pending or self._hooks_stale()):
+            if self._swap_pending:
+                self._swap_in()
+            else:
+                self._attach(self.config.node.interfaces, self._xdp_wanted())
+
+    def _retire(self, why: str) -> None:
+        """Leave the node bare: every hook of this instance detached, every pin
+        removed. The process stays (idle) to report it until its DaemonSet goes."""
+        detached = uninstall(self.opts.instance, self.opts.pin_root) or []
+        self._hooks.clear()     # each runs the pinned program: uninstall found them
+        self._xdp_hooks.clear()
+        self._xdp_failed, self._missing_interfaces, self._swap_pending = {}, [], False
+        self.config, self.retired = None, why
+        self.state.hooks, self.state.xdp_hooks = [], []
+        log.info("retired: the node is bare", extra={"reason": why, "detached": detached})
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         self._stop = True

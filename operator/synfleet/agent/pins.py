@@ -68,6 +68,13 @@ class PinDir:
         program.pin(staging)
         os.rename(staging, self.program(name))
 
+    def prune(self, keep: set[str]) -> list[str]:
+        """Unpin everything here but `keep` (and a rename in flight); what went."""
+        gone = sorted(n for n in os.listdir(self.path) if n not in keep and not n.endswith("-next"))
+        for name in gone:
+            os.unlink(os.path.join(self.path, name))
+        return gone
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=False)
         if os.path.isdir(self.root) and not os.listdir(self.root):

@@ -42,19 +42,23 @@ class ReportOptions:
     node_name: str
 
 
-def conditions(not_ready: str | None, degraded: str | None, previous: list[dict]) -> list[dict]:
-    """Ready and Degraded, each keeping its lastTransitionTime while its status holds."""
-    return [contract.condition("Ready", not_ready is None, "Serving" if not_ready is None else "NotReady",
-                               not_ready or "", None, previous),
+def conditions(not_ready: str | None, degraded: str | None, retired: str | None,
+               previous: list[dict]) -> list[dict]:
+    """Ready, Degraded and Retired (the node left bare on the pool's
+    instruction), each keeping its lastTransitionTime while its status holds."""
+    ready_reason = "Serving" if not_ready is None else "Retired" if retired else "NotReady"
+    return [contract.condition("Ready", not_ready is None, ready_reason, not_ready or "", None, previous),
             contract.condition("Degraded", degraded is not None, "Degraded" if degraded else "AsExpected",
-                               degraded or "", None, previous)]
+                               degraded or "", None, previous),
+            contract.condition("Retired", retired is not None, "Retired" if retired else "Serving",
+                               retired or "", None, previous)]
 
 
 class NodeReporter:
     """`snapshot(counters)` returns the status without conditions (with the
     counters only when asked: reading them walks every per-CPU slot) plus
-    `notReady` and `degraded` (reasons or None); the reporter adds the
-    conditions and writes."""
+    `notReady`, `degraded` and `retired` (reasons or None); the reporter adds
+    the conditions and writes."""
 
     def __init__(self, kube: Kube, role: Role, opts: ReportOptions, snapshot: Callable[[bool], dict]) -> None:
         self.kube, self.role, self.opts, self.snapshot = kube, role, opts, snapshot
@@ -90,9 +94,9 @@ class NodeReporter:
         """Write the status if it changed; True when it wrote."""
         counters_due = time.monotonic() - self._counters_at >= COUNTERS_S
         status = self.snapshot(counters_due)
-        not_ready, degraded = status.pop("notReady"), status.pop("degraded")
+        not_ready, degraded, retired = status.pop("notReady"), status.pop("degraded"), status.pop("retired")
         counters = status.pop("counters", None)
-        self._conditions = conditions(not_ready, degraded, self._conditions)
+        self._conditions = conditions(not_ready, degraded, retired, self._conditions)
         status["conditions"] = self._conditions
         if status == self._written and not counters_due:
             return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,19 @@ log = logging.getLogger("synfleet.agent")
 
 
 class FileSource(FileWatch):
+    # A file has no version the control plane could wait for, and carries no
+    # retirement: `synfleet agent uninstall` is file mode's teardown.
+    version: str | None = None
+
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.path = path
+
+    def wait_synced(self, timeout: float) -> bool:
+        return True
+
+    def retirement(self) -> str | None:
+        return None
 
     def describe(self) -> str:
         return self.path
@@ -60,6 +71,8 @@ class KubeSource:
         self._addresses = opts.node_addresses
         self.kube = Kube(api_client(opts.kubeconfig))
         self._objects: dict[str, dict | None] = {}
+        self._listed = {kind: threading.Event() for kind in ("ConfigMap", "Secret")[:1 + bool(opts.secret)]}
+        self.version: str | None = None     # the ConfigMap's resourceVersion as last read
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = threading.Event()
@@ -95,6 +108,7 @@ class KubeSource:
             if kind in self._objects and self._objects[kind] == obj:
                 return
             self._objects[kind] = obj
+            self._listed[kind].set()
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
@@ -133,9 +147,20 @@ class KubeSource:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
+    def wait_synced(self, timeout: float) -> bool:
+        """Whether every watched object was listed once within `timeout`
+        (an agent starting while the API server is away does not wait longer)."""
+        deadline = time.monotonic() + timeout
+        return all(e.wait(max(0.0, deadline - time.monotonic())) for e in self._listed.values())
+
+    def retirement(self) -> str | None:
+        with self._lock:
+            return contract.configmap_retirement(self._objects.get("ConfigMap"))
+
     def read(self) -> str:
         with self._lock:
             cm, secret = self._objects.get("ConfigMap"), self._objects.get("Secret")
+        self.version = contract.configmap_version(cm)
         document = contract.configmap_document(cm, f"{self.opts.namespace}/{self.opts.configmap}")
         keys = None
         if self.opts.secret:

@@ -101,6 +101,9 @@ class Dataplane:
                         pinned.close()
                     self.reused.append(name)
         self.obj.load()
+        # Maps that start empty: not pinned before (new in this release, or
+        # renamed because their layout changed), or outgrown.
+        self.fresh = [name for name in self.MAPS if name not in self.reused]
         self.program: Program = self.obj.program(self.program_name)
         self.counters = TypedMap(self.obj.map("counters"), ctypes.c_uint32, ctypes.c_uint64)
         self.active = TypedMap(self.obj.map("active"), ctypes.c_uint32, ctypes.c_uint32)

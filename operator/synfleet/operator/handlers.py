@@ -14,9 +14,10 @@ from synfleet.contract import GROUP, POOL_KINDS, VERSION
 from synfleet.kube import Kube
 from synfleet.operator.reconcile import Reconciler
 from synfleet.resources.dataplane import NodeInfo
-from synfleet.resources.names import MANAGED_BY
+from synfleet.resources.names import FINALIZER, MANAGED_BY
 
 SALT_CHECK_S = 5.0     # how often a proxy pool's salts are checked; keys are published epochs ahead
+TEARDOWN_CHECK_S = 2.0    # how often a deletion looks again at the nodes' NodeAgents
 
 
 def plain(value):
@@ -40,6 +41,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.peering.priority = random.randint(1, 2**31 - 1)
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
+    # Pools and policies are deleted only once their nodes confirm (on.delete below).
+    settings.persistence.finalizer = FINALIZER
     memo.reconciler = Reconciler(Kube(field_manager=MANAGED_BY), memo.settings, memo.metrics, _post_event)
     memo.node_fingerprints = {}
 
@@ -56,6 +59,26 @@ def proxy_pool(body, memo: kopf.Memo, **_) -> None:
 @kopf.on.update(GROUP, VERSION, "backendpools", field="spec")
 def backend_pool(body, memo: kopf.Memo, **_) -> None:
     memo.reconciler.ensure_pool(Role.BACKEND, plain(body))
+
+
+def _until_done(waiting: str | None) -> None:
+    if waiting:
+        raise kopf.TemporaryError(waiting, delay=TEARDOWN_CHECK_S)
+
+
+@kopf.on.delete(GROUP, VERSION, "proxypools")
+def proxy_pool_deleted(body, memo: kopf.Memo, **_) -> None:
+    _until_done(memo.reconciler.retire_pool(Role.PROXY, plain(body)))
+
+
+@kopf.on.delete(GROUP, VERSION, "backendpools")
+def backend_pool_deleted(body, memo: kopf.Memo, **_) -> None:
+    _until_done(memo.reconciler.retire_pool(Role.BACKEND, plain(body)))
+
+
+@kopf.on.delete(GROUP, VERSION, "synproxypolicies")
+def policy_deleted(body, memo: kopf.Memo, **_) -> None:
+    _until_done(memo.reconciler.retire_policy(plain(body)))
 
 
 @kopf.timer(GROUP, VERSION, "proxypools", interval=SALT_CHECK_S, initial_delay=SALT_CHECK_S)

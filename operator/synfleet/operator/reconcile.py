@@ -8,6 +8,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 from synfleet import contract
 from synfleet.config.schema import ConfigError, Role
@@ -15,7 +16,7 @@ from synfleet.contract import API_VERSION, NODE_AGENT_KIND, POOL_KINDS
 from synfleet.cookie import current_epoch, key_for
 from synfleet.kube import Kube
 from synfleet.operator.metrics import OperatorMetrics
-from synfleet.resources import agents, names, salts
+from synfleet.resources import agents, lifecycle, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
     ClusterView,
@@ -27,6 +28,7 @@ from synfleet.resources.dataplane import (
     selects,
     validate_for_nodes,
 )
+from synfleet.resources.lifecycle import AgentReport
 from synfleet.resources.model import Pool, SynProxyPolicy
 from synfleet.resources.status import Rollout, policy_status, pool_status
 
@@ -81,6 +83,68 @@ class Reconciler:
                  {k.generation: k.from_epoch for k in wanted}, now)
         return True
 
+    # ---- deletions (each holds the object's finalizer until it returns None) ----
+
+    def retire_pool(self, role: Role, body: dict) -> str | None:
+        """Tell the pool's agents to leave their nodes bare; None once every
+        node confirmed (or the teardown timeout passed), else whom it waits for."""
+        pool = Pool.from_object(role, body)
+        name = names.agent_name(role, pool.name)
+        # Under the render lock: a render that listed the pool before its
+        # deletion must not write the ConfigMap over the instruction; every
+        # later render sees the pool deleting and leaves its ConfigMap alone.
+        with self._render_lock:
+            cm = self.kube.get("v1", "ConfigMap", name, self.settings.namespace)
+            retiring = cm is not None and contract.configmap_retirement(cm) is None
+            if retiring:
+                # The last good document stays beside the instruction.
+                document = contract.configmap_document(cm, name)
+                self.kube.apply(configmap(pool, self.settings, document,
+                                          f"{pool.kind} {pool.name} is being deleted"))
+                log.info("retiring %s %s: its agents detach from their nodes", pool.kind, pool.name)
+        if retiring:
+            self.request_render()     # its policies lose the pool
+        waiting = lifecycle.unretired(pool, self._agent_reports(), self._nodes())
+        self._report(body, lifecycle.retiring_status(pool, waiting, _conditions(body)), False)
+        return self._still_waiting(body, waiting, f"detach {pool.kind} {pool.name}'s programs",
+                                   f"`synfleet agent uninstall --instance {pool.name}` on them")
+
+    def retire_policy(self, body: dict) -> str | None:
+        """Render the policy out of its pools; None once every serving agent of
+        those pools applied the result (or the teardown timeout passed)."""
+        policy = SynProxyPolicy.from_object(body)
+        self.request_render()
+        reports, nodes, waiting = self._agent_reports(), self._nodes(), []
+        for role, pool_name in ((Role.PROXY, policy.spec.proxy_pool), (Role.BACKEND, policy.spec.backend_pool)):
+            obj = self.kube.get(API_VERSION, POOL_KINDS[role], pool_name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                continue        # a pool that goes takes everything with it
+            pool = Pool.from_object(role, obj)
+            cm = self.kube.get("v1", "ConfigMap", names.agent_name(role, pool_name), self.settings.namespace)
+            waiting += [f"{n} ({pool.kind} {pool.name})" for n in
+                        lifecycle.not_applied(pool, reports, nodes, contract.configmap_version(cm))]
+        return self._still_waiting(body, waiting, f"stop serving SynProxyPolicy {policy.key}",
+                                   "their agents' logs")
+
+    def _still_waiting(self, obj: dict, waiting: list[str], what: str, remedy: str) -> str | None:
+        if not waiting:
+            return None
+        if lifecycle.overdue(obj["metadata"].get("deletionTimestamp"), datetime.now(timezone.utc),
+                             self.settings.teardown_timeout_s):
+            message = (f"node(s) {', '.join(waiting)} did not confirm within "
+                       f"{self.settings.teardown_timeout_s:g} s that they {what}; deleted anyway: see {remedy}")
+            log.warning(message)
+            self.post_event(obj, "Warning", "TeardownTimeout", message)
+            return None
+        return f"waiting for node(s) {', '.join(waiting)} to {what}"
+
+    def _agent_reports(self) -> list[AgentReport]:
+        return [AgentReport.from_object(o) for o in self.kube.list(API_VERSION, NODE_AGENT_KIND,
+                                                                    self.settings.namespace)]
+
+    def _nodes(self) -> list[NodeInfo]:
+        return [NodeInfo.from_object(n) for n in self.kube.list("v1", "Node")]
+
     # ---- the whole fleet ----
 
     def request_render(self) -> None:
@@ -100,8 +164,10 @@ class Reconciler:
                 self._render_lock.release()
 
     def _read_view(self) -> tuple[ClusterView, dict[str, dict], dict[tuple[Role, str], dict]]:
+        # A pool being deleted is retiring (retire_pool): it serves no policy.
         pool_objs = {(role, o["metadata"]["name"]): o for role in Role
-                     for o in self.kube.list(API_VERSION, POOL_KINDS[role])}
+                     for o in self.kube.list(API_VERSION, POOL_KINDS[role])
+                     if not o["metadata"].get("deletionTimestamp")}
         policy_objs = {f'{o["metadata"]["namespace"]}/{o["metadata"]["name"]}': o
                        for o in self.kube.list(API_VERSION, "SynProxyPolicy")}
         policies = [SynProxyPolicy.from_object(o) for o in policy_objs.values()]
@@ -116,7 +182,7 @@ class Reconciler:
             proxy_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is Role.PROXY],
             backend_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is Role.BACKEND],
             policies=policies,
-            nodes=[NodeInfo.from_object(n) for n in self.kube.list("v1", "Node")],
+            nodes=self._nodes(),
             services=services, endpoint_slices=slices,
             namespace_labels={n["metadata"]["name"]: n["metadata"].get("labels") or {}
                               for n in self.kube.list("v1", "Namespace")},
@@ -147,11 +213,8 @@ class Reconciler:
         daemonsets = {d["metadata"]["name"]: d for d in self.kube.list(
             "apps/v1", "DaemonSet", self.settings.namespace,
             label_selector=names.MANAGED_SELECTOR)}
-        reports = Counter((r["spec"]["role"], r["spec"]["pool"]) for r in self.kube.list(
-            API_VERSION, NODE_AGENT_KIND, self.settings.namespace)
-            if any(c.get("type") == "Ready" and c.get("status") == "True" for c in _conditions(r)))
-        rollouts = {key: Rollout.from_daemonset(daemonsets.get(names.agent_name(*key)),
-                                                reports.get((key[0].value, key[1]), 0))
+        reports = Counter((r.role, r.pool) for r in self._agent_reports() if r.ready)
+        rollouts = {key: Rollout.from_daemonset(daemonsets.get(names.agent_name(*key)), reports.get(key, 0))
                     for key in pools}
         generations = {name: self._generation_in_force(pool) for (role, name), pool in pools.items()
                        if role is Role.PROXY}

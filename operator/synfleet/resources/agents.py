@@ -26,6 +26,9 @@ class OperatorSettings:
     namespace: str                   # where the agents, their ConfigMaps and Secrets live
     agent_image: str                 # used when a pool names no image
     encap_port: int = 6080
+    # How long deleting a pool or a policy waits for the nodes to confirm
+    # before it goes anyway (with a Warning naming the nodes that did not).
+    teardown_timeout_s: float = 120.0
 
 
 def owner_reference(pool: Pool) -> dict:

@@ -6,7 +6,7 @@ salt Secret). Everything else is exactly what `synfleet agent --config` reads.
 
 A policy that cannot be served (missing pool or Service, a pool that does not
 admit its namespace, an address it may not claim, no address, no backend, an
-address and port another policy owns) is left out with a reason;
+address and port another policy owns, or it is being deleted) is left out with a reason;
 the others are rendered. Every document is validated with the agent's own
 schema, as each node's agent will see it, before it is returned."""
 
@@ -229,6 +229,10 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
             outcomes[p.key] = PolicyOutcome(None, problem=Problem(
                 "TooManyPolicies", f"all {MAX_POLICIES - 1} policy ids are in use"))
             continue
+        if p.deleting:
+            outcomes[p.key] = PolicyOutcome(pid, problem=Problem(
+                "Deleting", "deleting: waiting for the nodes to stop serving it"))
+            continue
         resolved = _resolve(p, view, pools, address_owners)
         if isinstance(resolved, Problem):
             outcomes[p.key] = PolicyOutcome(pid, problem=resolved)
@@ -285,9 +289,9 @@ def validate_for_nodes(role: Role, document: dict, nodes: list[NodeInfo]) -> Non
             raise schema.ConfigError(f"the agent on node {n.name} would reject it: {err}") from None
 
 
-def configmap(pool: Pool, settings: OperatorSettings, document: dict) -> dict:
+def configmap(pool: Pool, settings: OperatorSettings, document: dict, retire: str | None = None) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": names.agent_name(pool.role, pool.name), "namespace": settings.namespace,
                          "labels": names.labels(pool.role, pool.name),
                          "ownerReferences": [owner_reference(pool)]},
-            "data": contract.configmap_data(document)}
+            "data": contract.configmap_data(document, retire)}

@@ -125,6 +125,7 @@ class SynProxyPolicy(BaseModel):
     created: str
     spec: PolicySpec
     policy_id: int | None = None      # from status: the id allocated earlier
+    deleting: bool = False            # its id stays taken until its nodes stop serving it
 
     @property
     def key(self) -> str:
@@ -136,4 +137,5 @@ class SynProxyPolicy(BaseModel):
         return cls(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"],
                    generation=meta.get("generation", 1), created=meta.get("creationTimestamp", ""),
                    spec=PolicySpec.model_validate(obj["spec"]),
-                   policy_id=(obj.get("status") or {}).get("policyId"))
+                   policy_id=(obj.get("status") or {}).get("policyId"),
+                   deleting=bool(meta.get("deletionTimestamp")))

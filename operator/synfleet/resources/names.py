@@ -8,6 +8,8 @@ from synfleet.config.schema import Role
 
 MANAGED_BY = "synfleet-operator"
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"    # what the operator made
+# On pools and policies: their deletion waits for the nodes (resources.lifecycle).
+FINALIZER = "synfleet.io/teardown"
 
 
 def agent_name(role: Role, pool: str) -> str:
