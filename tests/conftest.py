@@ -94,6 +94,16 @@ def require_kube() -> None:
         skip_unless_required("SYNFLEET_REQUIRE_KUBE", "Kubernetes", f"needs {', '.join(missing)}")
 
 
+def require_image_builder() -> None:
+    """Building the images takes root, buildah and debootstrap (scripts/setup.sh
+    installs them); CI requires them with the Kubernetes tests."""
+    missing = [tool for tool in ("buildah", "debootstrap") if shutil.which(tool) is None]
+    if os.geteuid() != 0:
+        missing.append("root")
+    if missing:
+        skip_unless_required("SYNFLEET_REQUIRE_KUBE", "images", f"needs {', '.join(missing)}")
+
+
 def tai_epoch() -> int:
     """The salt epoch of the unit tests' nodes (see UNIT_CLOCK_OFFSET_S)."""
     return current_epoch(ROTATION_S, UNIT_CLOCK_OFFSET_S)
