@@ -92,6 +92,42 @@ static __noinline int parse_ipv4(struct __sk_buff *skb, const struct sf_config *
 	return pkt_service_tcp(cfg, p, tcp, SF_FAMILY_IPV4, &ip->daddr) ? SF_CONTINUE : TC_ACT_OK;
 }
 
+/* The upper-layer protocol behind the IPv6 extension headers that start with
+ * `nexthdr` at `off`, or -1 when the chain is truncated or too long to tell. A
+ * fragment header names the protocol of the whole packet, so later fragments
+ * are told apart too. */
+static __always_inline int ipv6_upper_protocol(struct __sk_buff *skb, __u8 nexthdr, __u32 off)
+{
+	struct {
+		__u8 nexthdr;
+		__u8 len;
+	} ext;
+
+	for (int i = 0; i < SF_IPV6_EXT_MAX; i++) {
+		switch (nexthdr) {
+		case SF_NEXTHDR_HOP:
+		case SF_NEXTHDR_ROUTING:
+		case SF_NEXTHDR_DEST:
+		case SF_NEXTHDR_MOBILITY:
+		case SF_NEXTHDR_FRAGMENT:
+		case SF_NEXTHDR_AH:
+			if (bpf_skb_load_bytes(skb, off, &ext, sizeof(ext)))
+				return -1;
+			if (nexthdr == SF_NEXTHDR_FRAGMENT)
+				off += 8;
+			else if (nexthdr == SF_NEXTHDR_AH)
+				off += (ext.len + 2) * 4;
+			else
+				off += (ext.len + 1) * 8;
+			nexthdr = ext.nexthdr;
+			break;
+		default:
+			return nexthdr;
+		}
+	}
+	return -1;
+}
+
 static __noinline int parse_ipv6(struct __sk_buff *skb, const struct sf_config *cfg,
 				 struct pkt *p)
 {
@@ -103,8 +139,16 @@ static __noinline int parse_ipv6(struct __sk_buff *skb, const struct sf_config *
 		return TC_ACT_OK;
 	if (ip6->version != 6)
 		return TC_ACT_OK;
-	if (ip6->nexthdr != IPPROTO_TCP)
+	if (ip6->nexthdr != IPPROTO_TCP) {
+		int upper = ipv6_upper_protocol(skb, ip6->nexthdr, sizeof(struct ethhdr) + sizeof(*ip6));
+
+		/* ICMPv6 (Packet Too Big, neighbour discovery), UDP, ...: not ours. TCP
+		 * behind extension headers, or a chain we cannot follow, to a protected
+		 * address: its port is not where we look, so it cannot be served. */
+		if (upper >= 0 && upper != IPPROTO_TCP)
+			return TC_ACT_OK;
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV6, &ip6->daddr, SF_CTR_EXT_HEADER);
+	}
 	tcp = (void *)(ip6 + 1);
 	if ((void *)(tcp + 1) > data_end)
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV6, &ip6->daddr, SF_CTR_MALFORMED);

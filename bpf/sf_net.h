@@ -13,6 +13,16 @@
 #define TC_ACT_SHOT 2
 #define TC_ACT_REDIRECT 7
 
+/* IPv6 extension headers (RFC 8200 4.1; AH: RFC 4302; Mobility: RFC 6275). */
+#define SF_NEXTHDR_HOP 0
+#define SF_NEXTHDR_ROUTING 43
+#define SF_NEXTHDR_FRAGMENT 44
+#define SF_NEXTHDR_AH 51
+#define SF_NEXTHDR_DEST 60
+#define SF_NEXTHDR_MOBILITY 135
+/* Beyond this many extension headers the upper-layer protocol is unknown. */
+#define SF_IPV6_EXT_MAX 6
+
 #define IP_DF 0x4000
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff

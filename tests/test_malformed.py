@@ -6,13 +6,22 @@ from __future__ import annotations
 import socket
 
 import pytest
-from scapy.layers.inet import IP, TCP, IPOption_Router_Alert
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet import IP, TCP, UDP, IPOption_Router_Alert
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.l2 import Ether
+from scapy.packet import Raw
 
-from conftest import PORT_FULL, addr_pair
+from conftest import PORT_FULL, SERVICE_V6, addr_pair
 from fleet import wait_for
-from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, tcp_frame
+from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, delta, tcp_frame
 from synfleet.abi import Counter
 
 LINUX_SYN_OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None), ("WScale", 7)]
@@ -113,6 +122,43 @@ def test_ipv4_fragments_to_a_protected_address_are_dropped(proxy, frag):
 def test_ipv6_extension_headers_to_a_protected_address_are_dropped(proxy, ext):
     client, service = addr_pair(6)
     frame = bytes(Ether(src=CLIENT_MAC, dst=PROXY_MAC) / IPv6(src=str(client), dst=str(service)) / ext
+                  / TCP(sport=1000, dport=PORT_FULL, flags="S"))
+    assert counted(proxy, Counter.EXT_HEADER, frame) == TC_ACT_SHOT
+
+
+# An independent fuzzer's find: ICMPv6 echo to a protected IPv6 address was dropped as an extension header.
+FUZZ_ICMPV6_ECHO = bytes.fromhex(
+    "02000000000202000000000186dd6000000000083a4020010db800010000000000000000000720010db800190000"
+    "00000000000000108000241800010001")
+
+
+def test_icmpv6_to_a_protected_address_is_untouched(proxy):
+    ip6 = IPv6(FUZZ_ICMPV6_ECHO[14:])
+    assert ip6.nh == 58 and ip6.dst == SERVICE_V6, "the fuzzer's frame names the protected address"
+    run, counted = delta(proxy, FUZZ_ICMPV6_ECHO)
+    assert (run.retval, run.data, counted) == (TC_ACT_OK, FUZZ_ICMPV6_ECHO, {})
+
+
+@pytest.mark.parametrize("upper", [
+    ICMPv6PacketTooBig(mtu=1280) / IPv6(src="2001:db8::1", dst="2001:db8::2") / TCP(),
+    IPv6ExtHdrHopByHop() / ICMPv6EchoRequest(),
+    IPv6ExtHdrDestOpt() / UDP(dport=443),
+    IPv6ExtHdrFragment(nh=17, offset=8) / Raw(b"x" * 16),
+    UDP(dport=PORT_FULL)], ids=["packet-too-big", "hop-by-hop-icmpv6", "destopt-udp", "later-udp-fragment",
+                                "udp"])
+def test_ipv6_that_is_not_tcp_passes_whatever_extension_headers_lead_to_it(proxy, upper):
+    client, service = addr_pair(6)
+    frame = bytes(Ether(src=CLIENT_MAC, dst=PROXY_MAC) / IPv6(src=str(client), dst=str(service)) / upper)
+    run, counted = delta(proxy, frame)
+    assert (run.retval, run.data, counted) == (TC_ACT_OK, frame, {})
+
+
+@pytest.mark.parametrize("chain", [
+    IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting(),
+    IPv6ExtHdrFragment(nh=6, offset=8) / Raw(b"x" * 16)], ids=["two-headers", "later-tcp-fragment"])
+def test_tcp_behind_any_ipv6_extension_header_chain_to_a_protected_address_is_dropped(proxy, chain):
+    client, service = addr_pair(6)
+    frame = bytes(Ether(src=CLIENT_MAC, dst=PROXY_MAC) / IPv6(src=str(client), dst=str(service)) / chain
                   / TCP(sport=1000, dport=PORT_FULL, flags="S"))
     assert counted(proxy, Counter.EXT_HEADER, frame) == TC_ACT_SHOT
 
