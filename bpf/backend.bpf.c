@@ -72,10 +72,18 @@ static __always_inline int policy_verdict(const struct sf_policy *pol)
 	return TC_ACT_OK;
 }
 
+/* seg_load's answers besides 0: */
+#define SEG_NOT_TCP -1		/* not a segment this program judges */
+#define SEG_MALFORMED -2	/* lengths that do not hold together */
+
+/* The deepest IP header seg_load looks at: after the outer headers of an
+ * encapsulated packet that is not decapsulated (an unknown source's). */
+#define SEG_L3_OFF_MAX (sizeof(struct ethhdr) + 60 + SF_UDP_HDR_LEN + SF_ENCAP_HDR_LEN)
+
 static __always_inline int seg_fill(struct seg *s, struct tcphdr *tcp, __u32 tcp_off)
 {
 	if (tcp->doff < 5)
-		return -1;
+		return SEG_MALFORMED;
 	s->opt_off = tcp_off + sizeof(*tcp);
 	s->optlen = tcp->doff * 4 - sizeof(*tcp);
 	s->seq = bpf_ntohl(tcp->seq);
@@ -84,58 +92,82 @@ static __always_inline int seg_fill(struct seg *s, struct tcphdr *tcp, __u32 tcp
 	return 0;
 }
 
-static __noinline int seg_load_v4(struct __sk_buff *skb, struct seg *s)
+/* The TCP segment whose IP header starts at `l3_off`. Its lengths are checked
+ * even when a proxy vouches for it: nothing that reaches the kfunc may claim
+ * bytes the packet does not have. */
+static __noinline int seg_load_v4(struct __sk_buff *skb, struct seg *s, __u32 l3_off)
 {
 	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + sizeof(struct ethhdr);
+	struct iphdr *ip;
 	struct tcphdr *tcp;
-	__u32 ihl;
+	__u32 ihl, tot_len;
 
+	if (l3_off > SEG_L3_OFF_MAX)
+		return SEG_NOT_TCP;
+	ip = data + l3_off;
 	if ((void *)(ip + 1) > data_end)
-		return -1;
+		return SEG_NOT_TCP;
 	if (ip->version != 4 || ip->ihl < 5 || ip->protocol != IPPROTO_TCP ||
 	    (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
-		return -1;
+		return SEG_NOT_TCP;
 	ihl = ip->ihl * 4;
 	tcp = (void *)ip + ihl;
 	if ((void *)(tcp + 1) > data_end)
-		return -1;
+		return SEG_MALFORMED;
+	tot_len = bpf_ntohs(ip->tot_len);
+	if (tot_len < ihl + tcp->doff * 4 || tot_len > skb->len - l3_off)
+		return SEG_MALFORMED;
 	s->family = SF_FAMILY_IPV4;
 	s->tuple.ipv4.saddr = ip->saddr;
 	s->tuple.ipv4.daddr = ip->daddr;
 	s->tuple.ipv4.sport = tcp->source;
 	s->tuple.ipv4.dport = tcp->dest;
-	return seg_fill(s, tcp, sizeof(struct ethhdr) + ihl);
+	return seg_fill(s, tcp, l3_off + ihl);
 }
 
-static __noinline int seg_load_v6(struct __sk_buff *skb, struct seg *s)
+static __noinline int seg_load_v6(struct __sk_buff *skb, struct seg *s, __u32 l3_off)
 {
 	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
-	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+	struct ipv6hdr *ip6;
 	struct tcphdr *tcp;
+	__u32 payload_len;
 
+	if (l3_off > SEG_L3_OFF_MAX)
+		return SEG_NOT_TCP;
+	ip6 = data + l3_off;
 	if ((void *)(ip6 + 1) > data_end)
-		return -1;
+		return SEG_NOT_TCP;
 	if (ip6->version != 6 || ip6->nexthdr != IPPROTO_TCP)
-		return -1;
+		return SEG_NOT_TCP;
 	tcp = (void *)(ip6 + 1);
 	if ((void *)(tcp + 1) > data_end)
-		return -1;
+		return SEG_MALFORMED;
+	payload_len = bpf_ntohs(ip6->payload_len);
+	if (payload_len < tcp->doff * 4 || payload_len > skb->len - l3_off - sizeof(*ip6))
+		return SEG_MALFORMED;
 	s->family = SF_FAMILY_IPV6;
 	__builtin_memcpy(s->tuple.ipv6.saddr, &ip6->saddr, 16);
 	__builtin_memcpy(s->tuple.ipv6.daddr, &ip6->daddr, 16);
 	s->tuple.ipv6.sport = tcp->source;
 	s->tuple.ipv6.dport = tcp->dest;
-	return seg_fill(s, tcp, sizeof(struct ethhdr) + sizeof(*ip6));
+	return seg_fill(s, tcp, l3_off + sizeof(*ip6));
 }
 
-static __always_inline int seg_load(struct __sk_buff *skb, __u16 eth_proto, struct seg *s)
+static __always_inline int seg_load(struct __sk_buff *skb, __u16 eth_proto, struct seg *s, __u32 l3_off)
 {
 	if (eth_proto == ETH_P_IP)
-		return seg_load_v4(skb, s);
+		return seg_load_v4(skb, s, l3_off);
 	if (eth_proto == ETH_P_IPV6)
-		return seg_load_v6(skb, s);
-	return -1;
+		return seg_load_v6(skb, s, l3_off);
+	return SEG_NOT_TCP;
+}
+
+static __always_inline const struct sf_service *seg_service(const struct sf_config *cfg,
+							     const struct seg *s)
+{
+	if (s->family == SF_FAMILY_IPV4)
+		return service_find(cfg, SF_FAMILY_IPV4, &s->tuple.ipv4.daddr, s->tuple.ipv4.dport);
+	return service_find(cfg, SF_FAMILY_IPV6, s->tuple.ipv6.daddr, s->tuple.ipv6.dport);
 }
 
 static __noinline int seg_opts(struct __sk_buff *skb, const struct seg *s, struct tcp_opts *o)
@@ -403,12 +435,10 @@ static __always_inline int plain_receive(struct __sk_buff *skb, const struct sf_
 	const struct sf_policy *pol;
 	struct seg s = {};
 
-	if (seg_load(skb, eth_proto, &s))
+	/* Malformed plain segments are the kernel's to drop. */
+	if (seg_load(skb, eth_proto, &s, sizeof(struct ethhdr)))
 		return TC_ACT_OK;
-	if (s.family == SF_FAMILY_IPV4)
-		svc = service_find(cfg, SF_FAMILY_IPV4, &s.tuple.ipv4.daddr, s.tuple.ipv4.dport);
-	else
-		svc = service_find(cfg, SF_FAMILY_IPV6, s.tuple.ipv6.daddr, s.tuple.ipv6.dport);
+	svc = seg_service(cfg, &s);
 	if (!svc)
 		return TC_ACT_OK;
 	pol = policy_get(cfg, svc->policy_id);
@@ -469,32 +499,53 @@ static __noinline int encap_detect_v6(struct __sk_buff *skb, const struct sf_con
 	return 1;
 }
 
+/* Encapsulated by a node that is not one of our proxies: never decapsulated.
+ * What it carries is judged by this node's policy for the inner destination,
+ * not by the policy id in a header the sender wrote; anything else in it is
+ * not ours (the kernel has no socket on the encapsulation port). */
+static __noinline int unknown_source(struct __sk_buff *skb, const struct sf_config *cfg,
+				     const struct encap_outer *o)
+{
+	const struct sf_service *svc;
+	const struct sf_policy *pol;
+	__u8 inner_version;
+	struct seg s = {};
+	__u16 inner_proto;
+
+	count(SF_CTR_UNKNOWN_SOURCE);
+	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + o->len, &inner_version, 1))
+		return TC_ACT_OK;
+	inner_proto = inner_version >> 4 == 4 ? ETH_P_IP : ETH_P_IPV6;
+	if (seg_load(skb, inner_proto, &s, sizeof(struct ethhdr) + o->len))
+		return TC_ACT_OK;
+	svc = seg_service(cfg, &s);
+	pol = svc ? policy_get(cfg, svc->policy_id) : NULL;
+	return pol ? policy_verdict(pol) : TC_ACT_OK;
+}
+
 static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_config *cfg,
 					 const struct encap_outer *o, __u16 outer_proto)
 {
-	struct {
-		struct sf_encap_hdr sf;
-		__u8 inner_version;
-	} hdr;
+	struct sf_encap_hdr hdr;
 	const struct sf_policy *pol;
+	__u8 inner_version;
 	__u16 inner_proto;
 	__u64 decap_flag;
 	__be16 proto;
+	int loaded;
 
-	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + o->len - SF_ENCAP_HDR_LEN,
-			       &hdr, sizeof(hdr)))
+	if (!bpf_map_lookup_elem(&allowed_proxies, &o->source))
+		return unknown_source(skb, cfg, o);
+	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + o->len - SF_ENCAP_HDR_LEN, &hdr, sizeof(hdr)) ||
+	    bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + o->len, &inner_version, 1))
 		return drop(SF_CTR_BAD_ENCAP);
-	if (hdr.sf.version != SF_ENCAP_VERSION)
+	if (hdr.version != SF_ENCAP_VERSION)
 		return drop(SF_CTR_BAD_ENCAP);
-	pol = policy_get(cfg, bpf_ntohs(hdr.sf.policy_id));
+	pol = policy_get(cfg, bpf_ntohs(hdr.policy_id));
 	if (!pol)
 		return drop(SF_CTR_BAD_ENCAP);
-	if (!bpf_map_lookup_elem(&allowed_proxies, &o->source)) {
-		count(SF_CTR_UNKNOWN_SOURCE);
-		return policy_verdict(pol);
-	}
 
-	switch (hdr.inner_version >> 4) {
+	switch (inner_version >> 4) {
 	case 4:
 		inner_proto = ETH_P_IP;
 		decap_flag = BPF_F_ADJ_ROOM_DECAP_L3_IPV4;
@@ -515,7 +566,7 @@ static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_
 			return drop(SF_CTR_BAD_ENCAP);
 	}
 	count(SF_CTR_DECAPSULATED);
-	if (hdr.sf.flags & SF_ENCAP_F_UNGUARDED) {
+	if (hdr.flags & SF_ENCAP_F_UNGUARDED) {
 		/* The proxy had no salt and its policy fails open: the kernel's own
 		 * SYN cookies judge the segment. */
 		count(SF_CTR_FAIL_OPEN);
@@ -524,9 +575,12 @@ static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_
 
 	struct seg s = {};
 
-	if (seg_load(skb, inner_proto, &s))
+	loaded = seg_load(skb, inner_proto, &s, sizeof(struct ethhdr));
+	if (loaded == SEG_MALFORMED)
+		return drop(SF_CTR_MALFORMED);
+	if (loaded)
 		return TC_ACT_OK;
-	return segment_receive(skb, &s, pol, true, hdr.sf.flags & SF_ENCAP_F_VALIDATED);
+	return segment_receive(skb, &s, pol, true, hdr.flags & SF_ENCAP_F_VALIDATED);
 }
 
 static __noinline int backend_packet(struct __sk_buff *skb)

@@ -5,6 +5,7 @@ listener: tests/test_e2e_handshake.py covers it.)"""
 from __future__ import annotations
 
 import pytest
+from scapy.layers.inet import UDP
 from scapy.layers.l2 import Ether
 
 from conftest import (
@@ -34,17 +35,48 @@ def test_encapsulated_packet_from_an_allowed_proxy_is_decapsulated(backend, oute
     assert Ether(run.data).type == (0x0800 if family == 4 else 0x86DD)
 
 
-@pytest.mark.parametrize("policy,verdict,extra", [
-    (POLICY_FULL, TC_ACT_SHOT, {}), (POLICY_MONITOR, TC_ACT_OK, {Counter.MONITOR_PASSED: 1})],
+@pytest.mark.parametrize("port,verdict,extra", [
+    (PORT_FULL, TC_ACT_SHOT, {}), (PORT_MONITOR, TC_ACT_OK, {Counter.MONITOR_PASSED: 1})],
     ids=["enforce", "monitor"])
-def test_encapsulated_packet_from_an_unknown_source_is_counted_and_dropped_when_enforcing(
-        backend, policy, verdict, extra):
+@pytest.mark.parametrize("claimed", [POLICY_FULL, POLICY_MONITOR], ids=["claims-enforce", "claims-monitor"])
+def test_encapsulated_packet_from_an_unknown_source_is_judged_by_the_policy_of_its_inner_destination(
+        backend, port, verdict, extra, claimed):
+    """Not by the policy id in its header, which its sender chose."""
     client, service = addr_pair(4)
-    inner = tcp_frame(client, service, 1000, PORT_FULL, flags="A", seq=5, ack=6)
-    run, counted = delta(backend, encapsulated(inner, "198.18.9.9", BACKEND_V4, policy.id,
+    inner = tcp_frame(client, service, 1000, port, flags="A", seq=5, ack=6)
+    run, counted = delta(backend, encapsulated(inner, "198.18.9.9", BACKEND_V4, claimed.id,
                                                ENCAP_F_VALIDATED))
     assert run.retval == verdict
     assert counted == {Counter.UNKNOWN_SOURCE: 1, **extra}
+
+
+# An independent fuzzer's find: from an unknown source, a one-byte inner packet was
+# counted bad_encap and dropped even in monitor mode (two bytes: unknown_source, passed).
+FUZZ_ONE_BYTE_INNER = bytes.fromhex(
+    "020000000001020000000002080045000021000140004011a59bc6120909c6120002c35017c0000d00000100000345")
+
+
+def test_an_unknown_sources_packet_too_short_to_name_a_destination_is_counted_and_left_alone(backend):
+    outer = Ether(FUZZ_ONE_BYTE_INNER)
+    assert len(outer[UDP].payload) == 5, "four header bytes and one inner byte"
+    run, counted = delta(backend, FUZZ_ONE_BYTE_INNER)
+    assert (run.retval, counted) == (TC_ACT_OK, {Counter.UNKNOWN_SOURCE: 1})
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("claim", [+1, +200], ids=["one-byte-more", "far-more"])
+def test_a_validated_inner_segment_claiming_more_bytes_than_it_has_is_dropped_as_malformed(backend, family, claim):
+    """The proxy vouches for the cookie, not for the lengths: the kfunc never
+    sees a segment whose IP length exceeds what arrived."""
+    client, service = addr_pair(family)
+    inner = bytearray(tcp_frame(client, service, 1000, PORT_FULL, flags="A", seq=5, ack=6))
+    if family == 4:
+        inner[16:18] = (len(inner) - 14 + claim).to_bytes(2, "big")
+    else:
+        inner[18:20] = (len(inner) - 54 + claim).to_bytes(2, "big")
+    run, counted = delta(backend, encapsulated(bytes(inner), PROXY_V4, BACKEND_V4, POLICY_FULL.id,
+                                               ENCAP_F_VALIDATED))
+    assert (run.retval, counted) == (TC_ACT_SHOT, {Counter.DECAPSULATED: 1, Counter.MALFORMED: 1})
 
 
 @pytest.mark.parametrize("bad", [dict(version=2), dict(policy_id=999)], ids=["version", "unknown-policy"])
