@@ -89,7 +89,21 @@ static __noinline int parse_ipv4(struct __sk_buff *skb, const struct sf_config *
 	pkt_ipv4(p, ip, ihl);
 	if (p->l3_len < ihl)
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV4, &ip->daddr, SF_CTR_MALFORMED);
-	return pkt_service_tcp(cfg, p, tcp, SF_FAMILY_IPV4, &ip->daddr) ? SF_CONTINUE : TC_ACT_OK;
+	if (!pkt_service_tcp(cfg, p, tcp, SF_FAMILY_IPV4, &ip->daddr))
+		return TC_ACT_OK;
+	/* Only a SYN is answered here; anything else reaches a kernel that checks. */
+	if (pkt_is_syn(p)) {
+		struct ipv4_header_copy h;
+
+		__u32 len = ihl & 0x3c;		/* ihl is at most 60 bytes */
+
+		if (len < sizeof(struct iphdr))
+			return drop(SF_CTR_BAD_CHECKSUM);
+		barrier_var(len);	/* keeps the bound the check gave for the helper's size */
+		if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &h, len) || !ipv4_header_checksum_ok(&h, len))
+			return drop(SF_CTR_BAD_CHECKSUM);
+	}
+	return SF_CONTINUE;
 }
 
 /* The upper-layer protocol behind the IPv6 extension headers that start with
@@ -186,10 +200,17 @@ static __noinline int synack_send(struct __sk_buff *skb, const struct pkt *p,
 static __noinline int syn_answer(struct __sk_buff *skb, const struct pkt *p,
 				 const struct sf_policy *pol, const struct sf_config *cfg)
 {
+	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
 	struct tcp_optbuf optbuf = {};
 	struct synack_plan sp = {};
 	enum sf_counter why;
 	__u64 optlen;
+
+	if ((void *)(eth + 1) > data_end)
+		return drop(SF_CTR_MALFORMED);
+	if (syn_martian(eth, p))
+		return drop(SF_CTR_MARTIAN);
 
 	optlen = p->tcp_hlen - sizeof(struct tcphdr);
 	barrier_var(optlen);

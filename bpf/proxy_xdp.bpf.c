@@ -94,6 +94,10 @@ static __noinline int syn_front(struct xdp_md *ctx)
 
 	if ((void *)(eth + 1) > data_end)
 		return XDP_PASS;
+	/* A frame in several buffers (a multi-buffer driver, or more than a page)
+	 * is no SYN worth answering here: data_end - data is only its first part. */
+	if (bpf_xdp_get_buff_len(ctx) != data_end - data)
+		return XDP_PASS;
 	cfg = config_get();
 	if (!cfg || !cfg->rotation_ns)
 		return XDP_PASS;
@@ -105,6 +109,19 @@ static __noinline int syn_front(struct xdp_md *ctx)
 		return XDP_PASS;
 	if (!ours || !pkt_is_syn(&p) || !pkt_lengths_valid(&p, data_end - data))
 		return XDP_PASS;
+	/* Martian or damaged: the TC program counts and drops it. */
+	if (syn_martian(eth, &p))
+		return XDP_PASS;
+	if (p.tuple.family == SF_FAMILY_IPV4) {
+		struct ipv4_header_copy h;
+		__u32 ihl = (p.l4_off - sizeof(struct ethhdr)) & 0x3c;	/* at most 60 bytes */
+
+		if (ihl < sizeof(struct iphdr))
+			return XDP_PASS;
+		barrier_var(ihl);	/* keeps the bound the check gave for the helper's size */
+		if (bpf_xdp_load_bytes(ctx, sizeof(struct ethhdr), &h, ihl) || !ipv4_header_checksum_ok(&h, ihl))
+			return XDP_PASS;
+	}
 	pol = policy_get(cfg, p.policy_id);
 	if (!pol)
 		return XDP_PASS;

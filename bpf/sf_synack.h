@@ -85,6 +85,47 @@ static __always_inline bool pkt_is_syn(const struct pkt *p)
 	return (p->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN)) == TCP_FLAG_SYN;
 }
 
+/* A SYN no host would answer (RFC 1122 3.2.1.3, RFC 4291 2.5, RFC 1812
+ * 5.3.7): to a broadcast or multicast MAC or from a multicast one, from an
+ * address no client can have (0/8, 127/8, multicast, reserved and broadcast;
+ * ::, ::1, ff00::/8, v4-mapped), or from the address it is sent to. Answering
+ * would be wasted work and a reflection aid (the reply's source MAC would be
+ * the broadcast address). */
+static __always_inline bool syn_martian(const struct ethhdr *eth, const struct pkt *p)
+{
+	const __u8 *s = (const __u8 *)p->tuple.addr;
+	__u64 high, low;
+
+	if ((eth->h_dest[0] | eth->h_source[0]) & 1)
+		return true;
+	if (p->tuple.family == SF_FAMILY_IPV4)
+		return s[0] == 0 || s[0] == 127 || s[0] >= 224 ||
+		       (__u32)p->tuple.addr[0] == (__u32)(p->tuple.addr[0] >> 32);
+	high = p->tuple.addr[0];
+	low = p->tuple.addr[1];
+	if (s[0] == 0xff || (high == p->tuple.addr[2] && low == p->tuple.addr[3]))
+		return true;
+	/* ::, ::1 and ::ffff:0:0/96 share 80 zero bits, then 0000 or ffff. */
+	return high == 0 && ((low & bpf_cpu_to_be64(0xffffffff00000000ull)) == bpf_cpu_to_be64(0xffff00000000ull) ||
+			     low == 0 || low == bpf_cpu_to_be64(1));
+}
+
+/* An IPv4 header copied out of the packet (the verifier will not let a
+ * helper read a variable length of packet data in place). */
+struct ipv4_header_copy {
+	__be32 w[15];
+};
+
+/* Whether the IPv4 header's checksum holds, `ihl` bytes of it in `h`. The
+ * stack always writes it in software (no offload fills it later), so a bad
+ * one was damaged or forged. */
+static __always_inline bool ipv4_header_checksum_ok(struct ipv4_header_copy *h, __u32 ihl)
+{
+	if (ihl < sizeof(struct iphdr) || ihl > sizeof(*h))
+		return false;
+	return csum_fold32(bpf_csum_diff(NULL, 0, h->w, ihl, 0)) == 0;
+}
+
 /* TAI, so the whole fleet agrees on epochs; the offset corrects a skewed node. */
 static __always_inline __u64 node_clock_ns(const struct sf_config *cfg)
 {

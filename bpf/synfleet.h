@@ -151,6 +151,9 @@ enum sf_counter {
 	SF_CTR_TW_REFUSED,
 	/* both: segments sent (proxy) or passed (backend) unguarded */
 	SF_CTR_FAIL_OPEN,
+	/* proxy: SYNs no host would answer */
+	SF_CTR_MARTIAN,
+	SF_CTR_BAD_CHECKSUM,
 	SF_CTR_MAX,
 };
 

@@ -163,6 +163,43 @@ def test_tcp_behind_any_ipv6_extension_header_chain_to_a_protected_address_is_dr
     assert counted(proxy, Counter.EXT_HEADER, frame) == TC_ACT_SHOT
 
 
+MARTIAN_SOURCES = {4: ["0.0.0.0", "0.1.2.3", "127.0.0.1", "224.0.0.1", "240.0.0.1", "255.255.255.255"],
+                   6: ["::", "::1", "ff02::1", "::ffff:198.18.1.7"]}
+
+
+def martian_syns() -> list:
+    cases = [pytest.param(tcp_frame(src, addr_pair(fam)[1], 1000, PORT_FULL, flags="S", options=LINUX_SYN_OPTS),
+                          id=f"from-{src}") for fam, sources in MARTIAN_SOURCES.items() for src in sources]
+    for fam in (4, 6):
+        _, service = addr_pair(fam)
+        syn = tcp_frame(service, service, 1000, PORT_FULL, flags="S", options=LINUX_SYN_OPTS)
+        cases.append(pytest.param(syn, id=f"from-itself-v{fam}"))
+        client, _ = addr_pair(fam)
+        syn = bytearray(tcp_frame(client, service, 1000, PORT_FULL, flags="S", options=LINUX_SYN_OPTS))
+        cases.append(pytest.param(b"\xff" * 6 + bytes(syn[6:]), id=f"to-broadcast-mac-v{fam}"))
+        cases.append(pytest.param(bytes(syn[:6]) + b"\x01\x00\x5e\x00\x00\x01" + bytes(syn[12:]),
+                                  id=f"from-multicast-mac-v{fam}"))
+    return cases
+
+
+@pytest.mark.parametrize("frame", martian_syns())
+def test_a_syn_no_host_would_answer_is_dropped_and_counted(proxy, frame):
+    """An independent fuzzer's find: SYNs to the broadcast MAC (answered from
+    ff:ff:ff:ff:ff:ff) and from martian sources were answered."""
+    assert counted(proxy, Counter.MARTIAN, frame) == TC_ACT_SHOT
+
+
+@pytest.mark.parametrize("ihl", [5, 6])
+def test_a_syn_with_a_bad_ipv4_header_checksum_is_dropped_and_counted(proxy, ihl):
+    client, service = addr_pair(4)
+    options = [IPOption_Router_Alert()] if ihl == 6 else []
+    frame = bytearray(tcp_frame(client, service, 1000, PORT_FULL, flags="S", options=LINUX_SYN_OPTS,
+                                ip_options=options))
+    assert frame[14] & 0x0F == ihl
+    frame[24] ^= 0x40                                   # the header checksum's first byte
+    assert counted(proxy, Counter.BAD_CHECKSUM, bytes(frame)) == TC_ACT_SHOT
+
+
 def test_syn_with_fin_or_rst_is_dropped(proxy):
     client, service = addr_pair(4)
     for flags in ("SF", "SR"):

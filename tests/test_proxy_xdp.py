@@ -14,6 +14,7 @@ from conftest import PORT_FULL, UNIT_KEYS, addr_pair, unit_config
 from packets import TC_ACT_REDIRECT, checksums_valid, tcp_frame
 from synfleet.abi import Counter
 from synfleet.dataplane.programs import ProxyDataplane
+from test_malformed import martian_syns
 from test_proxy_syn import syns
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX = 0, 1, 2, 3
@@ -114,3 +115,32 @@ def test_before_any_configuration_everything_passes(unit_netns):
     with ProxyDataplane() as proxy:
         client, service = addr_pair(4)
         passed_untouched(proxy, tcp_frame(client, service, 1000, PORT_FULL, flags="S"))
+
+
+@pytest.mark.parametrize("size", [3000, 3500, 3550, 4000, 9000, 16000])
+def test_a_syn_in_a_frame_of_any_size_gets_the_tc_programs_answer_or_goes_on_untouched(proxy, size):
+    """An independent fuzzer's find: a SYN in a frame of more than one buffer
+    (here: padded past its IP length, above ~3,500 bytes) was answered with a
+    reply of the wrong length (the frame's first buffer was taken for all of
+    it). Such frames now go on to the TC program."""
+    client, service = addr_pair(4)
+    syn = tcp_frame(client, service, 1000, PORT_FULL, flags="S", options=LINUX_SYN_OPTS)
+    frame = syn + bytes(size - len(syn))
+    xdp = proxy.xdp_program.test_run(frame)
+    if xdp.retval == XDP_PASS:
+        assert xdp.data == frame
+    else:
+        tc = proxy.program.test_run(frame)
+        assert xdp.retval == XDP_TX and without_tsval(xdp.data) == without_tsval(tc.data)
+
+
+@pytest.mark.parametrize("frame", martian_syns())
+def test_a_syn_no_host_would_answer_goes_on_to_be_counted_by_tc(proxy, frame):
+    passed_untouched(proxy, frame)
+
+
+def test_a_syn_with_a_bad_ipv4_header_checksum_goes_on_to_be_counted_by_tc(proxy):
+    client, service = addr_pair(4)
+    frame = bytearray(tcp_frame(client, service, 1000, PORT_FULL, flags="S", options=LINUX_SYN_OPTS))
+    frame[24] ^= 0x40
+    passed_untouched(proxy, bytes(frame))

@@ -62,6 +62,8 @@ class Counter(enum.IntEnum):
     TW_RECYCLED = enum.auto()
     TW_REFUSED = enum.auto()
     FAIL_OPEN = enum.auto()
+    MARTIAN = enum.auto()
+    BAD_CHECKSUM = enum.auto()
 
 
 class Endpoint(ctypes.Structure):
