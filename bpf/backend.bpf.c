@@ -471,6 +471,10 @@ static __noinline int encap_detect_v4(struct __sk_buff *skb, const struct sf_con
 	udp = (void *)ip + ihl;
 	if ((void *)(udp + 1) > data_end || udp->dest != cfg->encap_port)
 		return 0;
+	/* Lengths that do not hold together: not a packet of ours (the kernel drops it). */
+	if (bpf_ntohs(ip->tot_len) < ihl + sizeof(*udp) + SF_ENCAP_HDR_LEN + 1 ||
+	    bpf_ntohs(ip->tot_len) > skb->len - sizeof(struct ethhdr))
+		return 0;
 	o->source.family = SF_FAMILY_IPV4;
 	o->source.slot = cfg->slot;
 	__builtin_memcpy(o->source.addr, &ip->saddr, 4);
@@ -491,6 +495,9 @@ static __noinline int encap_detect_v6(struct __sk_buff *skb, const struct sf_con
 		return 0;
 	udp = (void *)(ip6 + 1);
 	if ((void *)(udp + 1) > data_end || udp->dest != cfg->encap_port)
+		return 0;
+	if (bpf_ntohs(ip6->payload_len) < sizeof(*udp) + SF_ENCAP_HDR_LEN + 1 ||
+	    bpf_ntohs(ip6->payload_len) > skb->len - sizeof(struct ethhdr) - sizeof(*ip6))
 		return 0;
 	o->source.family = SF_FAMILY_IPV6;
 	o->source.slot = cfg->slot;

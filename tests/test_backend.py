@@ -105,3 +105,16 @@ def test_traffic_to_unprotected_ports_passes_untouched(backend):
     frame = tcp_frame(client, service, 1000, 443, flags="S")
     run, counted = delta(backend, frame)
     assert (run.retval, run.data, counted) == (TC_ACT_OK, frame, {})
+
+
+@pytest.mark.parametrize("outer", [(PROXY_V4, BACKEND_V4), (PROXY_V6, BACKEND_V6)], ids=["outer4", "outer6"])
+@pytest.mark.parametrize("claimed", [0, 8, +1], ids=["zero", "headers-only", "one-byte-more"])
+def test_an_encapsulation_whose_outer_length_does_not_hold_is_not_decapsulated(backend, outer, claimed):
+    """Found by tests/test_fuzz.py: an outer IPv6 payload length of 0 was decapsulated."""
+    client, service = addr_pair(4)
+    frame = bytearray(encapsulated(tcp_frame(client, service, 1000, PORT_FULL, flags="A"), *outer, POLICY_FULL.id))
+    field, header = (16, 0) if ":" not in outer[0] else (18, 40)
+    length = len(frame) - 14 - header + 1 if claimed == +1 else claimed
+    frame[field:field + 2] = length.to_bytes(2, "big")
+    run, counted = delta(backend, bytes(frame))
+    assert (run.retval, run.data, counted) == (TC_ACT_OK, bytes(frame), {})

@@ -683,27 +683,30 @@ def test_teardown_deleting_a_policy_returns_once_its_nodes_stopped_serving_it(te
 def test_teardown_deleting_both_pools_leaves_their_nodes_bare_within_30_s(teardown_fleet, fleet):
     gone, agents = teardown_fleet
     assert all(agent.program() and agent.pins().is_dir() for agent in agents)
-    started = time.monotonic()
-    fleet.kubectl("delete", "proxypool,backendpool", gone, "--wait=false")
-    retired: set[str] = set()
-
-    def note_retired() -> None:
-        for agent in agents:
-            report = agent.report()
-            if report and condition(report, "Retired").get("status") == "True":
-                retired.add(agent.role)
-
-    def bare() -> bool:
-        note_retired()
-        return not any(agent.program() or agent.pins().exists() for agent in agents)
-
-    def released() -> bool:
-        note_retired()
-        return not get(fleet, "proxypool", gone, None) and not get(fleet, "backendpool", gone, None)
-    wait_for(bare, "no hook and no pin of either pool left", timeout=30)
-    took_bare = time.monotonic() - started
-    wait_for(released, "both pools' finalizers released", timeout=30)
-    took_released = time.monotonic() - started
+    # Every version of the pools' NodeAgents, as a watch sees them: a Retired
+    # report may live only milliseconds before the garbage collector takes it.
+    watch = subprocess.Popen([str(fleet.tools["kubectl"]), "--kubeconfig", str(fleet.kubeconfig), "get",
+                              "nodeagents", "-n", NAMESPACE, "-l", f"{contract.LABEL_POOL}={gone}", "--watch",
+                              "-o", "json"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)      # the watch has listed both reports
+        started = time.monotonic()
+        fleet.kubectl("delete", "proxypool,backendpool", gone, "--wait=false")
+        wait_for(lambda: not any(agent.program() or agent.pins().exists() for agent in agents),
+                 "no hook and no pin of either pool left", timeout=30)
+        took_bare = time.monotonic() - started
+        wait_for(lambda: not get(fleet, "proxypool", gone, None) and not get(fleet, "backendpool", gone, None),
+                 "both pools' finalizers released", timeout=30)
+        took_released = time.monotonic() - started
+        time.sleep(1)
+    finally:
+        watch.terminate()
+    seen, decoder, text = [], json.JSONDecoder(), watch.communicate(timeout=10)[0]
+    while text.strip():
+        obj, end = decoder.raw_decode(text.lstrip())
+        seen.append(obj)
+        text = text.lstrip()[end:]
+    retired = {o["spec"]["role"] for o in seen if condition(o, "Retired").get("status") == "True"}
     assert retired == {"proxy", "backend"}, "each NodeAgent said Retired before it went"
     assert took_released < TEARDOWN_TIMEOUT_S, "the pools went by the timeout, not by their nodes' confirmation"
     wait_for(lambda: not any(get(fleet, kind, name) for role in ("proxy", "backend")

@@ -104,7 +104,12 @@ class Reconciler:
                 log.info("retiring %s %s: its agents detach from their nodes", pool.kind, pool.name)
         if retiring:
             self.request_render()     # its policies lose the pool
-        waiting = lifecycle.unretired(pool, self._agent_reports(), self._nodes())
+        reports = self._agent_reports()
+        waiting = lifecycle.unretired(pool, reports, self._nodes())
+        if not waiting:
+            log.info("%s %s: no node left to detach (its agents' reports: %s)", pool.kind, pool.name,
+                     [(r.node, "retired" if r.retired else "serving") for r in reports
+                      if (r.role, r.pool) == (pool.role, pool.name)] or "none")
         self._report(body, lifecycle.retiring_status(pool, waiting, _conditions(body)), False)
         return self._still_waiting(body, waiting, f"detach {pool.kind} {pool.name}'s programs",
                                    f"`synfleet agent uninstall --instance {pool.name}` on them")
