@@ -20,6 +20,7 @@
 #include "sf_tcp.h"
 #include "sf_maps.h"
 #include "sf_synack.h"
+#include "sf_icmp.h"
 
 /* Continue processing: a value no TC verdict uses. */
 #define SF_CONTINUE 0x100
@@ -299,15 +300,75 @@ static __always_inline void encap_tail_fill(struct udphdr *udp, struct sf_encap_
 	sf->policy_id = bpf_htons(policy_id);
 }
 
-static __always_inline int encap_route(struct __sk_buff *skb, struct bpf_fib_lookup *fib)
+/* The segment would not fit the egress MTU once encapsulated: tell its sender
+ * what does (sf_icmp.h), from this node's address, out of the interface it
+ * came in on. An IPv4 segment without DF, or with IP options, is dropped: the
+ * proxy neither fragments nor quotes options. */
+static __noinline int too_big(struct __sk_buff *skb, const struct pkt *p, const struct sf_config *cfg,
+			      __u32 mtu)
 {
-	struct bpf_redir_neigh nh = {};
+	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data, in;
+	union {
+		struct too_big_v4 v4;
+		struct too_big_v6 v6;
+	} r = {};
+	__u32 len;
+
+	if ((void *)(eth + 1) > data_end)
+		return drop(SF_CTR_ROUTE_FAILED);
+	__builtin_memcpy(&in, eth, sizeof(in));
+	if (p->tuple.family == SF_FAMILY_IPV4) {
+		const struct iphdr *seg = (const struct iphdr *)r.v4.quote;
+
+		if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), r.v4.quote, sizeof(r.v4.quote)) ||
+		    seg->ihl != 5 || !(seg->frag_off & bpf_htons(IP_DF)))
+			return drop(SF_CTR_ROUTE_FAILED);
+		too_big_v4_build(&r.v4, &in, cfg->node_addr_v4 ? cfg->node_addr_v4 : seg->daddr,
+				 mtu < SF_IPV4_MIN_MTU ? SF_IPV4_MIN_MTU : mtu);
+		len = SF_TOO_BIG_V4_LEN;
+	} else {
+		const struct ipv6hdr *seg = (const struct ipv6hdr *)r.v6.quote;
+		const void *from;
+
+		if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), r.v6.quote, sizeof(r.v6.quote)))
+			return drop(SF_CTR_ROUTE_FAILED);
+		from = cfg->node_addr_v6[0] ? (const void *)cfg->node_addr_v6 : (const void *)&seg->daddr;
+
+		too_big_v6_build(&r.v6, &in, from, mtu < SF_IPV6_MIN_MTU ? SF_IPV6_MIN_MTU : mtu);
+		len = SF_TOO_BIG_V6_LEN;
+	}
+	if (bpf_skb_change_tail(skb, len, 0) ||
+	    bpf_skb_store_bytes(skb, 0, p->tuple.family == SF_FAMILY_IPV4 ? (void *)&r.v4.eth : (void *)&r.v6.eth,
+				len, 0))
+		return drop(SF_CTR_ROUTE_FAILED);
+	count(SF_CTR_TOO_BIG);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* Where the packet goes once `outer` bytes of headers are pushed: SF_CONTINUE,
+ * or the verdict when it cannot go (too big: its sender is told). The lookup
+ * checks the encapsulated length against the egress MTU; a GSO aggregate is
+ * left to the kernel's per-segment check. One lookup serves both purposes. */
+static __always_inline int encap_lookup(struct __sk_buff *skb, const struct pkt *p, const struct sf_config *cfg,
+					struct bpf_fib_lookup *fib, __u32 outer)
+{
 	long rc;
 
 	fib->ifindex = skb->ifindex;
+	fib->tot_len = skb->gso_size ? 0 : outer + skb->len - sizeof(struct ethhdr);
 	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big(skb, p, cfg, fib->mtu_result - outer);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return drop(SF_CTR_ROUTE_FAILED);
+	return SF_CONTINUE;
+}
+
+static __always_inline int encap_route(struct __sk_buff *skb, struct bpf_fib_lookup *fib)
+{
+	struct bpf_redir_neigh nh = {};
+
 	nh.nh_family = fib->family;
 	__builtin_memcpy(nh.ipv6_nh, fib->ipv6_dst, sizeof(nh.ipv6_nh));
 	count(SF_CTR_FORWARDED);
@@ -329,6 +390,7 @@ static __noinline int encap_push_v4(struct __sk_buff *skb, const struct pkt *p,
 	struct bpf_fib_lookup fib = {};
 	struct encap_v4 h = {};
 	__s64 csum;
+	int verdict;
 
 	if (!cfg->node_addr_v4 || inner_len > 0xffff - sizeof(h))
 		return drop(SF_CTR_ENCAP_FAILED);
@@ -346,6 +408,14 @@ static __noinline int encap_push_v4(struct __sk_buff *skb, const struct pkt *p,
 	encap_tail_fill(&h.udp, &h.sf, hash, cfg->encap_port,
 			sizeof(h) - sizeof(h.ip) + inner_len, p->policy_id, p->encap_flags);
 
+	fib.family = AF_INET;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.ipv4_src = h.ip.saddr;
+	fib.ipv4_dst = h.ip.daddr;
+	verdict = encap_lookup(skb, p, cfg, &fib, sizeof(h));
+	if (verdict != SF_CONTINUE)
+		return verdict;
+
 	if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
 		return drop(SF_CTR_ENCAP_FAILED);
@@ -353,11 +423,6 @@ static __noinline int encap_push_v4(struct __sk_buff *skb, const struct pkt *p,
 		return drop(SF_CTR_ENCAP_FAILED);
 	if (p->tuple.family != SF_FAMILY_IPV4 && encap_set_eth_proto(skb, ETH_P_IP))
 		return drop(SF_CTR_ENCAP_FAILED);
-
-	fib.family = AF_INET;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.ipv4_src = h.ip.saddr;
-	fib.ipv4_dst = h.ip.daddr;
 	return encap_route(skb, &fib);
 }
 
@@ -369,6 +434,7 @@ static __noinline int encap_push_v6(struct __sk_buff *skb, const struct pkt *p,
 	struct bpf_fib_lookup fib = {};
 	struct encap_v6 h = {};
 	__u32 payload_len = sizeof(h) - sizeof(h.ip6) + inner_len;
+	int verdict;
 
 	if (!cfg->node_addr_v6[0] || payload_len > 0xffff)
 		return drop(SF_CTR_ENCAP_FAILED);
@@ -380,6 +446,14 @@ static __noinline int encap_push_v6(struct __sk_buff *skb, const struct pkt *p,
 	__builtin_memcpy(&h.ip6.daddr, be->addr, 16);
 	encap_tail_fill(&h.udp, &h.sf, hash, cfg->encap_port, payload_len, p->policy_id, p->encap_flags);
 
+	fib.family = AF_INET6;
+	fib.l4_protocol = IPPROTO_UDP;
+	__builtin_memcpy(fib.ipv6_src, cfg->node_addr_v6, 16);
+	__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
+	verdict = encap_lookup(skb, p, cfg, &fib, sizeof(h));
+	if (verdict != SF_CONTINUE)
+		return verdict;
+
 	if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
 		return drop(SF_CTR_ENCAP_FAILED);
@@ -387,11 +461,6 @@ static __noinline int encap_push_v6(struct __sk_buff *skb, const struct pkt *p,
 		return drop(SF_CTR_ENCAP_FAILED);
 	if (p->tuple.family != SF_FAMILY_IPV6 && encap_set_eth_proto(skb, ETH_P_IPV6))
 		return drop(SF_CTR_ENCAP_FAILED);
-
-	fib.family = AF_INET6;
-	fib.l4_protocol = IPPROTO_UDP;
-	__builtin_memcpy(fib.ipv6_src, cfg->node_addr_v6, 16);
-	__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
 	return encap_route(skb, &fib);
 }
 

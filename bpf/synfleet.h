@@ -154,6 +154,8 @@ enum sf_counter {
 	/* proxy: SYNs no host would answer */
 	SF_CTR_MARTIAN,
 	SF_CTR_BAD_CHECKSUM,
+	/* proxy: a segment too big once encapsulated, answered with ICMP(v6) */
+	SF_CTR_TOO_BIG,
 	SF_CTR_MAX,
 };
 

@@ -27,10 +27,10 @@ import ipaddress
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrHopByHop
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import Ether
 
 from conftest import (
@@ -92,6 +92,10 @@ def seeds(salts) -> list[bytes]:
             tcp_frame(client, service, 40000, PORT_FULL, flags="FA", seq=900, ack=5),
             tcp_frame(client, service, 40000, PORT_FULL, flags="R", seq=900),
             tcp_frame(client, service, 40000, 443, flags="S"),
+            # too big for the 1,500-byte link once encapsulated
+            tcp_frame(client, service, 40000, PORT_FULL, flags="PA", seq=778, ack=5,
+                      payload=b"x" * (1500 - (20 if family == 4 else 40) - 24),
+                      **({"ip_flags": "DF"} if family == 4 else {})),
         ]
         proxy_addr, backend_addr = (PROXY_V4, BACKEND_V4) if family == 4 else (PROXY_V6, BACKEND_V6)
         inner = tcp_frame(client, service, 40000, PORT_FULL, flags="A", seq=778, ack=(cookie + 1) % 2**32)
@@ -135,18 +139,17 @@ def mutated(draw, pool: list[bytes]) -> bytes:
     return bytes(frame)
 
 
-def run(program, frame: bytes):
-    """The test run, or None when the kernel refuses it as documented."""
+def fuzz_run(dp, program, frame: bytes):
+    """The frame, its test run and the counters it moved; a frame the kernel
+    refuses as documented is no example."""
+    before = dp.counter_values()
     try:
-        return program.test_run(frame)
+        result = program.test_run(frame)
     except OSError as err:
         assert err.errno == errno.EINVAL and len(frame) < 14 + 40, f"{err} for a {len(frame)}-byte frame"
-        return None
-
-
-def moved(dp, before) -> dict:
+        reject()
     after = dp.counter_values()
-    return {c: after[c] - before[c] for c in Counter if after[c] != before[c]}
+    return frame, result, {c: after[c] - before[c] for c in Counter if after[c] != before[c]}
 
 
 def check_synack(frame: bytes, out: bytes, salts) -> None:
@@ -162,6 +165,18 @@ def check_synack(frame: bytes, out: bytes, salts) -> None:
     now = current_epoch(ROTATION_S, UNIT_CLOCK_OFFSET_S)
     t = FourTuple(ipaddress.ip_address(l3_in.src), ipaddress.ip_address(l3_in.dst), t_in.sport, t_in.dport)
     assert cookie_check(salts, now, t, t_in.seq, t_out.seq), "a cookie the reference rejects"
+
+
+def check_too_big(frame: bytes, out: bytes) -> None:
+    """An ICMP(v6) "too big" error to the segment's sender, quoting its IP header and 8 TCP bytes."""
+    seg, err = Ether(frame), Ether(out)
+    assert checksums_valid(out) and (err.src, err.dst) == (seg.dst, seg.src)
+    if err.type == 0x0800:
+        assert IP in seg and err[IP].dst == seg[IP].src and (err[ICMP].type, err[ICMP].code) == (3, 4)
+        assert bytes(err[ICMP].payload) == frame[14:14 + 28]
+    else:
+        assert err[IPv6].dst == seg[IPv6].src and err[IPv6].nh == 58
+        assert bytes(err[ICMPv6PacketTooBig].payload) == frame[14:14 + 48]
 
 
 def check_encapsulated(frame: bytes, out: bytes, counted: dict) -> None:
@@ -201,12 +216,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, da
 @FUZZ
 @given(data=st.data())
 def test_fuzz_proxy_tc_keeps_every_documented_promise(proxy, salts, pool, data):
-    frame = data.draw(mutated(pool))
-    before = proxy.counter_values()
-    result = run(proxy.program, frame)
-    if result is None:
-        return
-    counted = moved(proxy, before)
+    frame, result, counted = fuzz_run(proxy, proxy.program, data.draw(mutated(pool)))
     assert result.retval in (TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT)
     if result.retval == TC_ACT_OK:
         assert result.data == frame and set(counted) <= {Counter.NO_POLICY}
@@ -215,6 +225,9 @@ def test_fuzz_proxy_tc_keeps_every_documented_promise(proxy, salts, pool, data):
     elif Counter.SYN_ANSWERED in counted:
         assert counted == {Counter.SYN_ANSWERED: 1}
         check_synack(frame, result.data, salts)
+    elif Counter.TOO_BIG in counted:
+        assert set(counted) <= {Counter.TOO_BIG, Counter.FAIL_OPEN, Counter.SALT_MISSING} | PROXY_ACK_VERDICTS
+        check_too_big(frame, result.data)
     else:
         assert counted.get(Counter.FORWARDED) == 1, counted
         assert set(counted) <= {Counter.FORWARDED, Counter.FAIL_OPEN, Counter.SALT_MISSING} | PROXY_ACK_VERDICTS
@@ -224,12 +237,7 @@ def test_fuzz_proxy_tc_keeps_every_documented_promise(proxy, salts, pool, data):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_proxy_xdp_front_answers_like_tc_or_passes_untouched(proxy, pool, data):
-    frame = data.draw(mutated(pool))
-    before = proxy.counter_values()
-    result = run(proxy.xdp_program, frame)
-    if result is None:
-        return
-    counted = moved(proxy, before)
+    frame, result, counted = fuzz_run(proxy, proxy.xdp_program, data.draw(mutated(pool)))
     assert result.retval in (XDP_PASS, XDP_TX)
     if result.retval == XDP_PASS:
         assert result.data == frame and counted == {}
@@ -242,12 +250,7 @@ def test_fuzz_proxy_xdp_front_answers_like_tc_or_passes_untouched(proxy, pool, d
 @FUZZ
 @given(data=st.data())
 def test_fuzz_backend_decapsulates_only_what_an_allowed_proxy_sent(backend, pool, data):
-    frame = data.draw(mutated(pool))
-    before = backend.counter_values()
-    result = run(backend.program, frame)
-    if result is None:
-        return
-    counted = moved(backend, before)
+    frame, result, counted = fuzz_run(backend, backend.program, data.draw(mutated(pool)))
     assert result.retval in (TC_ACT_OK, TC_ACT_SHOT), "no socket here: nothing to reset"
     if result.retval == TC_ACT_SHOT:
         assert len(set(counted) & BACKEND_DROPS) >= 1, counted

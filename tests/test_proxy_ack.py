@@ -9,6 +9,9 @@ import socket
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
+from scapy.layers.l2 import Ether
 
 from conftest import (
     BACKEND_V4,
@@ -21,7 +24,19 @@ from conftest import (
     addr_pair,
     tai_epoch,
 )
-from packets import TC_ACT_OK, TC_ACT_REDIRECT, checksums_valid, decode_encap, encap_source_port, ring_slot, tcp_frame
+from packets import (
+    CLIENT_MAC,
+    PROXY_MAC,
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    checksums_valid,
+    decode_encap,
+    delta,
+    encap_source_port,
+    ring_slot,
+    tcp_frame,
+)
 from synfleet.abi import ENCAP_F_VALIDATED, Counter
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make
 from synfleet.dataplane.flow import maglev_table
@@ -168,3 +183,44 @@ def test_traffic_to_unprotected_ports_and_other_protocols_is_untouched(proxy):
     assert (run.retval, run.data) == (TC_ACT_OK, frame)
     arp = bytes.fromhex("ffffffffffff020000000001" "0806") + bytes(28)
     assert proxy.program.test_run(arp).retval == TC_ACT_OK
+
+
+ENCAP_OVERHEAD = {4: 20 + 8 + 4, 6: 40 + 8 + 4}
+LINK_MTU = 1500     # the unit namespace's veth
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_segment_too_big_once_encapsulated_is_answered_with_the_mtu_that_fits(proxy, family):
+    """An independent fuzzer's find: such segments were dropped (route_failed)
+    with nothing sent back, a path-MTU black hole for clients that exceed the
+    advertised MSS."""
+    client, service = addr_pair(family)
+    header = 20 if family == 4 else 40
+    frame = tcp_frame(client, service, 45000, PORT_FULL, flags="PA", seq=7, ack=9,
+                      payload=b"x" * (LINK_MTU - header - 20 - 4), **({"ip_flags": "DF"} if family == 4 else {}))
+    t = FourTuple(client, service, 45000, PORT_FULL)
+    backend = [BACKEND_V4, BACKEND_V6][maglev_table([BACKEND_V4, BACKEND_V6])[ring_slot(t)]]
+    fits = LINK_MTU - ENCAP_OVERHEAD[ipaddress.ip_address(backend).version]
+
+    run, counted = delta(proxy, frame)
+
+    assert run.retval == TC_ACT_REDIRECT
+    assert counted.get(Counter.TOO_BIG) == 1 and Counter.FORWARDED not in counted
+    out = Ether(run.data)
+    assert (out.src, out.dst) == (PROXY_MAC, CLIENT_MAC) and checksums_valid(run.data)
+    if family == 4:
+        assert (out[IP].src, out[IP].dst) == (PROXY_V4, str(client))
+        assert (out[ICMP].type, out[ICMP].code, out[ICMP].nexthopmtu) == (3, 4, fits)
+        assert bytes(out[ICMP].payload) == frame[14:14 + 28]
+    else:
+        assert (out[IPv6].src, out[IPv6].dst) == (PROXY_V6, str(client))
+        assert (out[ICMPv6PacketTooBig].mtu) == max(1280, fits)
+        assert bytes(out[ICMPv6PacketTooBig].payload) == frame[14:14 + 48]
+
+
+def test_a_segment_too_big_without_dont_fragment_is_dropped(proxy):
+    client, service = addr_pair(4)
+    frame = tcp_frame(client, service, 45000, PORT_FULL, flags="PA", seq=7, ack=9,
+                      payload=b"x" * (LINK_MTU - 44))     # scapy leaves DF clear
+    run, counted = delta(proxy, frame)
+    assert run.retval == TC_ACT_SHOT and counted.get(Counter.ROUTE_FAILED) == 1

@@ -64,6 +64,7 @@ class Counter(enum.IntEnum):
     FAIL_OPEN = enum.auto()
     MARTIAN = enum.auto()
     BAD_CHECKSUM = enum.auto()
+    TOO_BIG = enum.auto()
 
 
 class Endpoint(ctypes.Structure):
