@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import network_namespaces, require_bpf
+from fleet import wait_for
 
 pytestmark = pytest.mark.netns
 KEYS = {"legit_attempts", "legit_ok", "connect_p50_ms", "connect_p99_ms", "flood_syn_sent",
@@ -57,6 +58,28 @@ def test_an_interrupted_demo_removes_everything(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "everything it created was removed" in err
+    assert state() == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_an_interrupted_bench_removes_everything_and_says_so_without_a_traceback(sig):
+    """Seen before: SIGTERM (as `timeout` sends) left the bench's namespace
+    behind, and Ctrl-C printed a Python traceback."""
+    require_bpf()
+    before = state()
+    proc = subprocess.Popen([sys.executable, "-m", "synfleet.cli", "bench", "dataplane", "--repeat", "5000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: state()[0] - before[0], "the bench's namespace", timeout=30)
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "synfleet bench dataplane: interrupted; everything it created was removed" in err
+    assert "Traceback" not in err
     assert state() == before
 
 

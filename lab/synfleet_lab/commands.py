@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from synfleet_lab.bench.flood import GENERATORS
@@ -98,12 +99,8 @@ def _demo(args: argparse.Namespace) -> int:
     from synfleet_lab import demo
 
     say = (lambda *a, **k: None) if args.json else print
-    try:
-        result = demo.run(flood_rate=args.flood_rate, flood_s=args.flood_seconds, clients=args.clients,
-                          progress=say)
-    except KeyboardInterrupt:
-        print("synfleet demo: interrupted; everything it created was removed", file=sys.stderr)
-        return 130
+    result = demo.run(flood_rate=args.flood_rate, flood_s=args.flood_seconds, clients=args.clients,
+                      progress=say)
     demo.chart(result, args.chart)
     if args.json:
         print(json.dumps(result.summary))
@@ -114,10 +111,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interruptible(name: str, command):
+    """Ctrl-C and SIGTERM (`timeout`, a closed session) end a lab command the
+    same way: its context managers remove the namespaces, processes and pins it
+    made, and one line says so instead of a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            return command(args)
+        except KeyboardInterrupt:
+            print(f"synfleet {name}: interrupted; everything it created was removed", file=sys.stderr)
+            return 130
+    return run
+
+
 def check(sub: argparse._SubParsersAction) -> None:
     check = sub.add_parser("check", help="load the data plane, run a real handshake in network "
                                          "namespaces, and print what it did")
-    check.set_defaults(func=_check)
+    check.set_defaults(func=_interruptible("check", _check))
 
 
 def bench(sub: argparse._SubParsersAction) -> None:
@@ -127,7 +138,7 @@ def bench(sub: argparse._SubParsersAction) -> None:
     dp.add_argument("--repeat", type=int, default=1_000_000, help="runs per measurement (default 10^6)")
     dp.add_argument("--rounds", type=int, default=3, help="measurements per path; the best is kept")
     dp.add_argument("--json", action="store_true", help="print one JSON object")
-    dp.set_defaults(func=_bench_dataplane)
+    dp.set_defaults(func=_interruptible("bench dataplane", _bench_dataplane))
     fl = bench_sub.add_parser("flood", help="SYN+ACKs per second of synfleet, kernel SYN cookies, "
                                              "nftables synproxy and a zero-work floor (needs root, "
                                              "nft, two CPUs; trafgen for --generator trafgen)")
@@ -138,7 +149,7 @@ def bench(sub: argparse._SubParsersAction) -> None:
     fl.add_argument("--seconds", type=float, default=3.0, help="length of each rate step (default 3)")
     fl.add_argument("--json", action="store_true", help="print one JSON object")
     fl.add_argument("--chart", default="synfleet-bench-flood.png", help="PNG chart path ('' for none)")
-    fl.set_defaults(func=_bench_flood)
+    fl.set_defaults(func=_interruptible("bench flood", _bench_flood))
     ht = bench_sub.add_parser("http", help="HTTP requests/s (nginx, wrk, a connection per request) "
                               "through synfleet and without it, idle and under a SYN flood")
     ht.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run (default 5)")
@@ -146,7 +157,7 @@ def bench(sub: argparse._SubParsersAction) -> None:
     ht.add_argument("--connections", type=int, default=32, help="wrk's concurrent connections")
     ht.add_argument("--rounds", type=int, default=3, help="alternating runs per path; medians reported")
     ht.add_argument("--json", action="store_true", help="print one JSON object")
-    ht.set_defaults(func=_bench_http)
+    ht.set_defaults(func=_interruptible("bench http", _bench_http))
 
 
 def demo(sub: argparse._SubParsersAction) -> None:
@@ -157,4 +168,4 @@ def demo(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--clients", type=int, default=4, help="concurrent legitimate clients")
     demo.add_argument("--chart", default="synfleet-demo.png", help="PNG chart path")
     demo.add_argument("--json", action="store_true", help="print only the summary as JSON")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_interruptible("demo", _demo))

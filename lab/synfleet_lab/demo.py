@@ -10,7 +10,6 @@ is removed on exit, on errors and on Ctrl-C.
 from __future__ import annotations
 
 import os
-import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -61,7 +60,6 @@ def _proxy_state_entries(lab: FleetLab) -> int:
 
 
 def run(flood_rate: int = 40000, flood_s: float = 15.0, clients: int = 4, progress=print) -> DemoResult:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)   # clean up on SIGTERM as on Ctrl-C
     t0 = time.monotonic()
     progress("synfleet demo: building client, attacker, 2 proxies, 2 backends in network namespaces")
     with FleetLab() as lab:
