@@ -106,6 +106,23 @@ def test_values_reach_the_operator_deployment(tmp_path):
     assert pdb["spec"]["minAvailable"] == 2
 
 
+@pytest.mark.parametrize("values,message", [
+    ({"replicas": "two"}, "replicas"),
+    ({"encapPort": 99999}, "encapPort"),
+    ({"teardownTimeoutSeconds": 0}, "teardownTimeoutSeconds"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+    ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
+    ({"replica": 2}, "replica"),           # a typo is not silently ignored
+], ids=["replicas-not-a-number", "port-out-of-range", "zero-timeout", "pull-policy", "interval", "typo"])
+def test_bad_values_are_refused_naming_the_value(tmp_path, values, message):
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    r = subprocess.run([str(kube_tools()["helm"]), "template", "synfleet", str(CHART), "--values", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "values don't meet the specifications of the schema" in r.stderr, r.stderr
+    assert message in r.stderr
+
+
 def test_single_replica_has_no_disruption_budget_and_metrics_can_be_off(tmp_path):
     docs = render(tmp_path, {"replicas": 1, "metrics": {"enabled": False}})
     kinds = [d["kind"] for d in docs]
