@@ -103,10 +103,22 @@ def kube_tools() -> dict[str, Path]:
     return tools
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on loopback now. Held open together while they
+    are chosen: ports taken one at a time can come back twice (a real flake:
+    an operator's metrics and liveness endpoints got the same port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class KubeCluster:
@@ -115,7 +127,7 @@ class KubeCluster:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port, self._etcd_port = free_ports(2)
         self.url = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = workdir / "admin.kubeconfig"
         self.ca_file = workdir / "certs" / "apiserver.crt"
@@ -130,7 +142,7 @@ class KubeCluster:
         subprocess.run(["openssl", "rsa", "-in", w / "sa.key", "-pubout", "-out", w / "sa.pub"],
                        check=True, capture_output=True)
         (w / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,admin,"system:masters"\n')
-        etcd_port = free_port()
+        etcd_port = self._etcd_port
         self._log = open(w / "apiserver.log", "wb")
         self._proc = subprocess.Popen(
             [str(binaries["kube-apiserver-with-etcd"]), "-etcd-dir", str(w / "etcd"), "-etcd-port", str(etcd_port), "--",
@@ -243,8 +255,8 @@ class OperatorProcess:
         self.log_path = cluster.workdir / f"{name}.log"
         token = cluster.service_account_token(namespace, service_account)
         kubeconfig = cluster.write_kubeconfig(cluster.workdir / f"{name}.kubeconfig", token, namespace)
-        self.metrics_port = free_port()
-        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics_port, liveness_port = free_ports(2)
+        self.liveness = f"http://127.0.0.1:{liveness_port}/healthz"
         self.args = ["python3", "-m", "synfleet.cli", "operator", "--namespace", namespace,
                      "--agent-image", "ghcr.io/synfleet/agent:test", "--peering", peering,
                      "--metrics-port", str(self.metrics_port), "--liveness", self.liveness,
