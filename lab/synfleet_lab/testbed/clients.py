@@ -3,6 +3,7 @@ namespace, each attempt timed from connect() to the service's greeting."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import socket
 import struct
@@ -26,6 +27,12 @@ class Attempt:
     connect_ms: float | None
     backend: str | None
     error: str | None = None
+
+
+class PortStillClosing(Exception):
+    """The fixed source port's previous connection is still closing on the
+    client (its FIN not yet acknowledged): connect() sent nothing. A client
+    whose kernel picks the port would have taken another one."""
 
 
 def _read_line(sock: socket.socket) -> bytes:
@@ -55,7 +62,12 @@ def attempt(lab: FleetLab, family: int = 4, source_port: int = 0, payload: bytes
         if source_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("0.0.0.0" if family == 4 else "::", source_port))
-        sock.connect((SERVICE[family], SERVICE_PORT))
+        try:
+            sock.connect((SERVICE[family], SERVICE_PORT))
+        except OSError as err:
+            if source_port and err.errno == errno.EADDRNOTAVAIL:
+                raise PortStillClosing(source_port) from err
+            raise
         connect_ms = (time.monotonic() - started) * 1000
         backend = _read_line(sock).decode().strip()
         sock.sendall(payload)
@@ -88,6 +100,7 @@ class ClientLoad:
     concurrency: int = 4
     pause_s: float = 0.01
     attempts: list[Attempt] = field(default_factory=list)
+    ports_still_closing: int = 0
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -98,8 +111,11 @@ class ClientLoad:
         n = 0
         while not self._stop.is_set():
             port = CHURN_PORT_BASE + index * PORTS_PER_CLIENT + n % PORTS_PER_CLIENT
-            self.attempts.append(attempt(self.lab, 4 if (index + n) % 2 == 0 else 6, port,
-                                         server_closes=True))
+            try:
+                self.attempts.append(attempt(self.lab, 4 if (index + n) % 2 == 0 else 6, port,
+                                             server_closes=True))
+            except PortStillClosing:
+                self.ports_still_closing += 1
             n += 1
             self._stop.wait(self.pause_s)
 
