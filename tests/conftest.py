@@ -85,10 +85,10 @@ UNIT_CLOCK_OFFSET_S = _mid_epoch_clock_offset(ROTATION_S)
 def require_kube() -> None:
     """The operator tests build a real kube-apiserver with Go (or reuse a cached
     build) and need openssl; CI sets SYNFLEET_REQUIRE_KUBE=1 so they never skip there."""
-    from kubecluster import cached_control_plane
+    from synfleet_lab.cluster.binaries import cached
 
     missing = [tool for tool in ("openssl",) if shutil.which(tool) is None]
-    if shutil.which("go") is None and cached_control_plane() is None:
+    if shutil.which("go") is None and cached() is None:
         missing.append("go (to build kube-apiserver)")
     if missing:
         skip_unless_required("SYNFLEET_REQUIRE_KUBE", "Kubernetes", f"needs {', '.join(missing)}")

@@ -92,6 +92,9 @@ def test_agent_daemonset_runs_the_pool_role_with_least_privilege():
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
     assert mounts["/sys/kernel/btf"]["readOnly"] is True
+    # A writable /tmp beside the read-only root (the Kubernetes client's discovery cache).
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["readinessProbe"]["httpGet"]["port"] == 9478
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()

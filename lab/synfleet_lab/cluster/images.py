@@ -10,7 +10,9 @@ everything that goes into it.
 Images: both targets of the project's Dockerfile (`agent`, `operator`), built
 with buildah from the repository as the build context, with only the base
 images passed as build arguments (DEBIAN_IMAGE, PYTHON_IMAGE), and exported as
-OCI archives that a node's containerd imports (`ctr images import`).
+OCI archives that a node's containerd imports (`ctr images import`). For the
+lab cluster two more: the pod sandbox (`pause`, a static program of ours: no
+registry.k8s.io here) and a web server for backend pods (`web`: Debian's nginx).
 
 Everything lives in one buildah storage under the cache directory; nothing is
 pulled and nothing is pushed."""
@@ -32,6 +34,7 @@ BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TARGETS = ("agent", "operator")
 REPOSITORY = "localhost/synfleet"
+HERE = Path(__file__).resolve().parent
 
 
 def debian_mirror() -> str:
@@ -46,6 +49,19 @@ def debian_mirror() -> str:
             if words[:1] == ["deb"] and len(words) > 2:
                 return next(w for w in words[1:] if "://" in w)
     return "http://deb.debian.org/debian"
+
+
+def _digest(paths: list[Path], extra: str) -> str:
+    """Of the files under `paths` that a build copies (not bytecode, egg-info
+    or the BPF objects the build makes itself)."""
+    h = hashlib.sha256(extra.encode())
+    for top in paths:
+        files = sorted(top.rglob("*")) if top.is_dir() else [top]
+        for f in files:
+            if f.is_file() and not {"__pycache__", "objects"} & set(f.parts) and \
+                    not any(part.endswith(".egg-info") for part in f.parts):
+                h.update(str(f.relative_to(top.parent)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -116,17 +132,54 @@ class ImageBuilder:
 
     def build(self, target: str) -> Image:
         """Build one Dockerfile target from the repository and export it."""
+        inputs = [self.context / p for p in ("Dockerfile", "pyproject.toml", "README.md", "bpf", "operator")]
+        return self._bud(target, self.context / "Dockerfile", self.context, inputs, target)
+
+    def _bud(self, name: str, dockerfile: Path, context: Path, inputs: list[Path],
+             target: str | None = None) -> Image:
+        """Build unless the exported archive was made from the same inputs."""
         base = self.base_image()
-        ref = f"{REPOSITORY}/{target}:{self.tag}"
+        ref = f"{REPOSITORY}/{name}:{self.tag}"
+        digest = _digest([dockerfile, *inputs], f"{base} {target}")
+        archive = self.cache / "images" / f"{name}-{self.tag}.oci.tar"
+        stamp = archive.with_suffix(".digest")
+        if archive.exists() and stamp.exists() and stamp.read_text() == digest and \
+                self._buildah("images", "--quiet", "--filter", f"reference={ref}", capture=True):
+            return Image(name, ref, archive)
         self._buildah("bud", "--isolation", "chroot", "--network", "host", "--layers=false", "--quiet",
                       "--build-arg", f"DEBIAN_IMAGE={base}", "--build-arg", f"PYTHON_IMAGE={base}",
-                      "--target", target, "--tag", ref, "--file", str(self.context / "Dockerfile"),
-                      str(self.context))
-        archive = self.cache / "images" / f"{target}-{self.tag}.oci.tar"
+                      *(["--target", target] if target else []), "--tag", ref, "--file", str(dockerfile),
+                      str(context))
+        image = self._export(name, ref)
+        stamp.write_text(digest)
+        return image
+
+    def _export(self, name: str, ref: str) -> Image:
+        archive = self.cache / "images" / f"{name}-{self.tag}.oci.tar"
         archive.parent.mkdir(parents=True, exist_ok=True)
         archive.unlink(missing_ok=True)
         self._buildah("push", "--quiet", ref, f"oci-archive:{archive}:{ref}")
-        return Image(target, ref, archive)
+        return Image(name, ref, archive)
+
+    def pause(self) -> Image:
+        """The pod sandbox image: pause.c, statically linked, alone in the image."""
+        ref = f"{REPOSITORY}/pause:{self.tag}"
+        with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
+            binary = Path(tmp) / "pause"
+            subprocess.run(["gcc", "-static", "-Os", "-o", str(binary), str(HERE / "pause.c")],
+                           check=True, capture_output=True)
+            container = self._buildah("from", "--quiet", "scratch", capture=True)
+            try:
+                self._buildah("copy", container, str(binary), "/pause")
+                self._buildah("config", "--entrypoint", '["/pause"]', "--user", "65535:65535", container)
+                self._buildah("commit", "--quiet", container, ref)
+            finally:
+                self._buildah("rm", container)
+        return self._export("pause", ref)
+
+    def web(self) -> Image:
+        """A web server for the lab's backend pods: Debian's nginx."""
+        return self._bud("web", HERE / "web.Dockerfile", HERE, [])
 
     def build_all(self) -> dict[str, Image]:
         built = {target: self.build(target) for target in TARGETS}

@@ -86,6 +86,9 @@ def daemonset(pool: Pool, settings: OperatorSettings) -> dict:
         "volumeMounts": [
             {"name": "bpffs", "mountPath": BPFFS, "mountPropagation": "HostToContainer"},
             {"name": "btf", "mountPath": BTF, "readOnly": True},
+            # The root filesystem is read-only; the Kubernetes client keeps its
+            # discovery cache in the temporary directory (no usable one: it fails to start).
+            {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
     pod_spec = {
@@ -101,6 +104,7 @@ def daemonset(pool: Pool, settings: OperatorSettings) -> dict:
         "volumes": [
             {"name": "bpffs", "hostPath": {"path": BPFFS, "type": "Directory"}},
             {"name": "btf", "hostPath": {"path": BTF, "type": "Directory"}},
+            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
         ],
     }
     selector = names.selector_labels(pool.role, pool.name)
