@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(clang llvm libbpf-dev bpftool iproute2 make python3-pip openssl netsniff-ng nftables
-          nginx-light wrk buildah debootstrap)
+          nginx-light wrk buildah debootstrap containerd runc containernetworking-plugins iptables
+          gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -123,6 +123,16 @@ UNIT_KEYS = master_keys()
 
 
 @pytest.fixture(scope="session")
+def lab_images():
+    """The images, built once per session (and cached across sessions by their
+    inputs): the image tests and the lab cluster share them."""
+    require_image_builder()
+    from synfleet_lab.cluster.cluster import build_images
+
+    return build_images()
+
+
+@pytest.fixture(scope="session")
 def unit_netns():
     """Tests run inside a namespace laid out like a proxy node, so that the
     proxy's bpf_fib_lookup() resolves during BPF_PROG_TEST_RUN."""

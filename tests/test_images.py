@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_image_builder
 from synfleet_lab.cluster.images import ImageBuilder
 from synfleet_lab.testbed.netns import home_namespace
 
@@ -74,12 +73,8 @@ def test_dockerignore_keeps_what_the_dockerfile_copies():
 
 
 @pytest.fixture(scope="module")
-def images():
-    require_image_builder()
-    builder = ImageBuilder(CACHE, ROOT)
-    with home_namespace():      # Debian's mirror and PyPI are out there
-        built = builder.build_all()
-    return builder, built
+def images(lab_images):
+    return ImageBuilder(CACHE, ROOT), {"agent": lab_images.agent, "operator": lab_images.operator}
 
 
 def test_both_targets_build_with_buildah_on_local_base_images_and_export_for_containerd(images):

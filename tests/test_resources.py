@@ -88,7 +88,7 @@ def test_agent_daemonset_runs_the_pool_role_with_least_privilege():
     assert c["args"][:4] == ["agent", "--role", "proxy", "--kubernetes"]
     assert c["args"][c["args"].index("--secret") + 1] == "synfleet-salts-edge"
     sc = c["securityContext"]
-    assert sc["privileged"] is False and sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
     assert mounts["/sys/kernel/btf"]["readOnly"] is True

@@ -94,36 +94,10 @@ class LabCluster:
             raise RuntimeError(f"a lab cluster is up in {self.dir}: take it down first (synfleet cluster down)")
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            progress("building (cached): Kubernetes programs, images")
-            binaries = kube_binaries(("kube-apiserver-with-etcd", "kube-controller-manager", "kube-scheduler",
-                                      "kubelet", "kube-proxy"))
-            self.images = images or build_images()
-            self._save_sysctls()
-            self.cgroups = CgroupTree(f"synfleet-cluster-{secrets.token_hex(3)}")
-            self.cgroups.create("control-plane", "daemons", *(n.name for n in NODES))
-            progress("fabric: switch, nodes, client, attacker")
-            self._fabric()
-            self._write_state()
-            progress("control plane")
-            tokens = {secrets.token_hex(16): (f"system:node:{n.name}", "system:nodes") for n in NODES}
-            proxy_token = secrets.token_hex(16)
-            tokens[proxy_token] = ("system:kube-proxy", "system:node-proxier")
-            self.control = ControlPlane(self.dir, address=HOST_ADDRESS, nodes=True, tokens=tokens,
-                                        cgroup_procs=self.cgroups.procs_file("control-plane")).start()
-            node_tokens = {user.split(":")[-1]: token for token, (user, _) in tokens.items()
-                           if user.startswith("system:node:")}
-            for spec in NODES:
-                progress(f"node {spec.name}: containerd, kubelet, kube-proxy, images")
-                node = Node(spec, self.fabric[spec.name], self.dir, self.cgroups, binaries, self.control.url,
-                            self.control.ca_file, self.images.pause.ref)
-                self.nodes[spec.name] = node
-                node.start(node_tokens[spec.name], proxy_token,
-                           {o.pod_cidr: o.address for o in NODES if o is not spec})
-                for image in (self.images.pause, self.images.agent, self.images.operator, self.images.web):
-                    node.import_image(image.archive)
-            progress("waiting for the nodes to be Ready")
-            wait_until(self._nodes_ready, "all nodes Ready", NODE_READY_TIMEOUT_S, 1.0)
-            self._write_state()
+            # The control plane and its clients live in the machine's own
+            # namespace, whichever one the calling thread is in (tests enter others).
+            with home_namespace():
+                self._up(images, progress)
         except BaseException as err:
             logs = self.log_tails()
             self.down()
@@ -131,6 +105,38 @@ class LabCluster:
                 raise RuntimeError(f"lab cluster bring-up failed: {err}\n{logs}") from err
             raise
         return self
+
+    def _up(self, images: Images | None, progress) -> None:
+        progress("building (cached): Kubernetes programs, images")
+        binaries = kube_binaries(("kube-apiserver-with-etcd", "kube-controller-manager", "kube-scheduler",
+                                  "kubelet", "kube-proxy"))
+        self.images = images or build_images()
+        self._save_sysctls()
+        self.cgroups = CgroupTree(f"synfleet-cluster-{secrets.token_hex(3)}")
+        self.cgroups.create("control-plane", "daemons", *(n.name for n in NODES))
+        progress("fabric: switch, nodes, client, attacker")
+        self._fabric()
+        self._write_state()
+        progress("control plane")
+        tokens = {secrets.token_hex(16): (f"system:node:{n.name}", "system:nodes") for n in NODES}
+        proxy_token = secrets.token_hex(16)
+        tokens[proxy_token] = ("system:kube-proxy", "system:node-proxier")
+        self.control = ControlPlane(self.dir, address=HOST_ADDRESS, nodes=True, tokens=tokens,
+                                    cgroup_procs=self.cgroups.procs_file("control-plane")).start()
+        node_tokens = {user.split(":")[-1]: token for token, (user, _) in tokens.items()
+                       if user.startswith("system:node:")}
+        for spec in NODES:
+            progress(f"node {spec.name}: containerd, kubelet, kube-proxy, images")
+            node = Node(spec, self.fabric[spec.name], self.dir, self.cgroups, binaries, self.control.url,
+                        self.control.ca_file, self.images.pause.ref)
+            self.nodes[spec.name] = node
+            node.start(node_tokens[spec.name], proxy_token,
+                       {o.pod_cidr: o.address for o in NODES if o is not spec})
+            for image in (self.images.pause, self.images.agent, self.images.operator, self.images.web):
+                node.import_image(image.archive)
+        progress("waiting for the nodes to be Ready")
+        wait_until(self._nodes_ready, "all nodes Ready", NODE_READY_TIMEOUT_S, 1.0)
+        self._write_state()
 
     def _nodes_ready(self) -> bool:
         nodes = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)["items"]
@@ -200,10 +206,12 @@ class LabCluster:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 120) -> subprocess.CompletedProcess:
-        return self.control.kubectl(*args, input=input, check=check, timeout=timeout)
+        with home_namespace():
+            return self.control.kubectl(*args, input=input, check=check, timeout=timeout)
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.control.helm(*args, check=check)
+        with home_namespace():
+            return self.control.helm(*args, check=check)
 
     def namespace(self, name: str) -> NetNS:
         return self.fabric[name]

@@ -91,6 +91,9 @@ class Node:
         for cidr, via in routes.items():
             ns.route("replace", cidr, via)
         mounts = " && ".join([f"mount -t tmpfs tmpfs {d}" for d in PRIVATE_DIRS] + [
+            # Not stacked on the host's bpffs: containerd judges the propagation of the
+            # first mount it finds there (HostToContainer needs shared or slave).
+            "{ ! mountpoint -q /sys/fs/bpf || umount /sys/fs/bpf; }",
             "mount -t bpf bpf /sys/fs/bpf", "mount --make-shared /sys/fs/bpf"])
         for d in PRIVATE_DIRS:
             Path(d).mkdir(parents=True, exist_ok=True)
