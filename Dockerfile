@@ -35,9 +35,10 @@ RUN python3 -m venv /opt/synfleet \
  && /opt/synfleet/bin/python -m compileall -q /opt/synfleet
 
 # ---- node agent: runs as root with CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON (set by the DaemonSet) ----
+# nftables: backends exempt their protected services from connection tracking (agent/notrack.py).
 FROM ${PYTHON_IMAGE} AS agent
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libbpf1 \
+ && apt-get install -y --no-install-recommends libbpf1 nftables \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/synfleet /opt/synfleet
 ENV PATH=/opt/synfleet/bin:$PATH PYTHONDONTWRITEBYTECODE=1

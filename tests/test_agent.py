@@ -36,10 +36,12 @@ from fleet import ingress_program_id, wait_for, xdp_program_id, xdp_tx_count
 from packets import TC_ACT_REDIRECT, tcp_frame
 from synfleet import abi
 from synfleet.abi import Counter, SaltValue
+from synfleet.agent import notrack
 from synfleet.agent.agent import salt_window, uninstall
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir
 from synfleet.bpf import BpfObject, Map, XdpHook
+from synfleet.config import schema
 from synfleet.cookie import salts_for
 from synfleet.dataplane.programs import ProxyDataplane
 from synfleet_lab.objects import lab_object
@@ -357,3 +359,17 @@ def test_an_upgrade_that_enlarges_a_map_keeps_the_previous_program_until_a_confi
     assert not os.path.exists(dropped_pin), "a map no program uses any more stayed pinned"
     with node.ns.entered(), ProxyDataplane(node.pins()) as dp:
         assert dp.published_salts() == node.salts()
+
+
+def test_the_conntrack_exemption_names_every_protected_service_in_both_directions():
+    services = [schema.ServiceEndpoint(address="2001:db8::10", port=443),
+                schema.ServiceEndpoint(address="198.51.100.10", port=80),
+                schema.ServiceEndpoint(address="198.51.100.9", port=8080)]
+    text = notrack.ruleset("web-1", services)
+    assert text.startswith("table inet synfleet_web_1 {")
+    assert "ip daddr . tcp dport { 198.51.100.9 . 8080, 198.51.100.10 . 80 } notrack" in text
+    assert "ip6 daddr . tcp dport { 2001:db8::10 . 443 } notrack" in text
+    assert "ip saddr . tcp sport { 198.51.100.9 . 8080, 198.51.100.10 . 80 } notrack" in text
+    # Before connection tracking (priority -200) sees the segment.
+    assert text.count("priority raw;") == 2
+    assert "ip6" not in notrack.ruleset("web", services[1:])

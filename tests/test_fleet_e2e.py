@@ -18,6 +18,8 @@ import pytest
 from conftest import require_bpf
 from fleet import ingress_program_id, wait_for, xdp_tx_count
 from synfleet.abi import SaltValue
+from synfleet.agent import notrack
+from synfleet.agent.agent import uninstall
 from synfleet.agent.pins import DEFAULT_ROOT
 from synfleet.bpf import objects
 from synfleet_lab import frames
@@ -100,6 +102,32 @@ def test_flows_spread_over_both_backends_and_keep_their_backend_on_either_proxy(
     proxies = lab.counters(PROXIES)
     assert proxies["syn_answered"] >= 4 * len(ports) and proxies["cookie_valid"] >= 4 * len(ports)
     assert lab.counters(BACKENDS)["reqsk_created"] >= 4 * len(ports)
+
+
+# What kube-proxy puts on every Kubernetes node: NAT hooks, and rules that
+# consult connection tracking (together, they made the kernel reset every
+# validated handshake: agent/notrack.py).
+KUBE_PROXY_LIKE = [(tool, *rule) for tool in ("iptables", "ip6tables") for rule in (
+    ("-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "30000", "-j", "RETURN"),
+    ("-A", "INPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"))]
+
+
+def test_backends_with_kube_proxy_style_netfilter_accept_validated_handshakes(lab):
+    for name in BACKENDS:
+        for rule in KUBE_PROXY_LIKE:
+            lab.nodes[name].ns.run(*rule)
+    before = lab.counters(BACKENDS)["reqsk_created"]
+    results = [attempt(lab, family) for family in (4, 6) for _ in range(10)]
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    assert lab.counters(BACKENDS)["reqsk_created"] - before == len(results)
+    # The exemption is the agent's own nftables table, and leaves with its data plane.
+    name = BACKENDS[0]
+    table = notrack.table_name(lab.agents[name].instance)
+    assert table in lab.nodes[name].ns.run("nft", "list", "tables")
+    lab.agents[name].signal(signal.SIGTERM)
+    with lab.nodes[name].ns.entered():
+        uninstall(lab.agents[name].instance)
+    assert table not in lab.nodes[name].ns.run("nft", "list", "tables")
 
 
 def test_syn_flood_never_reaches_backends_while_legitimate_clients_connect(lab):

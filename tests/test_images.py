@@ -96,6 +96,8 @@ def test_the_agent_image_runs_the_agent_with_libbpf(images):
     r = builder.run(ref, "python3", "-c", "import ctypes, synfleet.bpf.libbpf, synfleet.agent.agent;"
                                           "ctypes.CDLL('libbpf.so.1'); print('ok')")
     assert r.stdout.strip() == "ok", r.stderr
+    r = builder.run(ref, "nft", "--version")       # backends' conntrack exemption (agent/notrack.py)
+    assert r.returncode == 0 and r.stdout.startswith("nftables"), r.stderr
     # The objects are inside, compiled for this kernel's BTF at build time.
     r = builder.run(ref, "sh", "-c", "ls /opt/synfleet/lib/python3*/site-packages/synfleet/bpf/objects/")
     assert {"proxy.bpf.o", "proxy_xdp.bpf.o", "backend.bpf.o"} <= set(r.stdout.split()), r.stderr

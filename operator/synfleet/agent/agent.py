@@ -22,11 +22,13 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from synfleet import abi
+from synfleet.agent import notrack
 from synfleet.agent.metrics import AgentState, serve
 from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir, hooks_running
 from synfleet.agent.report import NodeReporter, ReportOptions
@@ -91,6 +93,7 @@ class Agent:
         self._swap_pending = False      # the new program waits for a configuration (see start)
         self._config_version: str | None = None    # the source's version of the applied document
         self.retired: str | None = None     # why this node was left bare
+        self._notrack_error: str | None = None   # backends: why the conntrack exemption is missing
         self.source = FileSource(opts.config_path) if opts.kube is None else KubeSource(opts.kube)
         self.reporter = NodeReporter(self.source.kube, opts.role, opts.report, self._node_status) \
             if opts.report and isinstance(self.source, KubeSource) else None
@@ -217,6 +220,8 @@ class Agent:
             # Salts first: a new configuration never names an epoch without its key.
             self._load_salts(cfg)
         slot = dp.apply(cfg)
+        if self.opts.role is schema.Role.BACKEND:
+            self._exempt_from_conntrack(cfg)
         self.config = cfg
         self.state.config_generation += 1
         self.state.last_sync = time.time()
@@ -225,6 +230,17 @@ class Agent:
             "generation": self.state.config_generation, "active_slot": slot,
             "policies": [p.id for p in cfg.policies],
             "salt_generations": [k.generation for k in cfg.salt_keys]})
+
+    def _exempt_from_conntrack(self, cfg: schema.DataplaneConfig) -> None:
+        """See agent/notrack.py: without it, kube-proxy's netfilter rules make
+        the kernel reset every validated handshake."""
+        try:
+            notrack.install(self.opts.instance, [s for p in cfg.policies for s in p.services])
+            self._notrack_error = None
+        except (notrack.NotrackError, OSError, subprocess.TimeoutExpired) as err:
+            self._notrack_error = str(err)
+            log.error("protected services not exempt from connection tracking: on a node with netfilter "
+                      "NAT (kube-proxy) validated handshakes are reset", extra={"error": str(err)})
 
     def _load_salts(self, cfg: schema.DataplaneConfig) -> None:
         """Derive the salts of the window around the node's current epoch from
@@ -280,6 +296,8 @@ class Agent:
             return f"no valid configuration yet: {self._first_error}" if self._first_error else "starting"
         if self._missing_interfaces:
             return f"interface {', '.join(self._missing_interfaces)} does not exist"
+        if self._notrack_error:
+            return f"connection tracking exemption not installed: {self._notrack_error}"
         if self._xdp_failed:
             return "; ".join(f"no XDP front on {name}: {why}" for name, why in self._xdp_failed.items())
         status = self._salt_status()
@@ -397,4 +415,8 @@ def uninstall(instance: str, pin_root: str = DEFAULT_ROOT) -> list[str] | None:
             hook.detach()
             detached.append(name + suffix)
     pins.remove()
+    try:
+        notrack.remove(instance)
+    except (notrack.NotrackError, OSError, subprocess.TimeoutExpired) as err:
+        log.warning("connection tracking exemption not removed", extra={"error": str(err)})
     return detached
