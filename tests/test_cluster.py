@@ -11,13 +11,26 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import require_bpf, require_kube
 from synfleet_lab.cluster.cgroups import CgroupTree, hierarchies
-from synfleet_lab.cluster.cluster import BACKEND_NODES, NODES, PROXY_NODES, LabCluster, wait_until
+from synfleet_lab.cluster.cluster import (
+    BACKEND_NODES,
+    FLOOD_PREFIX,
+    NODES,
+    PROXY_NODES,
+    SERVICE_ADDRESS,
+    LabCluster,
+    wait_until,
+)
 from synfleet_lab.testbed.netns import namespaces
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +39,8 @@ NAMESPACE = "synfleet-system"
 # Capability bits (linux/capability.h): what the chart grants the agent, and nothing else.
 CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF = 12, 38, 39
 READY_S = 180
+BIG = 32 << 20           # /big on the web service
+ROTATION_S = 10          # the ProxyPool's salt epochs (manifests/synfleet.yaml)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +143,160 @@ def test_agents_attach_their_programs_in_their_own_node_and_report_it(installed)
     ready = {a["spec"]["nodeName"] for a in agents
              if any(c["type"] == "Ready" and c["status"] == "True" for c in a["status"].get("conditions", []))}
     assert ready == {n.name for n in NODES}
+
+
+# ---- traffic: real clients in the client namespace, a flood from the attacker's ----
+
+def get(cluster: LabCluster, path: str = "/", timeout: float = 3.0) -> tuple[bool, str]:
+    """One HTTP/1.0 request over a fresh connection from the client namespace:
+    (ok, the body or the error)."""
+    with cluster.namespace("client").entered():
+        sock = socket.socket()
+    try:
+        sock.settimeout(timeout)
+        sock.connect((SERVICE_ADDRESS, 80))
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: lab\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        return head.startswith(b"HTTP/1.1 200"), body.decode(errors="replace").strip()
+    except OSError as err:
+        return False, f"{type(err).__name__}: {err}"
+    finally:
+        sock.close()
+
+
+class Clients:
+    """A thread of back-to-back requests until stopped; every result kept."""
+
+    def __init__(self, cluster: LabCluster, pause_s: float = 0.02) -> None:
+        self.results: list[tuple[float, bool, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(cluster, pause_s), daemon=True)
+
+    def _run(self, cluster: LabCluster, pause_s: float) -> None:
+        while not self._stop.is_set():
+            self.results.append((time.monotonic(), *get(cluster)))
+            self._stop.wait(pause_s)
+
+    def __enter__(self) -> "Clients":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def failures(self) -> list[str]:
+        return [body for _, ok, body in self.results if not ok]
+
+
+def transfer(cluster: LabCluster, rate: str) -> subprocess.Popen:
+    """curl downloading /big at the client's `rate`, from the client namespace."""
+    return cluster.namespace("client").popen(
+        "curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", "--limit-rate", rate, "--max-time", "120",
+        f"http://{SERVICE_ADDRESS}/big", stdout=subprocess.PIPE, text=True)
+
+
+def downloaded(proc: subprocess.Popen) -> int:
+    out, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 0, f"curl exited {proc.returncode}"
+    return int(out)
+
+
+def agent_counters(cluster: LabCluster, nodes: tuple[str, ...]) -> dict[str, float]:
+    """The agents' data-plane counters, summed over `nodes`, from their metrics endpoints."""
+    total: dict[str, float] = {}
+    for node in nodes:
+        address = next(n.address for n in NODES if n.name == node)
+        text = cluster.nodes[node].run("curl", "-s", "-m", "5", f"http://{address}:9478/metrics")
+        for m in re.finditer(r'^synfleet_dataplane_packets_total\{event="(\w+)".*\} (\S+)$', text, re.M):
+            total[m.group(1)] = total.get(m.group(1), 0) + float(m.group(2))
+    return total
+
+
+def syncookies_sent(cluster: LabCluster, node: str) -> int:
+    """The node kernel's own SYN cookies: what a SYN reaching a listener under a flood costs."""
+    netstat = cluster.nodes[node].run("cat", "/proc/net/netstat").splitlines()
+    names, values = netstat[0].split(), netstat[1].split()
+    return int(dict(zip(names, values))["SyncookiesSent"])
+
+
+def flood(cluster: LabCluster, rate: int, seconds: float) -> subprocess.Popen:
+    """Spoofed SYNs from the attacker at the proxy the route points to (proxy-1)."""
+    proxy_mac = cluster.namespace(PROXY_NODES[0]).mac("eth0")
+    return cluster.namespace("attacker").popen(
+        sys.executable, "-u", "-m", "synfleet_lab.generators", "--ifname", "eth0", "--dst-mac", proxy_mac,
+        "--service", SERVICE_ADDRESS, "--port", "80", "--kind", "syn", "--rate", str(rate),
+        "--duration", str(seconds), "--source-prefix", FLOOD_PREFIX, stdout=subprocess.PIPE, text=True)
+
+
+def flood_sent(proc: subprocess.Popen) -> int:
+    out, _ = proc.communicate(timeout=150)
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")][-1]["sent"]
+
+
+def test_real_clients_connect_through_the_proxies_while_a_syn_flood_hits_one(installed):
+    backends_before = agent_counters(installed, BACKEND_NODES)
+    cookies_before = sum(syncookies_sent(installed, n) for n in BACKEND_NODES)
+    answered_before = agent_counters(installed, PROXY_NODES).get("syn_answered", 0)
+    attack = flood(installed, rate=20_000, seconds=10)
+    with Clients(installed) as clients:
+        sent = flood_sent(attack)
+    answered = agent_counters(installed, PROXY_NODES).get("syn_answered", 0) - answered_before
+    assert sent >= 0.9 * 20_000 * 10 and answered >= 0.99 * sent, (sent, answered)
+    assert len(clients.results) >= 100
+    ok = sum(r[1] for r in clients.results) / len(clients.results)
+    assert ok >= 0.99, clients.failures()[:5]
+    # Both backends served (the body names the node), and no SYN reached their listeners.
+    assert {body for _, good, body in clients.results if good} == set(BACKEND_NODES)
+    backends = agent_counters(installed, BACKEND_NODES)
+    assert backends.get("bypass_syn", 0) == backends_before.get("bypass_syn", 0)
+    assert sum(syncookies_sent(installed, n) for n in BACKEND_NODES) == cookies_before
+    # curl, through the proxies too.
+    out = installed.namespace("client").run("curl", "-s", "-m", "5", f"http://{SERVICE_ADDRESS}/")
+    assert out.strip() in BACKEND_NODES
+
+
+def test_a_transfer_completes_through_the_other_proxy_when_its_proxy_node_is_lost(installed):
+    download = transfer(installed, "4M")             # 8 s
+    time.sleep(2)
+    installed.set_link(PROXY_NODES[0], up=False)
+    try:
+        installed.route_via(PROXY_NODES[1])          # what routing does when a proxy disappears
+        assert downloaded(download) == BIG
+    finally:
+        installed.set_link(PROXY_NODES[0], up=True)
+        installed.route_via(PROXY_NODES[0])
+    wait_until(lambda: get(installed)[0], "service through proxy-1 again", 60)
+
+
+def test_a_rolling_restart_of_the_agents_loses_no_transfer_and_no_handshake(installed):
+    download = transfer(installed, "1M")             # 32 s
+    with Clients(installed, pause_s=0.1) as clients:
+        installed.kubectl("rollout", "restart", "-n", NAMESPACE, "daemonset/synfleet-proxy-edge",
+                          "daemonset/synfleet-backend-web")
+        for ds in ("synfleet-proxy-edge", "synfleet-backend-web"):
+            installed.kubectl("rollout", "status", "-n", NAMESPACE, f"daemonset/{ds}", f"--timeout={READY_S}s",
+                              timeout=READY_S + 10)
+        assert downloaded(download) == BIG
+    assert len(clients.results) >= 50 and not clients.failures(), clients.failures()[:5]
+
+
+def test_clients_keep_connecting_with_the_operator_scaled_to_zero_for_five_epochs(installed):
+    installed.kubectl("scale", "-n", NAMESPACE, "deployment/synfleet", "--replicas=0")
+    installed.kubectl("wait", "-n", NAMESPACE, "--for=delete", "pod", "-l", "app.kubernetes.io/name=synfleet",
+                      f"--timeout={READY_S}s", timeout=READY_S + 10)
+    try:
+        with Clients(installed, pause_s=0.2) as clients:
+            time.sleep(6 * ROTATION_S)
+    finally:
+        installed.kubectl("scale", "-n", NAMESPACE, "deployment/synfleet", "--replicas=2")
+        installed.kubectl("rollout", "status", "-n", NAMESPACE, "deployment/synfleet", f"--timeout={READY_S}s",
+                          timeout=READY_S + 10)
+    assert len(clients.results) >= 100 and not clients.failures(), clients.failures()[:5]
+    assert agent_counters(installed, PROXY_NODES).get("salt_missing", 0) == 0
 
 
 def test_deleting_the_pools_and_helm_uninstall_leave_every_node_bare(installed):

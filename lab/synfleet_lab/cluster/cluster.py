@@ -34,7 +34,7 @@ from pyroute2 import IPRoute
 
 from synfleet_lab.cluster.binaries import CACHE, kube_binaries
 from synfleet_lab.cluster.cgroups import CgroupTree
-from synfleet_lab.cluster.controlplane import ControlPlane
+from synfleet_lab.cluster.controlplane import SERVICE_CIDR, ControlPlane
 from synfleet_lab.cluster.images import Image, ImageBuilder
 from synfleet_lab.cluster.node import Node, NodeSpec
 from synfleet_lab.testbed.fabric import Fabric
@@ -50,6 +50,9 @@ PROXY_NODES = ("proxy-1", "proxy-2")
 BACKEND_NODES = ("backend-1", "backend-2")
 CLIENTS = {"client": "10.89.0.31", "attacker": "10.89.0.32"}
 SERVICE_ADDRESS = "198.51.100.10"
+# The attacker's spoofed sources: routed back to the attacker, so that no
+# SYN+ACK to them leaves the fabric (the nodes have no default route either).
+FLOOD_PREFIX = "10.66.0.0/16"
 HOST_LINK = "sfk-host"
 # Machine-wide sysctls every kubelet sets (pkg/kubelet/cm: setupKernelTunables): put back on down().
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
@@ -130,8 +133,7 @@ class LabCluster:
             node = Node(spec, self.fabric[spec.name], self.dir, self.cgroups, binaries, self.control.url,
                         self.control.ca_file, self.images.pause.ref)
             self.nodes[spec.name] = node
-            node.start(node_tokens[spec.name], proxy_token,
-                       {o.pod_cidr: o.address for o in NODES if o is not spec})
+            node.start(node_tokens[spec.name], proxy_token)
             for image in (self.images.pause, self.images.agent, self.images.operator, self.images.web):
                 node.import_image(image.archive)
         progress("waiting for the nodes to be Ready")
@@ -170,7 +172,8 @@ class LabCluster:
                 port = f"p-{name}"[:15]
                 self.fabric.link(ns, "eth0", switch, port, [f"{address}/{PREFIX_LEN}"])
                 switch.set_master(port, "br0")
-                ns.route("add", "default", HOST_ADDRESS)
+                if name not in CLIENTS:
+                    self._node_routes(name)
             # The host answers pods (the API server): routes back to each node's pod network.
             for n in NODES:
                 _host_link("route", "add", dst=n.pod_cidr, gateway=n.address)
@@ -188,6 +191,24 @@ class LabCluster:
             for name in CLIENTS:
                 self.fabric[name].sysctl("net.ipv4.conf.all.accept_redirects", 0)
             self.route_via(PROXY_NODES[0])
+
+    def _node_routes(self, name: str) -> None:
+        ns = self.fabric[name]
+        ns.route("replace", FLOOD_PREFIX, CLIENTS["attacker"])
+        # A node's own connections to a Service (in-cluster clients on the host
+        # network) are routed before kube-proxy rewrites them: they need a route.
+        ns.route("replace", SERVICE_CIDR, HOST_ADDRESS)
+        for other in NODES:
+            if other.name != name:
+                ns.route("replace", other.pod_cidr, other.address)
+
+    def set_link(self, node: str, up: bool) -> None:
+        """A node's fabric link down (the node is lost to the network) or up
+        again, with the routes that went down with it."""
+        ns = self.fabric[node]
+        ns.run("ip", "link", "set", "eth0", "up" if up else "down")
+        if up:
+            self._node_routes(node)
 
     def route_via(self, proxy: str) -> None:
         """Send client and attacker traffic for the service through `proxy`."""

@@ -80,16 +80,13 @@ class Node:
 
     # ---- bring-up ----
 
-    def start(self, kubelet_token: str, proxy_token: str, routes: dict[str, str]) -> None:
-        """Start containerd, kubelet and kube-proxy. `routes`: pod CIDR -> node
-        address of every other node."""
+    def start(self, kubelet_token: str, proxy_token: str) -> None:
+        """Start containerd, kubelet and kube-proxy."""
         for sub in ("containerd", "kubelet", "pod-logs", "net.d", "cni-ipam"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         ns = self.ns
         ns.sysctl("net.ipv4.conf.all.forwarding", 1)
         ns.sysctl("net.ipv6.conf.all.forwarding", 1)
-        for cidr, via in routes.items():
-            ns.route("replace", cidr, via)
         mounts = " && ".join([f"mount -t tmpfs tmpfs {d}" for d in PRIVATE_DIRS] + [
             # Not stacked on the host's bpffs: containerd judges the propagation of the
             # first mount it finds there (HostToContainer needs shared or slave).
