@@ -111,6 +111,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from synfleet_lab.cluster.binaries import kube_tools
+    from synfleet_lab.cluster.cluster import LabCluster
+
+    lab = LabCluster(Path(args.dir)).up(progress=lambda what: print(f"synfleet cluster up: {what}", flush=True))
+    tools = kube_tools()
+    print(f"\nfour nodes Ready; everything is under {args.dir}\n"
+          f"  export KUBECONFIG={lab.kubeconfig} PATH={tools['kubectl'].parent}:$PATH\n"
+          f"  images: {lab.images.operator.ref}, {lab.images.agent.ref}, {lab.images.web.ref}\n"
+          f"  client and attacker: ip netns exec {lab.namespace('client').name} curl ...\n"
+          f"take it down with: synfleet cluster down")
+    return 0
+
+
+def _cluster_down(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from synfleet_lab.cluster.cluster import LabCluster
+
+    path = Path(args.dir)
+    if not (path / "state.json").exists():
+        print(f"synfleet cluster down: no lab cluster in {path}", file=sys.stderr)
+        return 1
+    LabCluster.attach(path).down()
+    print("synfleet cluster down: processes, cgroups, namespaces, mounts and files removed")
+    return 0
+
+
 def _interruptible(name: str, command):
     """Ctrl-C and SIGTERM (`timeout`, a closed session) end a lab command the
     same way: its context managers remove the namespaces, processes and pins it
@@ -158,6 +188,20 @@ def bench(sub: argparse._SubParsersAction) -> None:
     ht.add_argument("--rounds", type=int, default=3, help="alternating runs per path; medians reported")
     ht.add_argument("--json", action="store_true", help="print one JSON object")
     ht.set_defaults(func=_interruptible("bench http", _bench_http))
+
+
+def cluster(sub: argparse._SubParsersAction) -> None:
+    from synfleet_lab.cluster.cluster import DEFAULT_DIR
+
+    cl = sub.add_parser("cluster", help="a real four-node Kubernetes cluster in network namespaces "
+                                        "(kubelets, containerd, kube-proxy; needs root)")
+    cl_sub = cl.add_subparsers(dest="cluster", required=True)
+    up = cl_sub.add_parser("up", help="build what is missing (cached), bring the cluster up, and leave it running")
+    up.add_argument("--dir", default=str(DEFAULT_DIR), help=f"its state and logs (default {DEFAULT_DIR})")
+    up.set_defaults(func=_interruptible("cluster up", _cluster_up))
+    down = cl_sub.add_parser("down", help="remove everything `cluster up` made")
+    down.add_argument("--dir", default=str(DEFAULT_DIR))
+    down.set_defaults(func=_cluster_down)
 
 
 def demo(sub: argparse._SubParsersAction) -> None:

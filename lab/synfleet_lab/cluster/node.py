@@ -97,7 +97,8 @@ class Node:
         self._holder = subprocess.Popen(
             ["sh", "-c", f'echo $$ > {self.cgroups.procs_file("daemons")} && exec "$@"', "holder",
              "nsenter", f"--net=/run/netns/{ns.name}", "unshare", "--mount", "--propagation", "private",
-             "sh", "-c", f"{mounts} && exec sleep infinity"], start_new_session=True)
+             "sh", "-c", f"{mounts} && exec sleep infinity"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         # The holder execs sleep only once its mounts are made (the host has a bpffs too).
         while self._holder_command() != "sleep\0infinity\0":
