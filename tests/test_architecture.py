@@ -116,4 +116,4 @@ def test_the_agent_and_operator_commands_load_no_other_distribution(monkeypatch,
 
 def test_the_labs_commands_join_the_cli_through_its_entry_points():
     lab = {ep.name: ep.value for ep in entry_points(group=cli.COMMANDS_GROUP)}
-    assert lab == {name: f"synfleet_lab.commands:{name}" for name in ("bench", "check", "demo")}
+    assert lab == {name: f"synfleet_lab.commands:{name}" for name in ("bench", "check", "cluster", "demo")}
