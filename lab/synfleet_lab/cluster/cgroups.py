@@ -16,6 +16,12 @@ CGROUP_FS = Path("/sys/fs/cgroup")
 KILL_TIMEOUT_S = 30
 
 
+def joining(procs_file: Path, name: str, args: list[str]) -> list[str]:
+    """`args` started through a shell that first joins the cgroup of
+    `procs_file`: nothing the program starts escapes it."""
+    return ["sh", "-c", f'echo $$ > {procs_file} && exec "$@"', name, *args]
+
+
 def hierarchies() -> list[Path]:
     """Mount points of the v1 hierarchies (cpu, memory, pids, name=systemd, ...)."""
     found = []

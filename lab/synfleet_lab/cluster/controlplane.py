@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from synfleet_lab.cluster.binaries import kube_binaries, kube_tools
+from synfleet_lab.cluster.cgroups import joining
 
 ADMIN_TOKEN = "synfleet-test-admin"
 SERVICE_CIDR = "10.96.0.0/16"
@@ -70,7 +71,7 @@ class ControlPlane:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "wb")
         if self.cgroup_procs:
-            args = ["sh", "-c", f'echo $$ > {self.cgroup_procs} && exec "$@"', name, *args]
+            args = joining(self.cgroup_procs, name, args)
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._procs.append((proc, log))
         return proc

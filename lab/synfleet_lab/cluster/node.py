@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from synfleet_lab.cluster.cgroups import CgroupTree
+from synfleet_lab.cluster.cgroups import CgroupTree, joining
 from synfleet_lab.testbed.netns import NetNS
 
 CNI_BIN = "/usr/lib/cni"
@@ -74,9 +74,8 @@ class Node:
     def _daemon(self, name: str, *args: str) -> None:
         log = open(self.dir / f"{name}.log", "ab")
         self._logs.append(log)
-        # The shell joins the cgroup before exec: nothing the daemon starts escapes it.
-        subprocess.Popen(["sh", "-c", f'echo $$ > {self.cgroups.procs_file("daemons")} && exec "$@"', name,
-                          *self.command(*args)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        subprocess.Popen(joining(self.cgroups.procs_file("daemons"), name, self.command(*args)),
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     # ---- bring-up ----
 
@@ -95,9 +94,9 @@ class Node:
         for d in PRIVATE_DIRS:
             Path(d).mkdir(parents=True, exist_ok=True)
         self._holder = subprocess.Popen(
-            ["sh", "-c", f'echo $$ > {self.cgroups.procs_file("daemons")} && exec "$@"', "holder",
-             "nsenter", f"--net=/run/netns/{ns.name}", "unshare", "--mount", "--propagation", "private",
-             "sh", "-c", f"{mounts} && exec sleep infinity"],
+            joining(self.cgroups.procs_file("daemons"), "holder", [
+                "nsenter", f"--net=/run/netns/{ns.name}", "unshare", "--mount", "--propagation", "private",
+                "sh", "-c", f"{mounts} && exec sleep infinity"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         # The holder execs sleep only once its mounts are made (the host has a bpffs too).
