@@ -64,12 +64,19 @@ struct {
 	__type(value, __u64);   /* deadline, bpf_ktime_get_ns() */
 } handback SEC(".maps");
 
-static __always_inline int policy_verdict(const struct sf_policy *pol)
+/* Not ours to judge: a decapsulated segment goes to the stack (the packet the
+ * rest of the hook would have seen is gone), an untouched one to the next program. */
+static __always_inline int pass_on(bool decapsulated)
+{
+	return decapsulated ? TC_ACT_OK : TCX_NEXT;
+}
+
+static __always_inline int policy_verdict(const struct sf_policy *pol, bool decapsulated)
 {
 	if (pol->flags & SF_POLICY_ENFORCE)
 		return TC_ACT_SHOT;
 	count(SF_CTR_MONITOR_PASSED);
-	return TC_ACT_OK;
+	return pass_on(decapsulated);
 }
 
 /* seg_load's answers besides 0: */
@@ -376,8 +383,8 @@ static __noinline int tw_meet(struct __sk_buff *skb, struct bpf_sock *skc, const
  * listener, and a validated one that meets a TIME_WAIT socket; established and
  * request sockets take their own. */
 static __always_inline int ack_receive(struct __sk_buff *skb, const struct seg *s,
-				       const struct sf_policy *pol, bool validated,
-				       enum sf_counter unvalidated)
+				       const struct sf_policy *pol, bool encapsulated,
+				       bool validated)
 {
 	struct bpf_sock_tuple tuple = s->tuple;
 	struct bpf_sock *skc;
@@ -389,10 +396,10 @@ static __always_inline int ack_receive(struct __sk_buff *skb, const struct seg *
 	else
 		skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
 	if (!skc)
-		return TC_ACT_OK;
+		return pass_on(encapsulated);
 	if (skc->state != BPF_TCP_LISTEN && skc->state != BPF_TCP_TIME_WAIT) {
 		bpf_sk_release(skc);
-		return TC_ACT_OK;
+		return pass_on(encapsulated);
 	}
 	handed_back = !validated && handback_take(s);
 	if (skc->state == BPF_TCP_TIME_WAIT) {
@@ -401,12 +408,12 @@ static __always_inline int ack_receive(struct __sk_buff *skb, const struct seg *
 		else if (handed_back)   /* the retirement did not happen: never loop */
 			verdict = tw_refuse(skb, s);
 		else
-			verdict = TC_ACT_OK;
+			verdict = pass_on(encapsulated);
 	} else if (validated || handed_back) {
 		verdict = reqsk_create(skb, skc, s, pol);
 	} else {
-		count(unvalidated);
-		verdict = policy_verdict(pol);
+		count(encapsulated ? SF_CTR_ACK_UNVALIDATED : SF_CTR_BYPASS_ACK);
+		verdict = policy_verdict(pol, encapsulated);
 	}
 	bpf_sk_release(skc);
 	return verdict;
@@ -418,12 +425,11 @@ static __always_inline int segment_receive(struct __sk_buff *skb, const struct s
 {
 	if ((s->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
 		count(SF_CTR_BYPASS_SYN);
-		return policy_verdict(pol);
+		return policy_verdict(pol, encapsulated);
 	}
 	if ((s->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST)) != TCP_FLAG_ACK)
-		return TC_ACT_OK;
-	return ack_receive(skb, s, pol, validated,
-			   encapsulated ? SF_CTR_ACK_UNVALIDATED : SF_CTR_BYPASS_ACK);
+		return pass_on(encapsulated);
+	return ack_receive(skb, s, pol, encapsulated, validated);
 }
 
 /* ---- plain TCP: only bypass attempts concern us ---- */
@@ -437,13 +443,13 @@ static __always_inline int plain_receive(struct __sk_buff *skb, const struct sf_
 
 	/* Malformed plain segments are the kernel's to drop. */
 	if (seg_load(skb, eth_proto, &s, sizeof(struct ethhdr)))
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	svc = seg_service(cfg, &s);
 	if (!svc)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	pol = policy_get(cfg, svc->policy_id);
 	if (!pol)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	return segment_receive(skb, &s, pol, false, false);
 }
 
@@ -521,13 +527,13 @@ static __noinline int unknown_source(struct __sk_buff *skb, const struct sf_conf
 
 	count(SF_CTR_UNKNOWN_SOURCE);
 	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + o->len, &inner_version, 1))
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	inner_proto = inner_version >> 4 == 4 ? ETH_P_IP : ETH_P_IPV6;
 	if (seg_load(skb, inner_proto, &s, sizeof(struct ethhdr) + o->len))
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	svc = seg_service(cfg, &s);
 	pol = svc ? policy_get(cfg, svc->policy_id) : NULL;
-	return pol ? policy_verdict(pol) : TC_ACT_OK;
+	return pol ? policy_verdict(pol, false) : TCX_NEXT;
 }
 
 static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_config *cfg,
@@ -600,17 +606,17 @@ static __noinline int backend_packet(struct __sk_buff *skb)
 	int encapsulated;
 
 	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	proto = bpf_ntohs(eth->h_proto);
 	cfg = config_get();
 	if (!cfg)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	if (proto == ETH_P_IP)
 		encapsulated = encap_detect_v4(skb, cfg, &o);
 	else if (proto == ETH_P_IPV6)
 		encapsulated = encap_detect_v6(skb, cfg, &o);
 	else
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	if (encapsulated)
 		return encap_receive(skb, cfg, &o, proto);
 	return plain_receive(skb, cfg, proto);
@@ -620,7 +626,7 @@ SEC("tc")
 int synfleet_backend(struct __sk_buff *skb)
 {
 	if (headers_make_linear(skb))
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	return backend_packet(skb);
 }
 

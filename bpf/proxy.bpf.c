@@ -65,7 +65,7 @@ static __always_inline bool addr_protected(const struct sf_config *cfg, __u8 fam
 static __always_inline int not_ours_or_drop(const struct sf_config *cfg, __u8 family,
 					    const void *daddr, enum sf_counter c)
 {
-	return addr_protected(cfg, family, daddr) ? drop(c) : TC_ACT_OK;
+	return addr_protected(cfg, family, daddr) ? drop(c) : TCX_NEXT;
 }
 
 static __noinline int parse_ipv4(struct __sk_buff *skb, const struct sf_config *cfg,
@@ -77,9 +77,9 @@ static __noinline int parse_ipv4(struct __sk_buff *skb, const struct sf_config *
 	__u32 ihl;
 
 	if ((void *)(ip + 1) > data_end)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	if (ip->version != 4 || ip->ihl < 5 || ip->protocol != IPPROTO_TCP)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV4, &ip->daddr, SF_CTR_FRAGMENT);
 	ihl = ip->ihl * 4;
@@ -91,7 +91,7 @@ static __noinline int parse_ipv4(struct __sk_buff *skb, const struct sf_config *
 	if (p->l3_len < ihl)
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV4, &ip->daddr, SF_CTR_MALFORMED);
 	if (!pkt_service_tcp(cfg, p, tcp, SF_FAMILY_IPV4, &ip->daddr))
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	/* Only a SYN is answered here; anything else reaches a kernel that checks. */
 	if (pkt_is_syn(p)) {
 		struct ipv4_header_copy h;
@@ -151,9 +151,9 @@ static __noinline int parse_ipv6(struct __sk_buff *skb, const struct sf_config *
 	struct tcphdr *tcp;
 
 	if ((void *)(ip6 + 1) > data_end)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	if (ip6->version != 6)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	if (ip6->nexthdr != IPPROTO_TCP) {
 		int upper = ipv6_upper_protocol(skb, ip6->nexthdr, sizeof(struct ethhdr) + sizeof(*ip6));
 
@@ -161,7 +161,7 @@ static __noinline int parse_ipv6(struct __sk_buff *skb, const struct sf_config *
 		 * behind extension headers, or a chain we cannot follow, to a protected
 		 * address: its port is not where we look, so it cannot be served. */
 		if (upper >= 0 && upper != IPPROTO_TCP)
-			return TC_ACT_OK;
+			return TCX_NEXT;
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV6, &ip6->daddr, SF_CTR_EXT_HEADER);
 	}
 	tcp = (void *)(ip6 + 1);
@@ -169,7 +169,7 @@ static __noinline int parse_ipv6(struct __sk_buff *skb, const struct sf_config *
 		return not_ours_or_drop(cfg, SF_FAMILY_IPV6, &ip6->daddr, SF_CTR_MALFORMED);
 
 	pkt_ipv6(p, ip6);
-	return pkt_service_tcp(cfg, p, tcp, SF_FAMILY_IPV6, &ip6->daddr) ? SF_CONTINUE : TC_ACT_OK;
+	return pkt_service_tcp(cfg, p, tcp, SF_FAMILY_IPV6, &ip6->daddr) ? SF_CONTINUE : TCX_NEXT;
 }
 
 /* ---- SYN -> SYN+ACK ---- */
@@ -499,23 +499,23 @@ static __noinline int proxy_packet(struct __sk_buff *skb)
 	int verdict;
 
 	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	cfg = config_get();
 	if (!cfg)
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
 		verdict = parse_ipv4(skb, cfg, &p);
 	else if (eth->h_proto == bpf_htons(ETH_P_IPV6))
 		verdict = parse_ipv6(skb, cfg, &p);
 	else
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	if (verdict != SF_CONTINUE)
 		return verdict;
 
 	pol = policy_get(cfg, p.policy_id);
 	if (!pol || !cfg->rotation_ns) {
 		count(SF_CTR_NO_POLICY);
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	}
 	if (!pkt_lengths_valid(&p, skb->len))
 		return drop(SF_CTR_MALFORMED);
@@ -544,7 +544,7 @@ SEC("tc")
 int synfleet_proxy(struct __sk_buff *skb)
 {
 	if (headers_make_linear(skb))
-		return TC_ACT_OK;
+		return TCX_NEXT;
 	return proxy_packet(skb);
 }
 

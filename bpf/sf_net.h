@@ -12,6 +12,11 @@
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 #define TC_ACT_REDIRECT 7
+/* A packet that is not ours goes on to whatever else shares the hook: the next
+ * tcx program (a CNI's), or with legacy clsact the next filter (TC_ACT_UNSPEC),
+ * and after the last one to the stack. TC_ACT_OK would end the chain there and
+ * skip the other programs, so it is kept for packets we changed or assigned. */
+#define TCX_NEXT (-1)
 
 /* IPv6 extension headers (RFC 8200 4.1; AH: RFC 4302; Mobility: RFC 6275). */
 #define SF_NEXTHDR_HOP 0

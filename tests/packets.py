@@ -18,6 +18,7 @@ from synfleet_lab.testbed.configs import ENCAP_PORT
 CLIENT_MAC, PROXY_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+TCX_NEXT = -1   # not ours: the next program on the hook, then the stack
 
 
 def ip_layer(saddr, daddr, ip_options=(), ip_flags=None, **kw):

@@ -19,7 +19,7 @@ from conftest import (
     PROXY_V6,
     addr_pair,
 )
-from packets import TC_ACT_OK, TC_ACT_SHOT, delta, encapsulated, tcp_frame
+from packets import TC_ACT_OK, TC_ACT_SHOT, TCX_NEXT, delta, encapsulated, tcp_frame
 from synfleet.abi import ENCAP_F_VALIDATED, Counter
 
 
@@ -36,7 +36,7 @@ def test_encapsulated_packet_from_an_allowed_proxy_is_decapsulated(backend, oute
 
 
 @pytest.mark.parametrize("port,verdict,extra", [
-    (PORT_FULL, TC_ACT_SHOT, {}), (PORT_MONITOR, TC_ACT_OK, {Counter.MONITOR_PASSED: 1})],
+    (PORT_FULL, TC_ACT_SHOT, {}), (PORT_MONITOR, TCX_NEXT, {Counter.MONITOR_PASSED: 1})],
     ids=["enforce", "monitor"])
 @pytest.mark.parametrize("claimed", [POLICY_FULL, POLICY_MONITOR], ids=["claims-enforce", "claims-monitor"])
 def test_encapsulated_packet_from_an_unknown_source_is_judged_by_the_policy_of_its_inner_destination(
@@ -60,7 +60,7 @@ def test_an_unknown_sources_packet_too_short_to_name_a_destination_is_counted_an
     outer = Ether(FUZZ_ONE_BYTE_INNER)
     assert len(outer[UDP].payload) == 5, "four header bytes and one inner byte"
     run, counted = delta(backend, FUZZ_ONE_BYTE_INNER)
-    assert (run.retval, counted) == (TC_ACT_OK, {Counter.UNKNOWN_SOURCE: 1})
+    assert (run.retval, counted) == (TCX_NEXT, {Counter.UNKNOWN_SOURCE: 1})
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -90,7 +90,7 @@ def test_bad_encapsulation_header_is_dropped(backend, bad):
 
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("port,verdict,extra", [
-    (PORT_FULL, TC_ACT_SHOT, {}), (PORT_MONITOR, TC_ACT_OK, {Counter.MONITOR_PASSED: 1})],
+    (PORT_FULL, TC_ACT_SHOT, {}), (PORT_MONITOR, TCX_NEXT, {Counter.MONITOR_PASSED: 1})],
     ids=["enforce", "monitor"])
 def test_syn_that_bypassed_the_proxies_is_counted_and_dropped_when_enforcing(backend, family, port,
                                                                              verdict, extra):
@@ -104,7 +104,7 @@ def test_traffic_to_unprotected_ports_passes_untouched(backend):
     client, service = addr_pair(4)
     frame = tcp_frame(client, service, 1000, 443, flags="S")
     run, counted = delta(backend, frame)
-    assert (run.retval, run.data, counted) == (TC_ACT_OK, frame, {})
+    assert (run.retval, run.data, counted) == (TCX_NEXT, frame, {})
 
 
 @pytest.mark.parametrize("outer", [(PROXY_V4, BACKEND_V4), (PROXY_V6, BACKEND_V6)], ids=["outer4", "outer6"])
@@ -117,4 +117,4 @@ def test_an_encapsulation_whose_outer_length_does_not_hold_is_not_decapsulated(b
     length = len(frame) - 14 - header + 1 if claimed == +1 else claimed
     frame[field:field + 2] = length.to_bytes(2, "big")
     run, counted = delta(backend, bytes(frame))
-    assert (run.retval, run.data, counted) == (TC_ACT_OK, bytes(frame), {})
+    assert (run.retval, run.data, counted) == (TCX_NEXT, bytes(frame), {})

@@ -51,6 +51,7 @@ from packets import (
     CLIENT_MAC,
     PROXY_MAC,
     TC_ACT_OK,
+    TCX_NEXT,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
     checksums_valid,
@@ -217,8 +218,8 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, da
 @given(data=st.data())
 def test_fuzz_proxy_tc_keeps_every_documented_promise(proxy, salts, pool, data):
     frame, result, counted = fuzz_run(proxy, proxy.program, data.draw(mutated(pool)))
-    assert result.retval in (TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT)
-    if result.retval == TC_ACT_OK:
+    assert result.retval in (TCX_NEXT, TC_ACT_SHOT, TC_ACT_REDIRECT), "never ends the hook's chain"
+    if result.retval == TCX_NEXT:
         assert result.data == frame and set(counted) <= {Counter.NO_POLICY}
     elif result.retval == TC_ACT_SHOT:
         assert len(set(counted) & PROXY_DROPS) == 1, counted
@@ -251,13 +252,16 @@ def test_fuzz_proxy_xdp_front_answers_like_tc_or_passes_untouched(proxy, pool, d
 @given(data=st.data())
 def test_fuzz_backend_decapsulates_only_what_an_allowed_proxy_sent(backend, pool, data):
     frame, result, counted = fuzz_run(backend, backend.program, data.draw(mutated(pool)))
-    assert result.retval in (TC_ACT_OK, TC_ACT_SHOT), "no socket here: nothing to reset"
+    assert result.retval in (TC_ACT_OK, TCX_NEXT, TC_ACT_SHOT), "no socket here: nothing to reset"
     if result.retval == TC_ACT_SHOT:
         assert len(set(counted) & BACKEND_DROPS) >= 1, counted
     if Counter.DECAPSULATED in counted:
         source, inner = outer_source_and_inner(frame)
         assert source in (PROXY_V4, PROXY_V6), "decapsulated from a stranger"
+        assert result.retval != TCX_NEXT, "the next program would see a packet that is gone"
         if result.retval == TC_ACT_OK:
             assert result.data[14:] == inner
-    elif result.retval == TC_ACT_OK:
-        assert result.data == frame
+    else:
+        assert result.retval != TC_ACT_OK, "an untouched packet ends the chain: other programs skipped"
+        if result.retval == TCX_NEXT:
+            assert result.data == frame

@@ -21,7 +21,7 @@ from scapy.packet import Raw
 
 from conftest import PORT_FULL, SERVICE_V6, addr_pair
 from fleet import wait_for
-from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, delta, tcp_frame
+from packets import CLIENT_MAC, PROXY_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT, TCX_NEXT, delta, tcp_frame
 from synfleet.abi import Counter
 
 LINUX_SYN_OPTS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None), ("WScale", 7)]
@@ -56,7 +56,7 @@ def test_truncation_at_every_header_offset_gets_the_documented_verdict(proxy, ba
         # The address is known but the TCP header is incomplete, or the frame
         # is shorter than the IP header says: malformed.
         assert counted(proxy, Counter.MALFORMED, frame[:cut]) == TC_ACT_SHOT, cut
-        assert backend.program.test_run(frame[:cut]).retval in (TC_ACT_OK, TC_ACT_SHOT), cut
+        assert backend.program.test_run(frame[:cut]).retval in (TCX_NEXT, TC_ACT_SHOT), cut
     # BPF_PROG_TEST_RUN refuses frames that end inside the IP header (EINVAL
     # before the program runs), so those cuts go over a live veth; a frame
     # shorter than the Ethernet header never reaches TC (the kernel refuses to
@@ -136,7 +136,7 @@ def test_icmpv6_to_a_protected_address_is_untouched(proxy):
     ip6 = IPv6(FUZZ_ICMPV6_ECHO[14:])
     assert ip6.nh == 58 and ip6.dst == SERVICE_V6, "the fuzzer's frame names the protected address"
     run, counted = delta(proxy, FUZZ_ICMPV6_ECHO)
-    assert (run.retval, run.data, counted) == (TC_ACT_OK, FUZZ_ICMPV6_ECHO, {})
+    assert (run.retval, run.data, counted) == (TCX_NEXT, FUZZ_ICMPV6_ECHO, {})
 
 
 @pytest.mark.parametrize("upper", [
@@ -150,7 +150,7 @@ def test_ipv6_that_is_not_tcp_passes_whatever_extension_headers_lead_to_it(proxy
     client, service = addr_pair(6)
     frame = bytes(Ether(src=CLIENT_MAC, dst=PROXY_MAC) / IPv6(src=str(client), dst=str(service)) / upper)
     run, counted = delta(proxy, frame)
-    assert (run.retval, run.data, counted) == (TC_ACT_OK, frame, {})
+    assert (run.retval, run.data, counted) == (TCX_NEXT, frame, {})
 
 
 @pytest.mark.parametrize("chain", [

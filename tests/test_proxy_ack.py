@@ -27,7 +27,7 @@ from conftest import (
 from packets import (
     CLIENT_MAC,
     PROXY_MAC,
-    TC_ACT_OK,
+    TCX_NEXT,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
     checksums_valid,
@@ -180,9 +180,9 @@ def test_traffic_to_unprotected_ports_and_other_protocols_is_untouched(proxy):
     client, service = addr_pair(4)
     frame = tcp_frame(client, service, 1234, 443, flags="S")
     run = proxy.program.test_run(frame)
-    assert (run.retval, run.data) == (TC_ACT_OK, frame)
+    assert (run.retval, run.data) == (TCX_NEXT, frame)
     arp = bytes.fromhex("ffffffffffff020000000001" "0806") + bytes(28)
-    assert proxy.program.test_run(arp).retval == TC_ACT_OK
+    assert proxy.program.test_run(arp).retval == TCX_NEXT
 
 
 ENCAP_OVERHEAD = {4: 20 + 8 + 4, 6: 40 + 8 + 4}

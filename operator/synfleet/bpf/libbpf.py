@@ -312,7 +312,8 @@ class Program(_OwnedFd):
                             data_out=ctypes.cast(out, _vp), data_size_in=len(data),
                             data_size_out=len(out), repeat=repeat)
         _check(_lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts)), f"test run of {self.name}")
-        return TestRun(opts.retval, out.raw[:opts.data_size_out], opts.duration)
+        # TC verdicts are signed: TCX_NEXT (TC_ACT_UNSPEC) is -1.
+        return TestRun(ctypes.c_int32(opts.retval).value, out.raw[:opts.data_size_out], opts.duration)
 
     def run_live_frames(self, frame: bytes, ifindex: int, repeat: int, batch_size: int = 64) -> None:
         """Run an XDP program `repeat` times on copies of `frame` as if received
