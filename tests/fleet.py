@@ -8,7 +8,9 @@ import sys
 import threading
 import time
 
-from synfleet.bpf import TcHook, XdpHook
+from synfleet.agent.hooks import legacy_programs
+from synfleet.bpf import XdpHook
+from synfleet.bpf.links import tcx_programs
 from synfleet.cookie import fresh_key
 from synfleet_lab.testbed.clients import pattern  # noqa: F401
 from synfleet_lab.testbed.fleet import ENCAP_PORT, SERVICE_PORT, Fleet, recv_exact  # noqa: F401
@@ -137,6 +139,11 @@ def xdp_program_id(ns: NetNS, ifname: str) -> int | None:
 
 
 def ingress_program_id(ns: NetNS, ifname: str) -> int | None:
-    """The id of the program on `ifname`'s TC ingress slot (the agent's), or None."""
+    """The id of the synfleet program on `ifname`'s TC ingress (a tcx link or a
+    clsact filter), or None."""
     with ns.entered():
-        return TcHook(socket.if_nametoindex(ifname)).query()
+        ifindex = socket.if_nametoindex(ifname)
+        found = tcx_programs(ifindex) + [p for p, _ in legacy_programs(ifindex)]
+    ids = [p.program_id for p in found if p.name.startswith("synfleet_")]
+    assert len(ids) <= 1, f"more than one synfleet program on {ifname}: {found}"
+    return ids[0] if ids else None

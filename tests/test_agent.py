@@ -99,7 +99,7 @@ def test_agent_pins_attaches_and_serves_probes_and_metrics(node):
     node.agent.start()
     node.agent.wait_ready()
     assert node.agent.http("/healthz") == (200, "ok\n")
-    assert sorted(os.listdir(node.pins())) == sorted(ProxyDataplane.MAPS + ("program", "program-xdp"))
+    assert sorted(os.listdir(node.pins())) == sorted(ProxyDataplane.MAPS + ("program", "program-xdp", "tcx-sf0"))
     assert node.tc_program_id() is not None
     m = node.agent.metrics()
     assert m["synfleet_config_generation"] == 1 and m["syn_answered"] == 0
@@ -185,7 +185,7 @@ def test_the_xdp_front_answers_syns_on_the_wire(node):
     assert str(reply[TCP].flags) == "SA" and reply[TCP].ack == 100
     assert xdp_tx_count(node.ns, "sf0") == sent_back + 1      # answered by the front, not TC
     assert node.agent.metrics()["syn_answered"] == 1
-    assert attached_hooks(node) == {("sf0", "tc"), ("sf0", "xdp")}
+    assert attached_hooks(node) == {("sf0", "tcx"), ("sf0", "xdp")}
 
 
 def test_the_xdp_front_follows_the_configuration_across_restarts_and_uninstall(node):
@@ -198,7 +198,7 @@ def test_the_xdp_front_follows_the_configuration_across_restarts_and_uninstall(n
     node.write(with_xdp(cfg, False).to_yaml())
     wait_for(lambda: xdp_program_id(node.ns, "sf0") is None, "the XDP front detached")
     assert node.tc_program_id() is not None
-    assert attached_hooks(node) == {("sf0", "tc")}
+    assert attached_hooks(node) == {("sf0", "tcx")}
     node.write(with_xdp(cfg, True).to_yaml())
     wait_for(lambda: xdp_program_id(node.ns, "sf0") is not None, "the XDP front again")
     node.agent.signal(signal.SIGKILL)

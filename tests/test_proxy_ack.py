@@ -27,9 +27,9 @@ from conftest import (
 from packets import (
     CLIENT_MAC,
     PROXY_MAC,
-    TCX_NEXT,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
+    TCX_NEXT,
     checksums_valid,
     decode_encap,
     delta,

@@ -21,7 +21,6 @@ import math
 import os
 import select
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,11 +28,14 @@ from datetime import datetime, timezone
 
 from synfleet import abi
 from synfleet.agent import notrack
+from synfleet.agent.hooks import Hooks, HookStatus, detach_everything, legacy_interfaces_running
+from synfleet.agent.links import LinkEvents
 from synfleet.agent.metrics import AgentState, serve
-from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir, hooks_running
+from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir
 from synfleet.agent.report import NodeReporter, ReportOptions
 from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
-from synfleet.bpf import BpfError, TcHook, XdpHook
+from synfleet.agent.xdpwatch import XdpTxWatch
+from synfleet.bpf import BpfError
 from synfleet.config import schema
 from synfleet.cookie import MasterKey, current_epoch, key_for, salts_for
 from synfleet.dataplane.programs import Dataplane, ProxyDataplane, dataplane_for
@@ -62,7 +64,7 @@ class AgentOptions:
     config_path: str | None = None          # file mode
     kube: KubeSourceOptions | None = None   # cluster mode
     pin_root: str = DEFAULT_ROOT
-    listen: str | None = "0.0.0.0:9478"
+    listen: str | None = "127.0.0.1:9478"
     objects_dir: str | None = None
     report: ReportOptions | None = None     # cluster mode: keep this node's NodeAgent object
 
@@ -77,13 +79,17 @@ class Agent:
         self.dataplane: Dataplane | None = None
         self._inherited = False         # the maps hold a previous agent's configuration
         self._first_error: str | None = None   # why no configuration was ever applied
-        self._missing_interfaces: list[str] = []
         self.config: schema.DataplaneConfig | None = None
         self._config_digest: str | None = None
         self._rejected_digest: str | None = None   # the bad file is reported once
-        self._hooks: dict[str, TcHook] = {}
-        self._xdp_hooks: dict[str, XdpHook] = {}
-        self._xdp_failed: dict[str, str] = {}    # interface -> why the XDP front is not there
+        self.hooks: Hooks | None = None
+        self._tc: dict[str, HookStatus] = {}     # by interface, as the kernel last showed them
+        self._xdp: dict[str, HookStatus] = {}
+        self._inherited_interfaces: list[str] = []   # where the previous agent's program runs
+        self._xdp_off: dict[str, str] = {}       # interface -> why the XDP front was taken away
+        self._xdp_watch = XdpTxWatch()
+        self._ours: set[int] = set()        # TC program ids of this instance (previous and current)
+        self._ours_xdp: set[int] = set()
         self._last_tick = time.monotonic()
         self._stop = False
         self._reload = False
@@ -108,9 +114,13 @@ class Agent:
                                               "new_maps": self.dataplane.fresh,
                                               "program_id": self.dataplane.program.id,
                                               "replaces_program_id": previous_program})
-        if previous_program is not None:
-            self._hooks = hooks_running(previous_program)
-        self._xdp_hooks = self.pins.hooks(XDP_PIN, XdpHook)
+        self._ours = {self.dataplane.program.id} | ({previous_program} if previous_program else set())
+        self._ours_xdp = {self.pins.pinned_program_id(XDP_PIN)} - {None}
+        if isinstance(self.dataplane, ProxyDataplane):
+            self._ours_xdp.add(self.dataplane.xdp_program.id)
+        self.hooks = Hooks(self.pins, schema.Attach())
+        self._inherited_interfaces = sorted(set(self.hooks.linked_interfaces("tcx"))
+                                            | set(legacy_interfaces_running(self._ours)))
         self._inherited = self.dataplane.applied()
         self.source.wait_synced(SYNC_WAIT_S)
         self.reload()
@@ -129,60 +139,68 @@ class Agent:
         new ones read the same maps, swap them in."""
         self._swap_pending = False
         self.dataplane.pin_maps(self.pins.path)
-        if self.config:
-            self._attach(self.config.node.interfaces, self._xdp_wanted())
-        else:
-            self._attach(list(self._hooks), list(self._xdp_hooks))
         self.pins.pin_program(self.dataplane.program)
         if isinstance(self.dataplane, ProxyDataplane):
             self.pins.pin_program(self.dataplane.xdp_program, XDP_PIN)
+        self._reconcile_hooks()
         # Maps of a previous release that this one renamed or dropped: no program uses them now.
-        stale = self.pins.prune(keep=set(self.dataplane.MAPS) | {"program", XDP_PIN})
+        stale = self.pins.prune(keep=set(self.dataplane.MAPS) | {"program", XDP_PIN},
+                                keep_prefixes=("tcx-", "xdp-"))
         if stale:
             log.info("unpinned maps of the previous release", extra={"maps": stale})
 
-    def _xdp_wanted(self) -> list[str]:
-        return list(self.config.node.interfaces) if self.config.node.xdp else []
+    def _wanted(self) -> tuple[list[str], list[str]]:
+        """The interfaces whose TC ingress, and whose XDP slot, should run ours."""
+        if self.config is None:
+            return self._inherited_interfaces, self.hooks.linked_interfaces("xdp")
+        interfaces = list(self.config.node.interfaces)
+        xdp = [n for n in interfaces if self.config.node.xdp and n not in self._xdp_off]
+        return interfaces, xdp
 
-    def _hooks_stale(self) -> bool:
-        return (set(self._hooks) != set(self.config.node.interfaces)
-                or set(self._xdp_hooks) | set(self._xdp_failed) != set(self._xdp_wanted()))
-
-    def _attach(self, interfaces: list[str], xdp: list[str]) -> None:
-        self._missing_interfaces = []
-        for name in interfaces:
-            try:
-                hook = TcHook(socket.if_nametoindex(name))
-            except OSError:
-                log.error("interface missing", extra={"interface": name})
-                self._missing_interfaces.append(name)
-                continue
-            hook.attach(self.dataplane.program)
-            self._hooks[name] = hook
-        for name in [n for n in self._hooks if n not in interfaces]:
-            self._hooks.pop(name).detach()
+    def _reconcile_hooks(self) -> None:
+        """Make the kernel run our programs where wanted and nowhere else, and
+        record what it shows. Cheap and idempotent: runs on every link event
+        and every tick, so a recreated interface or a detached program is back
+        within a tick, and readiness never trusts memory."""
+        if self._swap_pending or self.retired or self.dataplane is None:
+            return
+        interfaces, xdp = self._wanted()
+        tc = {n: self.hooks.ensure_tc(n, self.dataplane.program, self._ours) for n in interfaces}
+        for name in set(self._tc) - set(tc):
+            self.hooks.remove_tc(name, self._ours)
             log.info("detached", extra={"interface": name})
-        self._attach_xdp([n for n in xdp if n not in self._missing_interfaces])
-        self.state.hooks = sorted(self._hooks)
-        self.state.xdp_hooks = sorted(self._xdp_hooks)
+        front = {}
+        if isinstance(self.dataplane, ProxyDataplane):
+            front = {n: self.hooks.ensure_xdp(n, self.dataplane.xdp_program, self._ours_xdp) for n in xdp}
+            for name in set(self.hooks.linked_interfaces("xdp")) - set(front):
+                self.hooks.remove_xdp(name)
+                log.info("XDP front detached", extra={"interface": name})
+        for status in list(tc.values()) + list(front.values()):
+            before = (self._xdp if status.hook == "xdp" else self._tc).get(status.interface)
+            if status.error and (before is None or before.error != status.error):
+                log.error("hook not in place", extra={"interface": status.interface, "hook": status.hook,
+                                                      "error": status.error})
+            elif status.sharing and (before is None or before.sharing != status.sharing):
+                log.info("sharing the hook", extra={"interface": status.interface, "hook": status.hook,
+                                                    "programs": status.sharing})
+        self._tc, self._xdp = tc, front
+        self.state.tc_hook = self.hooks.tc_kind
+        self.state.hooks = sorted(n for n, st in tc.items() if st.attached)
+        self.state.xdp_hooks = sorted(n for n, st in front.items() if st.attached)
 
-    def _attach_xdp(self, interfaces: list[str]) -> None:
-        """The XDP front where wanted; where the driver refuses it, the TC
-        program alone still answers (slower), and readiness says why."""
-        self._xdp_failed = {}
-        for name in interfaces:
-            hook = XdpHook(socket.if_nametoindex(name))
-            try:
-                hook.attach(self.dataplane.xdp_program)
-            except BpfError as err:
-                self._xdp_failed[name] = str(err)
-                log.error("XDP front not attached; the TC program answers SYNs here",
-                          extra={"interface": name, "error": str(err)})
-                continue
-            self._xdp_hooks[name] = hook
-        for name in [n for n in self._xdp_hooks if n not in interfaces or n in self._xdp_failed]:
-            self._xdp_hooks.pop(name).detach()
-            log.info("XDP front detached", extra={"interface": name})
+    def _watch_xdp(self) -> None:
+        """Take the XDP front away where its replies do not leave (XDP_TX
+        failing in the driver): the TC program answers there instead."""
+        answered = self.dataplane.counter_values().get(abi.Counter.SYN_ANSWERED, 0)
+        for name in self.state.xdp_hooks:
+            why = self._xdp_watch.failing(name, answered)
+            if why:
+                self._xdp_off[name] = why
+                self.state.xdp_fallbacks[name] = self.state.xdp_fallbacks.get(name, 0) + 1
+                log.error("XDP front taken away: its replies are not leaving; the TC program answers "
+                          "SYNs here", extra={"interface": name, "reason": why})
+        if any(n in self._xdp_off for n in self.state.xdp_hooks):
+            self._reconcile_hooks()
 
     # ---- configuration ----
 
@@ -201,6 +219,7 @@ class Agent:
             if cfg.role is not self.opts.role:
                 raise schema.ConfigError(f"role: the document is for a {cfg.role.value}, "
                                          f"this agent runs --role {self.opts.role.value}")
+            hooks = self.hooks if self.hooks.attach == cfg.node.attach else self._hooks_for(cfg.node.attach)
         except schema.ConfigError as err:
             self.state.config_errors += 1
             self._last_error = str(err)
@@ -209,13 +228,22 @@ class Agent:
             if self.config is None:
                 self._first_error = str(err)
             return False
+        self.hooks = hooks
         self._apply(cfg)
         self._config_digest = digest
         self._config_version = self.source.version
         return True
 
+    def _hooks_for(self, attach: schema.Attach) -> Hooks:
+        try:
+            return Hooks(self.pins, attach)
+        except BpfError as err:
+            raise schema.ConfigError(f"node.attach: {err.strerror}") from err
+
     def _apply(self, cfg: schema.DataplaneConfig) -> None:
         dp = self.dataplane
+        if self.config is None or cfg.node != self.config.node:
+            self._xdp_off = {}      # a new node configuration tries the XDP front again
         if isinstance(dp, ProxyDataplane):
             # Salts first: a new configuration never names an epoch without its key.
             self._load_salts(cfg)
@@ -294,12 +322,16 @@ class Agent:
                     f"({', '.join(self.dataplane.fresh)}); the previous program serves")
         if self.config is None and not self._inherited:
             return f"no valid configuration yet: {self._first_error}" if self._first_error else "starting"
-        if self._missing_interfaces:
-            return f"interface {', '.join(self._missing_interfaces)} does not exist"
+        missing = [f"{st.hook} on {st.interface}: {st.error}" for st in self._tc.values() if not st.attached]
+        if missing:
+            return "; ".join(missing)
         if self._notrack_error:
             return f"connection tracking exemption not installed: {self._notrack_error}"
-        if self._xdp_failed:
-            return "; ".join(f"no XDP front on {name}: {why}" for name, why in self._xdp_failed.items())
+        no_front = [f"no XDP front on {st.interface}: {st.error}" for st in self._xdp.values() if not st.attached]
+        no_front += [f"XDP front on {name} taken away: {why}; the TC program answers"
+                     for name, why in self._xdp_off.items()]
+        if no_front:
+            return "; ".join(no_front)
         status = self._salt_status()
         if status is not None and not status[1]:
             return f"no salt for epoch {status[0]}: {self._without_salt()}"
@@ -307,9 +339,9 @@ class Agent:
 
     def _node_status(self, counters: bool) -> dict:
         """What the NodeAgent object says (see agent/report.py)."""
-        programs = [{"interface": name, "hook": kind, "programId": hook.query() or 0}
-                    for kind, hooks in (("tc", self._hooks), ("xdp", self._xdp_hooks))
-                    for name, hook in sorted(list(hooks.items()))]
+        programs = [{"interface": st.interface, "hook": st.hook, "programId": st.program_id,
+                     **({"sharing": st.sharing} if st.sharing else {})}
+                    for hooks in (self._tc, self._xdp) for _, st in sorted(hooks.items())]
         not_ready = self._not_ready()
         status = {"programs": programs, "configGeneration": self.state.config_generation,
                   "notReady": not_ready, "retired": self.retired,
@@ -342,6 +374,7 @@ class Agent:
         server = serve(self.opts.listen, self.state, self.dataplane.counter_values) \
             if self.opts.listen else None
         watch = self.source
+        links = LinkEvents()
         # Signals wake the loop at once instead of at the next tick.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
@@ -352,18 +385,23 @@ class Agent:
         try:
             while not self._stop:
                 try:
-                    ready, _, _ = select.select([watch, wake_r], [], [], TICK_S)
+                    ready, _, _ = select.select([watch, wake_r, links], [], [], TICK_S)
                 except InterruptedError:
                     ready = []
                 if wake_r in ready:
                     os.read(wake_r, 512)
+                if links in ready:
+                    links.drain()       # what changed does not matter: the kernel is asked again
                 if watch in ready and watch.changed():
                     self._reload = True
                 if self._reload and not self.retired:
                     self._reload = False
                     self._follow_source()
                 self._tick()
+                self._reconcile_hooks()
+                self._watch_xdp()
         finally:
+            links.close()
             signal.set_wakeup_fd(-1)
             os.close(wake_r)
             os.close(wake_w)
@@ -379,19 +417,17 @@ class Agent:
         why = self.source.retirement()
         if why:
             self._retire(why)
-        elif self.reload() and (self._swap_pending or self._hooks_stale()):
+        elif self.reload():
             if self._swap_pending:
                 self._swap_in()
             else:
-                self._attach(self.config.node.interfaces, self._xdp_wanted())
+                self._reconcile_hooks()
 
     def _retire(self, why: str) -> None:
         """Leave the node bare: every hook of this instance detached, every pin
         removed. The process stays (idle) to report it until its DaemonSet goes."""
         detached = uninstall(self.opts.instance, self.opts.pin_root) or []
-        self._hooks.clear()     # each runs the pinned program: uninstall found them
-        self._xdp_hooks.clear()
-        self._xdp_failed, self._missing_interfaces, self._swap_pending = {}, [], False
+        self._tc, self._xdp, self._xdp_off, self._swap_pending = {}, {}, {}, False
         self.config, self.retired = None, why
         self.state.hooks, self.state.xdp_hooks = [], []
         log.info("retired: the node is bare", extra={"reason": why, "detached": detached})
@@ -409,11 +445,8 @@ def uninstall(instance: str, pin_root: str = DEFAULT_ROOT) -> list[str] | None:
     pins = PinDir(pin_root, instance)
     if not pins.exists():
         return None
-    detached = []
-    for pin, kind, suffix in (("program", TcHook, ""), (XDP_PIN, XdpHook, " (XDP)")):
-        for name, hook in pins.hooks(pin, kind).items():
-            hook.detach()
-            detached.append(name + suffix)
+    detached = detach_everything(pins, {pins.pinned_program_id()} - {None},
+                                 {pins.pinned_program_id(XDP_PIN)} - {None})
     pins.remove()
     try:
         notrack.remove(instance)

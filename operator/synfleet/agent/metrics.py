@@ -33,8 +33,10 @@ class AgentState:
     salt_epoch: int | None = None       # the epoch the node's clock is in
     salts_published: set[int] = field(default_factory=set)     # epochs whose salt the map holds
     salts_loaded_for: int | None = None     # the epoch the salt window was last laid around
-    hooks: list[str] = field(default_factory=list)        # interfaces running the TC program
+    hooks: list[str] = field(default_factory=list)        # interfaces running the TC program ...
+    tc_hook: str = "tcx"                                  # ... through a tcx link, or a clsact filter ("tc")
     xdp_hooks: list[str] = field(default_factory=list)    # interfaces running the XDP front
+    xdp_fallbacks: dict[str, int] = field(default_factory=dict)   # fronts taken away, by interface
     not_ready: Callable[[], str | None] = lambda: "starting"   # why /readyz fails, or None
 
     @property
@@ -68,12 +70,18 @@ class AgentCollector(Collector):
         errors.add_metric(base, s.config_errors)
         yield errors
         attached = GaugeMetricFamily("synfleet_hook_attached",
-                                     "Data-plane programs attached, by interface and hook (tc, xdp)",
+                                     "Data-plane programs attached (as the kernel shows them), by interface and hook (tcx, tc, xdp)",
                                      labels=labels + ["interface", "hook"])
-        for hook, interfaces in (("tc", s.hooks), ("xdp", s.xdp_hooks)):
+        for hook, interfaces in ((s.tc_hook, s.hooks), ("xdp", s.xdp_hooks)):
             for name in interfaces:
                 attached.add_metric(base + [name, hook], 1)
         yield attached
+        fallbacks = CounterMetricFamily("synfleet_xdp_fallbacks",
+                                        "XDP fronts taken away because the driver failed to send their "
+                                        "replies (the TC program answers there)", labels=labels + ["interface"])
+        for name, count in sorted(s.xdp_fallbacks.items()):
+            fallbacks.add_metric(base + [name], count)
+        yield fallbacks
         since = GaugeMetricFamily("synfleet_seconds_since_last_sync",
                                   "Seconds since the maps last matched the configuration", labels=labels)
         since.add_metric(base, float("inf") if s.last_sync is None else time.time() - s.last_sync)

@@ -3,21 +3,23 @@ are found again after the process that attached them is gone.
 
     <root>/<instance>/program        the program the TC hooks run
     <root>/<instance>/program-xdp    a proxy's XDP front, where node.xdp attached it
+    <root>/<instance>/tcx-<if>       the tcx link holding the program on interface <if>
+    <root>/<instance>/xdp-<if>       the XDP link holding the front on <if>
     <root>/<instance>/<map name>     every map, re-used by the next agent
 
-TC filters and XDP programs outlive the agent; a hook is ours when the
-program it runs is the one pinned here, which is how `uninstall` and a
-restarted agent find them without any state file.
+Links and filters outlive the agent. A link is ours when it is pinned here; a
+clsact filter (mode tc, or an earlier release) is ours when the program it
+runs is the one pinned here. That is how `uninstall` and a restarted agent
+find them without any state file.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 
-from synfleet.bpf import BpfError, Program, TcHook, XdpHook
+from synfleet.bpf import Program
 
 DEFAULT_ROOT = "/sys/fs/bpf/synfleet"
 XDP_PIN = "program-xdp"
@@ -54,12 +56,6 @@ class PinDir:
         finally:
             prog.close()
 
-    def hooks(self, name: str = "program", kind: type[TcHook] | type[XdpHook] = TcHook) -> dict:
-        """The hooks of this network namespace running the program pinned as
-        `name` (none when nothing is pinned there)."""
-        program_id = self.pinned_program_id(name)
-        return {} if program_id is None else hooks_running(program_id, kind)
-
     def pin_program(self, program: Program, name: str = "program") -> None:
         """Replace the pinned program in one rename: there is always one."""
         staging = self.program(name) + "-next"   # bpffs refuses names with dots
@@ -68,9 +64,11 @@ class PinDir:
         program.pin(staging)
         os.rename(staging, self.program(name))
 
-    def prune(self, keep: set[str]) -> list[str]:
-        """Unpin everything here but `keep` (and a rename in flight); what went."""
-        gone = sorted(n for n in os.listdir(self.path) if n not in keep and not n.endswith("-next"))
+    def prune(self, keep: set[str], keep_prefixes: tuple[str, ...] = ()) -> list[str]:
+        """Unpin everything here but `keep`, names with `keep_prefixes` (and a
+        rename in flight); what went."""
+        gone = sorted(n for n in os.listdir(self.path)
+                      if n not in keep and not n.startswith(keep_prefixes) and not n.endswith("-next"))
         for name in gone:
             os.unlink(os.path.join(self.path, name))
         return gone
@@ -93,16 +91,3 @@ def filesystem_of(path: str) -> str:
                 best, fstype = mountpoint, kind
     return fstype
 
-
-def hooks_running(program_id: int, kind: type[TcHook] | type[XdpHook] = TcHook) -> dict:
-    """Every interface of this network namespace whose TC ingress (or, with
-    kind=XdpHook, native XDP) slot runs `program_id`."""
-    found = {}
-    for ifindex, name in socket.if_nameindex():
-        hook = kind(ifindex)
-        try:
-            if hook.query() == program_id:
-                found[name] = hook
-        except BpfError:
-            continue
-    return found

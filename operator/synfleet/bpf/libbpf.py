@@ -285,7 +285,20 @@ class TestRun:
 
 
 class _ProgInfo(ctypes.Structure):
-    _fields_ = [("type", _u32), ("id", _u32), ("rest", ctypes.c_uint8 * 248)]
+    _fields_ = [("type", _u32), ("id", _u32), ("_skipped", ctypes.c_uint8 * 56),
+                ("name", ctypes.c_char * 16), ("rest", ctypes.c_uint8 * 176)]
+
+
+def _prog_info(fd: int, what: str) -> _ProgInfo:
+    info = _ProgInfo()
+    size = _u32(ctypes.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), f"program info of {what}")
+    return info
+
+
+def program_name(fd: int) -> str:
+    """The name the program was loaded with (the kernel keeps 15 characters)."""
+    return _prog_info(fd, f"fd {fd}").name.decode(errors="replace")
 
 
 class Program(_OwnedFd):
@@ -299,11 +312,7 @@ class Program(_OwnedFd):
 
     @property
     def id(self) -> int:
-        info = _ProgInfo()
-        size = _u32(ctypes.sizeof(info))
-        _check(_lib.bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size)),
-               f"program info of {self.name}")
-        return info.id
+        return _prog_info(self.fd, self.name).id
 
     def test_run(self, data: bytes, repeat: int = 1, out_size: int = 0) -> TestRun:
         out = ctypes.create_string_buffer(max(out_size, len(data) + 256))
@@ -428,13 +437,14 @@ class TcHook:
         return _TcOpts(sz=ctypes.sizeof(_TcOpts), prog_fd=prog_fd, flags=flags,
                        handle=self.handle, priority=self.priority)
 
-    def attach(self, prog: Program) -> int:
-        """Attach, or atomically replace what this slot runs. Returns the program id."""
+    def attach(self, prog: Program, replace: bool = True) -> int:
+        """Attach, or atomically replace what this slot runs (with replace=False,
+        EEXIST when the slot is taken). Returns the program id."""
         hook = self._hook()
         rc = _lib.bpf_tc_hook_create(ctypes.byref(hook))
         if rc < 0 and rc != -errno_mod.EEXIST:
             _check(rc, f"create clsact on ifindex {self.ifindex}")
-        opts = self._opts(prog.fd, BPF_TC_F_REPLACE)
+        opts = self._opts(prog.fd, BPF_TC_F_REPLACE if replace else 0)
         _check(_lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)),
                f"attach {prog.name} to ifindex {self.ifindex}")
         return opts.prog_id

@@ -9,6 +9,7 @@ operator renders the same document into a ConfigMap. One schema for both.
     node:
       interfaces: [eth0]             # TC ingress hooks
       xdp: false                     # proxies: also answer SYNs in native XDP (driver support needed)
+      attach: {mode: auto, order: first}   # tcx (or clsact) beside other programs: docs/agent.md
       addresses: {ipv4: 198.18.0.1, ipv6: "2001:db8:18::1"}
       encapPort: 6080
     policies:
@@ -97,6 +98,40 @@ class NodeAddresses(_Strict):
         return self
 
 
+class AttachMode(str, enum.Enum):
+    AUTO = "auto"      # tcx where the kernel has it (Linux 6.6+), else a clsact filter
+    TCX = "tcx"        # a tcx link: several programs on one hook, in a given order
+    TC = "tc"          # a clsact filter at tcHandle/tcPriority (older kernels)
+
+
+class Order(str, enum.Enum):
+    FIRST = "first"
+    LAST = "last"
+
+
+class Attach(_Strict):
+    """How the TC program shares the interface's ingress hook with others (a CNI's)."""
+
+    mode: AttachMode = AttachMode.AUTO
+    order: Order = Field(Order.FIRST, description="tcx: run before (first) or after (last) the "
+                                                  "programs already there")
+    before: str | None = Field(None, min_length=1, max_length=15,
+                               description="tcx: run just before the program of this name")
+    after: str | None = Field(None, min_length=1, max_length=15,
+                              description="tcx: run just after the program of this name")
+    tc_handle: int = Field(1, alias="tcHandle", ge=1, le=0xFFFF, description="tc mode: filter handle")
+    tc_priority: int = Field(1, alias="tcPriority", ge=1, le=0xFFFF,
+                             description="tc mode: filter priority (lower runs first)")
+
+    @model_validator(mode="after")
+    def _one_anchor(self) -> "Attach":
+        if self.before and self.after:
+            raise ValueError("give attach.before or attach.after, not both")
+        if (self.before or self.after) and self.mode is AttachMode.TC:
+            raise ValueError("attach.before/after order tcx programs; with mode tc use tcPriority")
+        return self
+
+
 class Node(_Strict):
     interfaces: list[Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[^/\s]+$")]] = \
         Field(min_length=1)
@@ -107,6 +142,7 @@ class Node(_Strict):
                                                     "the salt epoch; corrects a known skew")
     xdp: bool = Field(False, description="proxies: attach the XDP front (native mode) to every "
                                          "interface as well, answering SYNs before an skb exists")
+    attach: Attach = Field(default_factory=Attach)
 
 
 class Cookie(_Strict):
