@@ -139,11 +139,16 @@ def xdp_program_id(ns: NetNS, ifname: str) -> int | None:
 
 
 def ingress_program_id(ns: NetNS, ifname: str) -> int | None:
-    """The id of the synfleet program on `ifname`'s TC ingress (a tcx link or a
-    clsact filter), or None."""
+    """The id of the synfleet program on `ifname`'s TC ingress in `ns`."""
     with ns.entered():
-        ifindex = socket.if_nametoindex(ifname)
-        found = tcx_programs(ifindex) + [p for p, _ in legacy_programs(ifindex)]
+        return synfleet_ingress_program(ifname)
+
+
+def synfleet_ingress_program(ifname: str) -> int | None:
+    """The id of the synfleet program on `ifname`'s TC ingress (a tcx link or a
+    clsact filter) in this thread's network namespace, or None."""
+    ifindex = socket.if_nametoindex(ifname)
+    found = tcx_programs(ifindex) + [p for p, _ in legacy_programs(ifindex)]
     ids = [p.program_id for p in found if p.name.startswith("synfleet_")]
     assert len(ids) <= 1, f"more than one synfleet program on {ifname}: {found}"
     return ids[0] if ids else None

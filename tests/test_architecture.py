@@ -35,7 +35,7 @@ MAY_IMPORT = {
 }
 # Third-party distributions the product's wheel requires, by the name it imports.
 DISTRIBUTIONS = {"kopf": "kopf", "kubernetes": "kubernetes", "prometheus_client": "prometheus-client",
-                 "pydantic": "pydantic", "yaml": "PyYAML"}
+                 "pydantic": "pydantic", "pyroute2": "pyroute2", "yaml": "PyYAML"}
 
 
 def _imports(path: Path) -> set[str]:

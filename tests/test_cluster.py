@@ -143,6 +143,20 @@ def test_agents_attach_their_programs_in_their_own_node_and_report_it(installed)
     ready = {a["spec"]["nodeName"] for a in agents
              if any(c["type"] == "Ready" and c["status"] == "True" for c in a["status"].get("conditions", []))}
     assert ready == {n.name for n in NODES}
+    assert {p["hook"] for a in agents for p in a["status"]["programs"]} == {"tcx"}
+
+
+def test_agent_metrics_listen_on_the_node_address_only_not_where_clients_reach(installed):
+    for node in NODES:
+        listening = installed.nodes[node.name].run("ss", "-Hltn", "sport = :9478").split()
+        assert f"{node.address}:9478" in listening, (node.name, listening)
+        assert not {"0.0.0.0:9478", "*:9478", "[::]:9478"} & set(listening), (node.name, listening)
+    with installed.namespace("client").entered():
+        sock = socket.socket()
+    with sock:
+        sock.settimeout(3)
+        with pytest.raises(OSError):
+            sock.connect((SERVICE_ADDRESS, 9478))
 
 
 # ---- traffic: real clients in the client namespace, a flood from the attacker's ----

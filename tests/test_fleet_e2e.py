@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import require_bpf
-from fleet import ingress_program_id, wait_for, xdp_tx_count
+from fleet import ingress_program_id, wait_for, xdp_program_id, xdp_tx_count
 from synfleet.abi import SaltValue
 from synfleet.agent import notrack
 from synfleet.agent.agent import uninstall
@@ -176,6 +176,25 @@ def test_proxies_with_the_xdp_front_serve_clients_through_a_syn_flood(xdp_lab):
     assert success_rate(attempts) >= 0.99, [a.error for a in attempts if not a.ok][:5]
     big = attempt(lab, 4, 41999, payload=bytes(MiB))
     assert big.ok, big.error
+
+
+def test_an_xdp_front_whose_replies_are_lost_gives_way_to_the_tc_program():
+    """The switch ports run no XDP program, so the veth drops every SYN+ACK
+    the proxies' XDP front sends back (a new user's bridge, or a driver whose
+    XDP_TX fails): the agent notices, takes the front away, and says so."""
+    require_bpf()
+    with FleetLab(xdp=True, peer_xdp=False) as lab:
+        lab.start()
+        proxy = lab.agents["proxy-a"]
+        assert xdp_program_id(lab.nodes["proxy-a"].ns, "eth0") is not None
+        attempts = [attempt(lab, 4) for _ in range(10)]
+        assert success_rate(attempts) == 1.0, [a.error for a in attempts if not a.ok][:3]
+        status, reason = proxy.http("/readyz")
+        assert status == 503 and reason.startswith("XDP front on eth0 taken away: the driver failed to send"), reason
+        assert xdp_program_id(lab.nodes["proxy-a"].ns, "eth0") is None
+        assert ingress_program_id(lab.nodes["proxy-a"].ns, "eth0") is not None
+        assert proxy.metrics()["synfleet_xdp_fallbacks_total"] == 1
+        assert "XDP front taken away" in proxy.log()
 
 
 def test_ack_flood_with_random_cookies_is_dropped_and_counted(lab):

@@ -6,7 +6,6 @@ and write DaemonSet status the way the DaemonSet controller would."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import IPRoute
 
 from conftest import agent_document, require_bpf, require_kube
-from fleet import wait_for
+from fleet import synfleet_ingress_program, wait_for
 from kubecluster import KubeCluster, OperatorProcess, free_port
 from synfleet import contract
 from synfleet.agent.agent import uninstall
 from synfleet.agent.pins import DEFAULT_ROOT
-from synfleet.bpf import TcHook
 from synfleet.config.schema import Role
 from synfleet.resources import names
 from synfleet_lab.testbed.netns import unique_name
@@ -292,6 +290,13 @@ INVALID = [
     ("toleration Exists with a value", backend_pool("web", tolerations=[
         {"key": "k", "operator": "Exists", "value": "v"}]), "a toleration with operator Exists takes no value"),
     ("metrics on a privileged port", backend_pool("web", metricsPort=80), "spec.metricsPort"),
+    ("metrics on every address", backend_pool("web", metricsAddress="0.0.0.0"), "spec.metricsAddress"),
+    ("unknown attach mode", proxy_pool("edge", attach={"mode": "clsact"}), "spec.attach.mode"),
+    ("attach before and after", proxy_pool("edge", attach={"before": "a", "after": "b"}),
+     "give attach.before or attach.after, not both"),
+    ("attach by name in tc mode", backend_pool("web", attach={"mode": "tc", "after": "cil_from_netdev"}),
+     "attach.before/after order tcx programs; with mode tc use tcPriority"),
+    ("clsact priority 0", backend_pool("web", attach={"mode": "tc", "tcPriority": 0}), "spec.attach.tcPriority"),
     ("pool name too long", proxy_pool("p" * 41), "metadata.name must be at most 40 characters"),
     ("pool without interface", {"apiVersion": "synfleet.io/v1alpha1", "kind": "BackendPool",
                                 "metadata": {"name": "web"}, "spec": {}}, "spec.interface: Required value"),
@@ -333,6 +338,27 @@ def test_a_proxy_pool_asking_for_xdp_renders_it_and_the_default_is_off(fleet):
     wait_for(lambda: node_of().get("xdp") is False, "xdp off again", timeout=KUBE_TIMEOUT_S)
     assert get(fleet, "proxypool", "front")["spec"]["xdp"] is False          # the CRD's default
     delete_pool(fleet, "proxy", "front")
+
+
+def test_a_node_both_pools_select_runs_the_proxy_and_the_backend_pool_names_it(fleet):
+    add_node(fleet, "both-1", ["10.0.2.1"], **{"synfleet.io/proxy": "edge", "synfleet.io/backend": "web"})
+    try:
+        def excluded():
+            ds = get(fleet, "daemonset", "synfleet-backend-web") or {}
+            affinity = ds.get("spec", {}).get("template", {}).get("spec", {}).get("affinity") or {}
+            return affinity.get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+        required = wait_for(excluded, "the backend agents' node affinity", timeout=KUBE_TIMEOUT_S)
+        assert required["nodeSelectorTerms"] == [{"matchExpressions": [
+            {"key": "synfleet.io/proxy", "operator": "NotIn", "values": ["edge"]}]}]
+        pool = wait_for(lambda: (p := get(fleet, "backendpool", "web"))
+                        and condition(p, "Degraded").get("reason") == "NodesRunAProxy" and p,
+                        "the backend pool naming the node", timeout=KUBE_TIMEOUT_S)
+        assert condition(pool, "Degraded")["message"].startswith("not on both-1: a proxy pool selects it too")
+        assert "NodesRunAProxy" not in json.dumps(get(fleet, "proxypool", "edge")["status"])
+    finally:
+        fleet.kubectl("delete", "node", "both-1")
+    wait_for(lambda: condition(get(fleet, "backendpool", "web"), "Degraded").get("reason") != "NodesRunAProxy",
+             "the condition cleared with the node", timeout=KUBE_TIMEOUT_S)
 
 
 def test_policy_update_rerenders_and_deletes_clean_up(fleet):
@@ -546,7 +572,7 @@ class KubeAgent:
         return get(self.kube, "nodeagent", contract.node_agent_name(Role(self.role), self.pool, self.node))
 
     def program(self) -> int | None:
-        return TcHook(socket.if_nametoindex(self.interface)).query()
+        return synfleet_ingress_program(self.interface)
 
     def pins(self) -> Path:
         return Path(DEFAULT_ROOT) / self.instance
@@ -583,7 +609,7 @@ def test_agent_in_cluster_mode_follows_its_configmap_and_outlives_an_operator_ou
         assert report["spec"] == {"role": "proxy", "pool": "lab", "nodeName": "lab-1"}
         assert report["metadata"]["ownerReferences"][0]["uid"] == agent.pool_uid
         (program,) = report["status"]["programs"]
-        assert program["interface"] == lab_link and program["hook"] == "tc" and program["programId"] > 0
+        assert program["interface"] == lab_link and program["hook"] == "tcx" and program["programId"] > 0
         assert report["status"]["saltGeneration"] == 1 and report["status"]["saltEpochsAhead"] == 720
         assert report["status"]["failurePolicy"] == "open" and "syn_answered" in report["status"]["counters"]
         assert report["status"]["configVersion"] == get(fleet, "configmap", "synfleet-proxy-lab")[

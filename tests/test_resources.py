@@ -21,6 +21,7 @@ from synfleet.resources.dataplane import (
     Problem,
     allocate_ids,
     configmap,
+    proxy_nodes_in,
     ready_agent_nodes,
     render,
     validate_for_nodes,
@@ -109,7 +110,50 @@ def test_pool_image_tolerations_and_resources_reach_the_pod():
     assert c["image"] == "registry.local/agent:dev"
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "web", "effect": "NoSchedule"}]
     assert c["resources"] == {"requests": {"cpu": "100m"}}
-    assert "--secret" not in c["args"] and "0.0.0.0:9600" in c["args"]
+    assert "--secret" not in c["args"] and "$(SYNFLEET_NODE_IP):9600" in c["args"]
+
+
+def test_agents_listen_on_the_nodes_internal_address_or_loopback_never_on_all():
+    for spec, listen, probe_host in (({}, "$(SYNFLEET_NODE_IP):9478", None),
+                                     ({"metricsAddress": "loopback"}, "127.0.0.1:9478", "127.0.0.1")):
+        (c,) = agents.daemonset(pool(Role.PROXY, "edge", **spec), SETTINGS)["spec"]["template"]["spec"]["containers"]
+        assert c["args"][c["args"].index("--listen") + 1] == listen
+        assert c["readinessProbe"]["httpGet"].get("host") == c["livenessProbe"]["httpGet"].get("host") == probe_host
+        env = {e["name"]: e for e in c["env"]}
+        assert env["SYNFLEET_NODE_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
+
+
+def test_backend_agents_keep_off_every_node_a_proxy_pool_selects():
+    def terms(selectors):
+        pod = agents.daemonset(WEB, SETTINGS, selectors)["spec"]["template"]["spec"]
+        return [t["matchExpressions"] for t in pod["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]]
+
+    def allowed(selectors, labels) -> bool:     # the scheduler's reading: OR of terms, AND within
+        return any(all((e["operator"] == "NotIn" and labels.get(e["key"]) not in e["values"])
+                       or (e["operator"] == "DoesNotExist" and e["key"] not in labels) for e in t)
+                   for t in terms(selectors))
+
+    two = [{"synfleet.io/edge": "true"}, {"zone": "dmz", "edge": "yes"}]
+    assert len(terms(two)) == 2
+    assert allowed(two, {"tier": "web"}) and allowed(two, {"tier": "web", "zone": "dmz"})
+    assert not allowed(two, {"tier": "web", "synfleet.io/edge": "true"})
+    assert not allowed(two, {"tier": "web", "zone": "dmz", "edge": "yes"})
+    assert not allowed([{}], {"tier": "web", "kubernetes.io/hostname": "web-1"}), "a proxy pool on every node"
+    assert "affinity" not in agents.daemonset(WEB, SETTINGS, [])["spec"]["template"]["spec"]
+    assert "affinity" not in agents.daemonset(EDGE, SETTINGS, two)["spec"]["template"]["spec"]
+
+
+def test_a_backend_pool_names_the_nodes_that_run_a_proxy_instead():
+    both = node("web-9", "10.0.1.9", tier="web", **{"synfleet.io/edge": "true"})
+    v = view(nodes=NODES + [both])
+    assert proxy_nodes_in(WEB, v) == ["web-9"]
+    st = pool_status(WEB, Rollout(desired=2, ready=2, updated=2, current=True), None, [], None,
+                     proxy_nodes_in(WEB, v))
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Ready"]["status"] == "True"
+    assert (conds["Degraded"]["status"], conds["Degraded"]["reason"]) == ("True", "NodesRunAProxy")
+    assert conds["Degraded"]["message"].startswith("not on web-9: a proxy pool selects it too")
 
 
 def test_only_proxy_agents_may_read_their_own_salt_secret():
@@ -208,6 +252,17 @@ def test_a_proxy_pool_asking_for_xdp_renders_the_xdp_front_on():
     doc = out.configs[(Role.PROXY, "edge")]
     assert doc["node"]["xdp"] is True
     assert agent_document(doc, "10.0.0.1", "fd00::1", salts.rotate([], 5, MINUTE, DAY)).node.xdp is True
+
+
+def test_a_pools_attach_choice_reaches_its_document_and_the_default_adds_nothing():
+    v = view(policy("web", addresses=["203.0.113.10"], ports=[443]))
+    assert "attach" not in render(v, SETTINGS).configs[(Role.PROXY, "edge")]["node"]
+    edge = pool(Role.PROXY, "edge", nodeSelector={"synfleet.io/edge": "true"},
+                attach={"mode": "tcx", "after": "cil_from_netdev"})
+    doc = render(dataclasses.replace(v, proxy_pools=[edge]), SETTINGS).configs[(Role.PROXY, "edge")]
+    assert doc["node"]["attach"] == {"mode": "tcx", "after": "cil_from_netdev"}
+    node_cfg = agent_document(doc, "10.0.0.1", "fd00::1", salts.rotate([], 5, MINUTE, DAY)).node
+    assert node_cfg.attach.after == "cil_from_netdev"
 
 
 def agent_pod(node: str, ready: bool, role: str = "backend", pool: str = "web") -> dict:

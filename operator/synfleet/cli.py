@@ -13,6 +13,15 @@ PRODUCT_COMMANDS = ("agent", "operator")
 COMMANDS_GROUP = "synfleet.commands"
 
 
+def _listen_address(value: str) -> str:
+    host = value.rpartition(":")[0].strip("[]")
+    if value and host in ("", "0.0.0.0", "::"):
+        raise argparse.ArgumentTypeError(
+            f"{value}: give one address, not all of them (on a proxy node they include the "
+            f"addresses it protects); e.g. the node's internal address or 127.0.0.1")
+    return value
+
+
 def _agent(args: argparse.Namespace) -> int:
     from synfleet.agent import logs
     from synfleet.agent.agent import Agent, AgentOptions, uninstall
@@ -103,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="this node's name (default: $SYNFLEET_NODE_NAME, from spec.nodeName)")
     agent.add_argument("--instance", help="pin directory name under --pin-root (default: the role)")
     agent.add_argument("--pin-root", default="/sys/fs/bpf/synfleet", help="bpffs directory for pins")
-    agent.add_argument("--listen", default="0.0.0.0:9478",
-                       help="host:port for /metrics, /healthz, /readyz ('' to disable)")
+    agent.add_argument("--listen", default="127.0.0.1:9478", type=_listen_address,
+                       help="address:port for /metrics, /healthz, /readyz, [v6]:port for IPv6 "
+                            "(default 127.0.0.1:9478; the pool's DaemonSet gives the node's address; "
+                            "never all addresses: on a proxy they include the protected ones; '' disables)")
     agent.add_argument("--objects", help="directory with proxy.bpf.o and backend.bpf.o "
                                          "(default: the ones installed with synfleet)")
     agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -97,7 +97,7 @@ class AgentProcess:
         log = open(self.log_path, "ab")
         self.proc = self.node.ns.popen(sys.executable, "-m", "synfleet.cli", "agent",
                              "--role", self.role, "--config", self.config_path,
-                             "--instance", self.instance, "--listen", f"127.0.0.1:{METRICS_PORT}",
+                             "--instance", self.instance,    # metrics on 127.0.0.1:9478, the default
                              *extra, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -226,6 +226,7 @@ class FleetLab:
     failure_policy: str = "open"       # the proxies' failurePolicy
     mode: str = "enforce"
     xdp: bool = False       # the proxies' XDP front (node.xdp)
+    peer_xdp: bool = True   # the switch ports facing the proxies run XDP (else XDP_TX frames are lost)
     clock_offsets: dict[str, float] = field(default_factory=dict)
     http: bool = False      # nginx on the backends instead of synfleet_lab.testbed.service
     protected: bool = True  # the service in the nodes' configurations
@@ -279,7 +280,7 @@ class FleetLab:
         # attacker never answers for its spoofed sources.
         self.fabric.pin_neighbours((a.ns, "eth0", address, b.mac) for a in self.nodes.values()
                                    for b in self.nodes.values() if a is not b for address in (b.v4, b.v6))
-        if self.xdp:
+        if self.xdp and self.peer_xdp:
             # A veth takes its peer's XDP_TX frames only with a native XDP program of its own.
             with BpfObject(lab_object("xdp_pass")).load() as peer, self.switch.entered():
                 for name in PROXIES:

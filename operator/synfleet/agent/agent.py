@@ -118,7 +118,7 @@ class Agent:
         self._ours_xdp = {self.pins.pinned_program_id(XDP_PIN)} - {None}
         if isinstance(self.dataplane, ProxyDataplane):
             self._ours_xdp.add(self.dataplane.xdp_program.id)
-        self.hooks = Hooks(self.pins, schema.Attach())
+        self.hooks = Hooks(self.pins, schema.Attach(), place=False)   # until a configuration says
         self._inherited_interfaces = sorted(set(self.hooks.linked_interfaces("tcx"))
                                             | set(legacy_interfaces_running(self._ours)))
         self._inherited = self.dataplane.applied()
@@ -219,7 +219,8 @@ class Agent:
             if cfg.role is not self.opts.role:
                 raise schema.ConfigError(f"role: the document is for a {cfg.role.value}, "
                                          f"this agent runs --role {self.opts.role.value}")
-            hooks = self.hooks if self.hooks.attach == cfg.node.attach else self._hooks_for(cfg.node.attach)
+            same = self.config is not None and self.hooks.attach == cfg.node.attach
+            hooks = self.hooks if same else self._hooks_for(cfg.node.attach)
         except schema.ConfigError as err:
             self.state.config_errors += 1
             self._last_error = str(err)

@@ -68,9 +68,16 @@ class HookStatus:
 
 
 class Hooks:
-    def __init__(self, pins: PinDir, attach: schema.Attach) -> None:
+    """With `place`, a link found where `attach` does not put it is moved
+    once (the configuration changed); without, links stay where they are (an
+    agent that has no configuration yet keeps the previous one's order).
+    Moving means detach and attach again: the kernel refuses one program
+    twice on a hook, so for microseconds the interface runs without it."""
+
+    def __init__(self, pins: PinDir, attach: schema.Attach, place: bool = True) -> None:
         self.pins = pins
         self.attach = attach
+        self._placed: set[str] = set() if place else None   # interfaces whose link position was checked
         self.tcx = attach.mode is schema.AttachMode.TCX or (
             attach.mode is schema.AttachMode.AUTO and tcx_supported())
         if attach.mode is schema.AttachMode.TCX and not tcx_supported():
@@ -110,6 +117,13 @@ class Hooks:
     def _ensure_tcx(self, interface: str, ifindex: int, program: Program, status: HookStatus) -> None:
         pin = self.pins.program(_pin_name("tcx", interface))
         link = self._pinned_link(pin, ifindex)
+        if link is not None and self._placed is not None and interface not in self._placed:
+            if not self._in_place(ifindex, link.info().program_id):
+                link.detach()
+                link.close()
+                os.unlink(pin)
+                link = None
+                log.info("moving to the configured position", extra={"interface": interface, "hook": "tcx"})
         try:
             if link is None:
                 link = Link.tcx(program, ifindex, self._position(ifindex))
@@ -122,6 +136,8 @@ class Hooks:
         finally:
             if link is not None:
                 link.close()
+        if self._placed is not None:
+            self._placed.add(interface)
         status.program_id = program.id
         status.sharing = [p.describe() + ", tcx" for p in tcx_programs(ifindex) if p.program_id != program.id]
         status.sharing += [p.describe() + ", clsact" for p, _ in legacy_programs(ifindex)]
@@ -135,6 +151,16 @@ class Hooks:
             raise BpfError(errno.ENOENT, f"attach.{'before' if self.attach.before else 'after'}: no program "
                                          f"named {name} on tcx ingress (waiting for it)")
         return Position(Order.BEFORE if self.attach.before else Order.AFTER, anchor[0].program_id)
+
+    def _in_place(self, ifindex: int, program_id: int) -> bool:
+        ids = [p.program_id for p in tcx_programs(ifindex)]
+        names = [p.name for p in tcx_programs(ifindex)]
+        at = ids.index(program_id) if program_id in ids else -1
+        if self.attach.before:
+            return 0 <= at < len(ids) - 1 and names[at + 1] == self.attach.before[:15]
+        if self.attach.after:
+            return at > 0 and names[at - 1] == self.attach.after[:15]
+        return at == (0 if self.attach.order is schema.Order.FIRST else len(ids) - 1)
 
     def _pinned_link(self, pin: str, ifindex: int) -> Link | None:
         """The pinned link if it still holds this interface; a defunct one is unpinned."""
@@ -157,14 +183,19 @@ class Hooks:
             return
         if running != program.id:
             slot.attach(program, replace=running is not None)
+        for other, at in legacy_programs(ifindex):     # where an earlier tcPriority put it
+            if other.program_id in ours | {program.id} and at != slot:
+                at.detach()
         status.program_id = program.id
         status.sharing = [p.describe() + ", clsact" for p, _ in legacy_programs(ifindex)
                           if p.program_id != program.id]
 
-    def _remove_legacy(self, ifindex: int, ours: set[int]) -> None:
-        slot = self.legacy_slot(ifindex)
-        if slot.query() in ours:
-            slot.detach()
+    @staticmethod
+    def _remove_legacy(ifindex: int, ours: set[int]) -> None:
+        """Our clsact filters, at whatever slot an earlier configuration put them."""
+        for program, slot in legacy_programs(ifindex):
+            if program.program_id in ours:
+                slot.detach()
 
     def _remove_link(self, pin_name: str) -> bool:
         pin = self.pins.program(pin_name)
@@ -240,13 +271,13 @@ def legacy_programs(ifindex: int) -> list[tuple[HookProgram, TcHook]]:
             filters = ipr.get_filters(index=ifindex, parent=CLSACT_INGRESS)
         except NetlinkError:      # no clsact qdisc
             return []
-        for f in filters:
-            options = f.get_attr("TCA_OPTIONS")
-            if f.get_attr("TCA_KIND") != "bpf" or options is None or options.get_attr("TCA_BPF_ID") is None:
-                continue
-            slot = TcHook(ifindex, handle=f["handle"], priority=f["info"] >> 16)
-            found.append((HookProgram(options.get_attr("TCA_BPF_ID"), options.get_attr("TCA_BPF_NAME") or ""),
-                          slot))
+        slots = {TcHook(ifindex, handle=f["handle"], priority=f["info"] >> 16) for f in filters
+                 if f.get_attr("TCA_KIND") == "bpf" and f["handle"]}
+    # pyroute2 does not decode TCA_BPF_ID; libbpf's query of each slot gives it.
+    for slot in sorted(slots, key=lambda h: (h.priority, h.handle)):
+        program_id = _query(slot)
+        if program_id is not None:
+            found.append((HookProgram(program_id, name_of_program(program_id)), slot))
     return found
 
 
@@ -280,3 +311,10 @@ def detach_everything(pins: PinDir, ours: set[int], ours_xdp: set[int]) -> list[
             XdpHook(index).detach()
             detached.append(name + " (XDP)")
     return detached
+
+
+def _query(hook: TcHook) -> int | None:
+    try:
+        return hook.query()
+    except BpfError:
+        return None

@@ -131,7 +131,7 @@ def serve(listen: str, state: AgentState, counters: Callable[[], dict[Counter, i
     """Start the metrics and probe server on host:port ([v6]:port for IPv6)
     in a daemon thread."""
     host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(state, counters))
     handler = type("AgentHandler", (_Handler,), {"registry": registry, "state": state})

@@ -103,6 +103,7 @@ def pool_gone(type, body, memo: kopf.Memo, **_) -> None:
     if type == "DELETED":
         if body.get("kind") == POOL_KINDS[Role.PROXY]:
             memo.metrics.forget_pool(body["metadata"]["name"])
+            memo.reconciler.keep_backends_off_proxies()
         memo.reconciler.request_render()
 
 

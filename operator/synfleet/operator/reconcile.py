@@ -23,6 +23,7 @@ from synfleet.resources.dataplane import (
     NodeInfo,
     Problem,
     configmap,
+    proxy_nodes_in,
     ready_agent_nodes,
     render,
     selects,
@@ -53,11 +54,25 @@ class Reconciler:
     def ensure_pool(self, role: Role, body: dict) -> None:
         pool = Pool.from_object(role, body)
         self.metrics.reconciles.labels(POOL_KINDS[role]).inc()
-        for obj in agents.agent_objects(pool, self.settings):
+        for obj in agents.agent_objects(pool, self.settings, self._proxy_selectors()):
             self.kube.apply(obj)
         if role is Role.PROXY:
             self._publish_salts(pool)
+            self.keep_backends_off_proxies()
         self.request_render()
+
+    def _proxy_selectors(self) -> list[dict[str, str]]:
+        # A retiring proxy pool keeps its nodes until it is gone (pool_gone runs this again).
+        return [Pool.from_object(Role.PROXY, o).spec.node_selector
+                for o in self.kube.list(API_VERSION, POOL_KINDS[Role.PROXY])]
+
+    def keep_backends_off_proxies(self) -> None:
+        """Backend pools' DaemonSets follow the proxy pools' nodeSelectors
+        (see agents.not_on_proxy_nodes); run when a proxy pool comes, changes or goes."""
+        selectors = self._proxy_selectors()
+        for obj in self.kube.list(API_VERSION, POOL_KINDS[Role.BACKEND]):
+            if not obj["metadata"].get("deletionTimestamp"):
+                self.kube.apply(agents.daemonset(Pool.from_object(Role.BACKEND, obj), self.settings, selectors))
 
     def rotate_salts(self, body: dict) -> None:
         """Publish the master keys the pool needs now (a no-op but for a new
@@ -225,8 +240,10 @@ class Reconciler:
                        if role is Role.PROXY}
         for key, pool in pools.items():
             obj = pool_objs[key]
+            shared = proxy_nodes_in(pool, view) if pool.role is Role.BACKEND else []
             self._report(obj, pool_status(pool, rollouts[key], problems.get(key), _conditions(obj),
-                                          generations.get(pool.name)), problems.get(key) is not None)
+                                          generations.get(pool.name), shared),
+                         problems.get(key) is not None or bool(shared))
 
         ready_count = {"True": 0, "False": 0}
         for p in view.policies:

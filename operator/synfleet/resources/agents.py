@@ -10,7 +10,7 @@ from synfleet import contract
 from synfleet.config.schema import Role
 from synfleet.contract import API_VERSION
 from synfleet.resources import names
-from synfleet.resources.model import Pool
+from synfleet.resources.model import MetricsAddress, Pool
 
 BPFFS = "/sys/fs/bpf"
 BTF = "/sys/kernel/btf"
@@ -46,18 +46,52 @@ def agent_args(pool: Pool, settings: OperatorSettings) -> list[str]:
             "--pool-uid", pool.uid,
             "--namespace", settings.namespace,
             "--configmap", names.agent_name(pool.role, pool.name),
-            "--listen", f"0.0.0.0:{pool.spec.metrics_port}"]
+            "--listen", f"{_metrics_host(pool)}:{pool.spec.metrics_port}"]
     if pool.role is Role.PROXY:
         args += ["--secret", names.salts_secret_name(pool.name)]
     return args
 
 
-def _http_probe(path: str, port: int, period_s: int) -> dict:
-    # The agent shares the node's network: probe it on loopback.
-    return {"httpGet": {"path": path, "port": port, "host": "127.0.0.1"}, "periodSeconds": period_s}
+def _metrics_host(pool: Pool) -> str:
+    # Never all addresses: on a proxy node they include the ones it protects.
+    # $(NODE_IP) is the kubelet's expansion of the env var (an IPv6 one works
+    # unbracketed: the agent splits at the last colon).
+    return "$(SYNFLEET_NODE_IP)" if pool.spec.metrics_address is MetricsAddress.NODE_IP else "127.0.0.1"
 
 
-def daemonset(pool: Pool, settings: OperatorSettings) -> dict:
+def _http_probe(pool: Pool, path: str, period_s: int) -> dict:
+    # The kubelet probes a host-network pod at the node's IP unless told otherwise.
+    host = {} if pool.spec.metrics_address is MetricsAddress.NODE_IP else {"host": "127.0.0.1"}
+    return {"httpGet": {"path": path, "port": pool.spec.metrics_port, **host}, "periodSeconds": period_s}
+
+
+def not_on_proxy_nodes(proxy_selectors: list[dict[str, str]]) -> dict:
+    """Node affinity of a backend pool's agents: no node any proxy pool
+    selects. A node is a proxy or a backend, never both (one pool's agent per
+    interface and metrics port; a proxy forwards to other nodes), so where two
+    pools of different roles select a node, the proxy keeps it and the backend
+    pool's status names it. NOT(a=1 AND b=2) is (a NotIn [1]) OR (b NotIn [2]);
+    nodeSelectorTerms are ORed and their expressions ANDed, so the pools' negations
+    multiply out into terms."""
+    terms: list[list[dict]] = [[]]
+    for selector in proxy_selectors:
+        if not selector:
+            # That proxy pool selects every node: no backend can run. Every node
+            # has a hostname label, so this term matches none.
+            return _affinity([[{"key": "kubernetes.io/hostname", "operator": "DoesNotExist"}]])
+        negated = [{"key": k, "operator": "NotIn", "values": [v]} for k, v in sorted(selector.items())]
+        terms = [term + [expr] for term in terms for expr in negated]
+    return _affinity(terms)
+
+
+def _affinity(terms: list[list[dict]]) -> dict:
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": t} for t in terms]}}}
+
+
+def daemonset(pool: Pool, settings: OperatorSettings, proxy_selectors: list[dict[str, str]] = ()) -> dict:
+    """`proxy_selectors`: the nodeSelectors of every proxy pool (a backend
+    pool's agents keep off those nodes)."""
     spec = pool.spec
     port = spec.metrics_port
     container = {
@@ -71,10 +105,11 @@ def daemonset(pool: Pool, settings: OperatorSettings) -> dict:
             # the node's InternalIPs.
             {"name": "SYNFLEET_NODE_ADDRESSES", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIPs"}}},
             {"name": "SYNFLEET_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "SYNFLEET_NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
         ],
         "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
-        "readinessProbe": _http_probe("/readyz", port, period_s=5),
-        "livenessProbe": {**_http_probe("/healthz", port, period_s=10), "failureThreshold": 3},
+        "readinessProbe": _http_probe(pool, "/readyz", period_s=5),
+        "livenessProbe": {**_http_probe(pool, "/healthz", period_s=10), "failureThreshold": 3},
         "resources": spec.resources or DEFAULT_RESOURCES,
         "securityContext": {
             "privileged": False,
@@ -102,6 +137,8 @@ def daemonset(pool: Pool, settings: OperatorSettings) -> dict:
         "terminationGracePeriodSeconds": 10,
         "nodeSelector": dict(spec.node_selector),
         "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations],
+        **({"affinity": not_on_proxy_nodes(list(proxy_selectors))}
+           if pool.role is Role.BACKEND and proxy_selectors else {}),
         "containers": [container],
         "volumes": [
             {"name": "bpffs", "hostPath": {"path": BPFFS, "type": "Directory"}},
@@ -151,7 +188,7 @@ def role_binding(pool: Pool, settings: OperatorSettings) -> dict:
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": settings.namespace}]}
 
 
-def agent_objects(pool: Pool, settings: OperatorSettings) -> list[dict]:
+def agent_objects(pool: Pool, settings: OperatorSettings, proxy_selectors: list[dict[str, str]] = ()) -> list[dict]:
     """Everything a pool needs besides its ConfigMap and salts, in apply order."""
     return [service_account(pool, settings), role(pool, settings), role_binding(pool, settings),
-            daemonset(pool, settings)]
+            daemonset(pool, settings, proxy_selectors)]

@@ -78,6 +78,13 @@ def selects(pool: Pool, node: NodeInfo) -> bool:
     return all(node.labels.get(k) == v for k, v in pool.spec.node_selector.items())
 
 
+def proxy_nodes_in(backend_pool: Pool, view: "ClusterView") -> list[str]:
+    """Nodes the backend pool selects that a proxy pool selects too: they run
+    the proxy (agents.not_on_proxy_nodes), and the backend pool says so."""
+    return sorted(n.name for n in view.nodes if selects(backend_pool, n)
+                  and any(selects(p, n) for p in view.proxy_pools))
+
+
 @dataclass(frozen=True)
 class Problem:
     reason: str
@@ -263,6 +270,8 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
                else BACKEND_ROTATION_S,
                "node": {"interfaces": [pool.spec.interface], "encapPort": settings.encap_port},
                "policies": entries[(role, name)]}
+        if pool.spec.attach != schema.Attach():
+            doc["node"]["attach"] = pool.spec.attach.model_dump(mode="json", by_alias=True, exclude_defaults=True)
         if role is Role.PROXY:
             doc["node"]["xdp"] = pool.spec.xdp
             doc["failurePolicy"] = pool.spec.failure_policy.value

@@ -4,12 +4,13 @@ mirror the CRDs in crds/ and never invent their own defaults."""
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from synfleet.config.schema import Cookie, FailurePolicy, Mode, Role
+from synfleet.config.schema import Attach, Cookie, FailurePolicy, Mode, Role
 from synfleet.contract import POOL_KINDS
 
 
@@ -52,6 +53,11 @@ class LabelSelector(_Spec):
             all(e.matches(labels) for e in self.match_expressions)
 
 
+class MetricsAddress(str, enum.Enum):
+    NODE_IP = "nodeIP"        # the node's InternalIP (status.hostIP): what Prometheus scrapes
+    LOOPBACK = "loopback"     # 127.0.0.1: for a scraper on the node itself
+
+
 class SaltSpec(_Spec):
     rotation_seconds: int = Field(60, alias="rotationSeconds")
     master_rotation_seconds: int = Field(86400, alias="masterRotationSeconds")
@@ -67,6 +73,8 @@ class PoolSpec(_Spec):
     tolerations: list[Toleration] = Field(default_factory=list)
     priority_class_name: str = Field("system-node-critical", alias="priorityClassName")
     metrics_port: int = Field(9478, alias="metricsPort")
+    metrics_address: MetricsAddress = Field(MetricsAddress.NODE_IP, alias="metricsAddress")
+    attach: Attach = Field(default_factory=Attach)
     salt: SaltSpec = Field(default_factory=SaltSpec)       # proxy pools only (the CRD has no salt for backends)
     failure_policy: FailurePolicy = Field(FailurePolicy.OPEN, alias="failurePolicy")     # proxy pools only
     allowed_namespaces: LabelSelector | None = Field(None, alias="allowedNamespaces")    # None: every namespace

@@ -45,7 +45,9 @@ class Rollout:
 
 
 def pool_status(pool: Pool, rollout: Rollout, problem: Problem | None, previous: list[dict] | None,
-                salt_generation: int | None = None) -> dict:
+                salt_generation: int | None = None, proxy_nodes: list[str] = ()) -> dict:
+    """`proxy_nodes`: nodes a backend pool selects that run a proxy instead
+    (Degraded, while its other nodes make it Ready)."""
     g = pool.generation
     if problem is not None:
         ready = (False, problem.reason, problem.message)
@@ -56,12 +58,17 @@ def pool_status(pool: Pool, rollout: Rollout, problem: Problem | None, previous:
     else:
         ready = (False, "RollingOut", f"{rollout.nodes} agents ready, {rollout.updated} updated")
     progressing = not rollout.complete and problem is None and not (rollout.current and rollout.desired == 0)
+    degraded = problem
+    if degraded is None and proxy_nodes:
+        degraded = Problem("NodesRunAProxy", f"not on {', '.join(proxy_nodes)}: a proxy pool selects "
+                                             f"{'them' if len(proxy_nodes) > 1 else 'it'} too, and a node is a "
+                                             f"proxy or a backend (narrow one of the nodeSelectors)")
     conditions = [
         condition("Ready", *ready, g, previous),
         condition("Progressing", progressing, "RollingOut" if progressing else "Stable",
                   f"{rollout.updated}/{rollout.desired} agents run the current template", g, previous),
-        condition("Degraded", problem is not None, problem.reason if problem else "AsExpected",
-                  problem.message if problem else "", g, previous),
+        condition("Degraded", degraded is not None, degraded.reason if degraded else "AsExpected",
+                  degraded.message if degraded else "", g, previous),
     ]
     status = {"observedGeneration": g, "nodes": rollout.nodes,
               "nodesReady": rollout.ready_nodes,
