@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_bpf, require_kube
+from synfleet.bpf.links import tcx_programs
 from synfleet_lab.cluster.cgroups import CgroupTree, hierarchies
 from synfleet_lab.cluster.cluster import (
     BACKEND_NODES,
@@ -105,12 +106,14 @@ def container_processes(cluster: LabCluster, node: str, command: str) -> list[in
 
 def synfleet_programs(cluster: LabCluster, node: str) -> dict:
     """What the node's eth0 runs and what its bpffs holds, asked inside the node."""
+    # bpftool 7.1 predates tcx: it lists legacy clsact filters and XDP only.
     net = json.loads(cluster.nodes[node].run("bpftool", "-j", "net", "show", "dev", "eth0"))
     # bpftool names a TC program "<name>:[<id>]".
-    names = {p["name"].split(":")[0] for entry in net for hook in ("tc", "xdp") for p in entry.get(hook, [])
-             if p.get("name", "").startswith("synfleet")}
+    names = {p["name"].split(":")[0] for entry in net for hook in ("tc", "xdp") for p in entry.get(hook, [])}
+    with cluster.nodes[node].ns.entered():
+        names |= {p.name for p in tcx_programs(socket.if_nametoindex("eth0"))}
     pins = cluster.nodes[node].run("sh", "-c", "ls -R /sys/fs/bpf/synfleet 2>/dev/null || true").split()
-    return {"programs": names, "pins": pins}
+    return {"programs": {n for n in names if n.startswith("synfleet")}, "pins": pins}
 
 
 def test_agent_pods_run_on_exactly_the_labelled_nodes_with_the_charts_security_context(installed):

@@ -61,24 +61,37 @@ def test_an_interrupted_demo_removes_everything(tmp_path):
     assert state() == before
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def test_an_interrupted_bench_removes_everything_and_says_so_without_a_traceback(sig):
+INTERRUPTED = [
+    ("bench dataplane", ["bench", "dataplane", "--repeat", "5000000"], signal.SIGTERM),
+    ("bench dataplane", ["bench", "dataplane", "--repeat", "5000000"], signal.SIGINT),
+    ("demo", ["demo", "--chart", "{tmp}/x.png"], signal.SIGTERM),
+    ("check", ["check"], signal.SIGTERM),
+]
+
+
+@pytest.mark.parametrize("name, args, sig", INTERRUPTED,
+                         ids=[f"{n.replace(' ', '-')}-{signal.Signals(s).name}" for n, _, s in INTERRUPTED])
+def test_an_interrupted_lab_command_removes_everything_and_says_so_without_a_traceback(name, args, sig, tmp_path):
     """Seen before: SIGTERM (as `timeout` sends) left the bench's namespace
     behind, and Ctrl-C printed a Python traceback."""
     require_bpf()
     before = state()
-    proc = subprocess.Popen([sys.executable, "-m", "synfleet.cli", "bench", "dataplane", "--repeat", "5000000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "synfleet.cli", *(a.format(tmp=tmp_path) for a in args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: state()[0] - before[0], "the bench's namespace", timeout=30)
-        time.sleep(0.5)
+        wait_for(lambda: state()[0] - before[0], f"{name}'s namespaces", timeout=30)
+        # `check` ends within a second of making its namespace: frozen, it
+        # cannot finish before the signal arrives, wherever it was.
+        proc.send_signal(signal.SIGSTOP)
+        assert proc.poll() is None, f"{name} ended before it could be interrupted"
         proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert "synfleet bench dataplane: interrupted; everything it created was removed" in err
+    assert f"synfleet {name}: interrupted; everything it created was removed" in err
     assert "Traceback" not in err
     assert state() == before
 

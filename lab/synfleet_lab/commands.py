@@ -9,6 +9,7 @@ import json
 import signal
 import sys
 
+from synfleet.bpf.libbpf import in_callback, interrupt_after_call
 from synfleet_lab.bench.flood import GENERATORS
 
 
@@ -141,12 +142,22 @@ def _cluster_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame) -> None:
+    if in_callback(frame):
+        # Raised inside libbpf's print callback, ctypes would drop it and the
+        # command would go on: the binding raises it when the call returns.
+        interrupt_after_call()
+        return
+    raise KeyboardInterrupt
+
+
 def _interruptible(name: str, command):
     """Ctrl-C and SIGTERM (`timeout`, a closed session) end a lab command the
     same way: its context managers remove the namespaces, processes and pins it
     made, and one line says so instead of a traceback."""
     def run(args: argparse.Namespace) -> int:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _interrupt)
         try:
             return command(args)
         except KeyboardInterrupt:

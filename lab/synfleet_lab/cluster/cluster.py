@@ -38,7 +38,7 @@ from synfleet_lab.cluster.controlplane import SERVICE_CIDR, ControlPlane
 from synfleet_lab.cluster.images import Image, ImageBuilder
 from synfleet_lab.cluster.node import Node, NodeSpec
 from synfleet_lab.testbed.fabric import Fabric
-from synfleet_lab.testbed.netns import NetNS, home_namespace
+from synfleet_lab.testbed.netns import NetNS, home_namespace, whole_request
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_DIR = Path("/tmp/synfleet-cluster")
@@ -76,7 +76,7 @@ def build_images(cache: Path = CACHE) -> Images:
 
 
 def _host_link(command: str, *args, **kw):
-    with home_namespace(), IPRoute() as ipr:
+    with home_namespace(), whole_request(), IPRoute() as ipr:
         return getattr(ipr, command)(*args, **kw)
 
 

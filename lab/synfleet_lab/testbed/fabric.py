@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 
-from synfleet_lab.testbed.netns import NetNS, unique_name, veth
+from pyroute2 import netns
+
+from synfleet_lab.testbed.netns import NetNS, namespaces, unique_name, veth
 
 
 class Fabric:
@@ -70,6 +72,12 @@ class Fabric:
         for ns in reversed(list(self.namespaces.values())):
             ns.delete()
         self.namespaces.clear()
+        # One that an interrupt caught between its creation and add()'s return:
+        # the prefix is this fabric's alone.
+        for name in namespaces():
+            if name.startswith(self.prefix + "-"):
+                with contextlib.suppress(OSError):
+                    netns.remove(name)
 
     def __enter__(self) -> "Fabric":
         return self

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import ipaddress
 import os
+import signal
 import socket
 import subprocess
 import uuid
@@ -47,6 +48,19 @@ def _thread_in(target_fd: int, name: str) -> Iterator[None]:
     finally:
         _libc.setns(own, CLONE_NEWNET)
         os.close(own)
+
+
+@contextlib.contextmanager
+def whole_request() -> Iterator[None]:
+    """A pyroute2 request that Ctrl-C or SIGTERM cannot cut in half. pyroute2
+    runs each request as an asyncio task; a KeyboardInterrupt raised inside it
+    abandons the task, whose clean-up prints a traceback at exit. The signal
+    waits (milliseconds) and is handled when the request returned."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def home_namespace() -> contextlib.AbstractContextManager[None]:
@@ -90,20 +104,22 @@ def _create(name: str) -> None:
 class NetNS:
     def __init__(self, name: str) -> None:
         self.name = name
-        _create(name)
         try:
+            _create(name)
             # Netlink sockets belong to the namespace of the thread that opens
             # them: every use of `_ipr` is from inside the namespace (see _netlink).
-            with self.entered():
+            with self.entered(), whole_request():
                 self._ipr = IPRoute()
             self.link_up("lo")
         except BaseException:
-            netns.remove(name)
+            # Also when an interrupt came after the mount but before _create returned.
+            if os.path.exists(f"/run/netns/{name}"):
+                netns.remove(name)
             raise
 
     def _netlink(self, method: str, *args, **kw):
         # pyroute2 opens a socket per thread on first use: inside, so it is this namespace's.
-        with self.entered():
+        with self.entered(), whole_request():
             return getattr(self._ipr, method)(*args, **kw)
 
     # ---- programs and sysctls ----
@@ -172,12 +188,12 @@ class NetNS:
 
     def ethtool_stats(self, ifname: str) -> dict[str, int]:
         """The driver's own counters (`ethtool -S`)."""
-        with self.entered(), contextlib.closing(IoctlEthtool(ifname)) as eth:
+        with self.entered(), whole_request(), contextlib.closing(IoctlEthtool(ifname)) as eth:
             return dict(eth.get_statistics())
 
     def set_feature(self, ifname: str, feature: str, on: bool) -> None:
         """An offload feature (`ethtool -K`), by its long name, e.g. rx-gro."""
-        with self.entered(), contextlib.closing(Ethtool()) as eth:
+        with self.entered(), whole_request(), contextlib.closing(Ethtool()) as eth:
             features = eth.get_features(ifname)
             features.features[feature].enable = on
             eth.set_features(ifname, features)
@@ -221,7 +237,7 @@ class NetNS:
 
     def listening(self, port: int) -> bool:
         """Whether a TCP socket listens on `port` (sock_diag, as `ss -tl` asks)."""
-        with self.entered(), DiagSocket() as diag:
+        with self.entered(), whole_request(), DiagSocket() as diag:
             diag.bind()
             return any(s["idiag_sport"] == port for family in (socket.AF_INET, socket.AF_INET6)
                        for s in diag.get_sock_stats(family=family, states=1 << SS_LISTEN))
@@ -229,7 +245,7 @@ class NetNS:
     # ---- lifetime ----
 
     def delete(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), whole_request():
             self._ipr.close()
         with contextlib.suppress(OSError):
             netns.remove(self.name)

@@ -29,6 +29,7 @@ class BpfError(OSError):
 
 
 def _check(rc: int, what: str, log: str = "") -> int:
+    _raise_deferred_interrupt()
     if rc < 0:
         err = -rc if rc != -1 else (ctypes.get_errno() or errno_mod.EINVAL)
         raise BpfError(err, what, log)
@@ -42,14 +43,44 @@ _libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, c
 _log_state = threading.local()
 
 
-@_PRINT_FN
-def _print_cb(level: int, fmt: bytes, args: int) -> int:
+def _print(level: int, fmt: bytes, args: int) -> int:
     buf = ctypes.create_string_buffer(8192)
     n = _libc.vsnprintf(buf, len(buf), fmt, args)
     lines = getattr(_log_state, "lines", None)
     if lines is not None:
         lines.append(buf.value.decode(errors="replace"))
     return n
+
+
+_print_cb = _PRINT_FN(_print)
+
+
+_interrupted = False
+
+
+def interrupt_after_call() -> None:
+    """For a signal handler that found itself in_callback: the libbpf call
+    raises KeyboardInterrupt when it returns."""
+    global _interrupted
+    _interrupted = True
+
+
+def _raise_deferred_interrupt() -> None:
+    global _interrupted
+    if _interrupted:
+        _interrupted = False
+        raise KeyboardInterrupt
+
+
+def in_callback(frame) -> bool:
+    """Whether a signal handler's `frame` runs inside libbpf's print callback:
+    an exception raised there is printed and dropped by ctypes, so a handler
+    that raises (KeyboardInterrupt) must wait until the libbpf call returned."""
+    while frame is not None:
+        if frame.f_code is _print.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 _lib.libbpf_set_print.restype = ctypes.c_void_p
@@ -65,6 +96,7 @@ class _CapturedLog:
     def __exit__(self, *exc: object) -> None:
         self.text = "".join(_log_state.lines)
         _log_state.lines = None
+        _raise_deferred_interrupt()
 
 
 # ---- prototypes ----
