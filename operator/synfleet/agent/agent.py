@@ -142,12 +142,14 @@ class Agent:
         self.pins.pin_program(self.dataplane.program)
         if isinstance(self.dataplane, ProxyDataplane):
             self.pins.pin_program(self.dataplane.xdp_program, XDP_PIN)
-        self._reconcile_hooks()
-        # Maps of a previous release that this one renamed or dropped: no program uses them now.
+        # Maps of a previous release that this one renamed or dropped. Unpinned
+        # before the hooks change (a program still on a hook keeps its maps
+        # alive): readiness, which the kernel's hooks decide, then means done.
         stale = self.pins.prune(keep=set(self.dataplane.MAPS) | {"program", XDP_PIN},
                                 keep_prefixes=("tcx-", "xdp-"))
         if stale:
             log.info("unpinned maps of the previous release", extra={"maps": stale})
+        self._reconcile_hooks()
 
     def _wanted(self) -> tuple[list[str], list[str]]:
         """The interfaces whose TC ingress, and whose XDP slot, should run ours."""
