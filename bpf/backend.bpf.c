@@ -24,12 +24,14 @@
 extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 				   struct bpf_tcp_req_attrs *attrs, int attrs__sz) __ksym;
 
+/* Who may send this node encapsulated segments, SF_SOURCE_* by address: the
+ * proxies, and the pool's other backends (chained segments). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, SF_CONFIG_SLOTS * SF_MAX_PROXIES);
+	__uint(max_entries, SF_CONFIG_SLOTS * (SF_MAX_PROXIES + SF_MAX_BACKENDS));
 	__type(key, struct sf_endpoint);
 	__type(value, __u32);
-} allowed_proxies SEC(".maps");
+} encap_sources SEC(".maps");
 
 /* The inner (or plain) TCP segment, as the socket lookup and kfunc need it. */
 struct seg {
@@ -85,7 +87,8 @@ static __always_inline int policy_verdict(const struct sf_policy *pol, bool deca
 
 /* The deepest IP header seg_load looks at: after the outer headers of an
  * encapsulated packet that is not decapsulated (an unknown source's). */
-#define SEG_L3_OFF_MAX (sizeof(struct ethhdr) + 60 + SF_UDP_HDR_LEN + SF_ENCAP_HDR_LEN)
+#define SEG_L3_OFF_MAX (sizeof(struct ethhdr) + 60 + SF_UDP_HDR_LEN + SF_ENCAP_HDR_LEN + \
+			SF_ENCAP_PREVIOUS_LEN_V6)
 
 static __always_inline int seg_fill(struct seg *s, struct tcphdr *tcp, __u32 tcp_off)
 {
@@ -457,8 +460,34 @@ static __always_inline int plain_receive(struct __sk_buff *skb, const struct sf_
 
 struct encap_outer {
 	struct sf_endpoint source;
-	__u32 len;        /* outer IP + UDP + sf header */
+	struct sf_encap_hdr hdr;
+	__u32 len;        /* outer IP + UDP + sf header (+ previous backend) */
+	__u32 hdr_off;    /* of the sf header, from the start of the frame */
 };
+
+/* The sf header's length for its version, 0 for a version we do not know. */
+static __always_inline __u32 encap_hdr_len(__u8 version, __u32 previous_len)
+{
+	if (version == SF_ENCAP_VERSION)
+		return SF_ENCAP_HDR_LEN;
+	if (version == SF_ENCAP_VERSION_PREVIOUS)
+		return SF_ENCAP_HDR_LEN + previous_len;
+	return 0;
+}
+
+/* The sf header after the UDP header at `udp_off`; its length joins o->len. 0
+ * when it cannot be read: not a packet of ours. */
+static __always_inline int encap_hdr_read(struct __sk_buff *skb, struct encap_outer *o,
+					  __u32 udp_off, __u32 previous_len)
+{
+	o->hdr_off = udp_off + SF_UDP_HDR_LEN;
+	if (bpf_skb_load_bytes(skb, o->hdr_off, &o->hdr, sizeof(o->hdr)))
+		return 0;
+	/* A version we do not know counts as the base header: bad_encap, later,
+	 * if its source is ours. */
+	o->len += encap_hdr_len(o->hdr.version, previous_len) ?: SF_ENCAP_HDR_LEN;
+	return 1;
+}
 
 static __noinline int encap_detect_v4(struct __sk_buff *skb, const struct sf_config *cfg,
 				      struct encap_outer *o)
@@ -477,14 +506,16 @@ static __noinline int encap_detect_v4(struct __sk_buff *skb, const struct sf_con
 	udp = (void *)ip + ihl;
 	if ((void *)(udp + 1) > data_end || udp->dest != cfg->encap_port)
 		return 0;
+	o->len = ihl + sizeof(*udp);
+	if (!encap_hdr_read(skb, o, sizeof(struct ethhdr) + ihl, SF_ENCAP_PREVIOUS_LEN_V4))
+		return 0;
 	/* Lengths that do not hold together: not a packet of ours (the kernel drops it). */
-	if (bpf_ntohs(ip->tot_len) < ihl + sizeof(*udp) + SF_ENCAP_HDR_LEN + 1 ||
+	if (bpf_ntohs(ip->tot_len) < o->len + 1 ||
 	    bpf_ntohs(ip->tot_len) > skb->len - sizeof(struct ethhdr))
 		return 0;
 	o->source.family = SF_FAMILY_IPV4;
 	o->source.slot = cfg->slot;
 	__builtin_memcpy(o->source.addr, &ip->saddr, 4);
-	o->len = ihl + sizeof(*udp) + SF_ENCAP_HDR_LEN;
 	return 1;
 }
 
@@ -502,13 +533,15 @@ static __noinline int encap_detect_v6(struct __sk_buff *skb, const struct sf_con
 	udp = (void *)(ip6 + 1);
 	if ((void *)(udp + 1) > data_end || udp->dest != cfg->encap_port)
 		return 0;
-	if (bpf_ntohs(ip6->payload_len) < sizeof(*udp) + SF_ENCAP_HDR_LEN + 1 ||
+	o->len = sizeof(*ip6) + sizeof(*udp);
+	if (!encap_hdr_read(skb, o, sizeof(struct ethhdr) + sizeof(*ip6), SF_ENCAP_PREVIOUS_LEN_V6))
+		return 0;
+	if (bpf_ntohs(ip6->payload_len) < o->len - sizeof(*ip6) + 1 ||
 	    bpf_ntohs(ip6->payload_len) > skb->len - sizeof(struct ethhdr) - sizeof(*ip6))
 		return 0;
 	o->source.family = SF_FAMILY_IPV6;
 	o->source.slot = cfg->slot;
 	__builtin_memcpy(o->source.addr, &ip6->saddr, 16);
-	o->len = sizeof(*ip6) + sizeof(*udp) + SF_ENCAP_HDR_LEN;
 	return 1;
 }
 
@@ -536,25 +569,147 @@ static __noinline int unknown_source(struct __sk_buff *skb, const struct sf_conf
 	return pol ? policy_verdict(pol, false) : TCX_NEXT;
 }
 
+/* ---- daisy chaining ---- */
+
+/* Whether this node has a socket of its own for the segment: anything but
+ * nothing or a listener (a TIME_WAIT socket is the kernel's to answer). */
+static __always_inline bool seg_has_socket(struct __sk_buff *skb, const struct seg *s)
+{
+	struct bpf_sock_tuple tuple = s->tuple;
+	struct bpf_sock *skc;
+	bool own;
+
+	if (s->family == SF_FAMILY_IPV4)
+		skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	else
+		skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+	if (!skc)
+		return false;
+	own = skc->state != BPF_TCP_LISTEN;
+	bpf_sk_release(skc);
+	return own;
+}
+
+/* Readdresses the outer IPv4 header in place, from this node to the previous
+ * backend the sf header names, and marks it chained. */
+static __always_inline int chain_readdress_v4(struct __sk_buff *skb, const struct sf_config *cfg,
+					      const struct encap_outer *o, struct bpf_fib_lookup *fib)
+{
+	__u32 ip_off = sizeof(struct ethhdr);
+	struct iphdr old, ip;
+	__s64 diff;
+
+	if (!cfg->node_addr_v4 || bpf_skb_load_bytes(skb, ip_off, &old, sizeof(old)))
+		return -1;
+	ip = old;
+	if (ip.ttl <= 1 ||
+	    bpf_skb_load_bytes(skb, o->hdr_off + SF_ENCAP_HDR_LEN, &ip.daddr, SF_ENCAP_PREVIOUS_LEN_V4))
+		return -1;
+	ip.saddr = cfg->node_addr_v4;
+	ip.ttl--;
+	diff = bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)&ip, sizeof(ip), 0);
+	if (diff < 0 || bpf_skb_store_bytes(skb, ip_off, &ip, sizeof(ip), 0) ||
+	    bpf_l3_csum_replace(skb, ip_off + offsetof(struct iphdr, check), 0, diff, 0))
+		return -1;
+	fib->family = AF_INET;
+	fib->ipv4_src = ip.saddr;
+	fib->ipv4_dst = ip.daddr;
+	return 0;
+}
+
+static __always_inline int chain_readdress_v6(struct __sk_buff *skb, const struct sf_config *cfg,
+					      const struct encap_outer *o, struct bpf_fib_lookup *fib)
+{
+	__u32 ip_off = sizeof(struct ethhdr);
+	struct ipv6hdr ip6;
+
+	if (!cfg->node_addr_v6[0] || bpf_skb_load_bytes(skb, ip_off, &ip6, sizeof(ip6)))
+		return -1;
+	if (ip6.hop_limit <= 1 ||
+	    bpf_skb_load_bytes(skb, o->hdr_off + SF_ENCAP_HDR_LEN, &ip6.daddr, SF_ENCAP_PREVIOUS_LEN_V6))
+		return -1;
+	__builtin_memcpy(&ip6.saddr, cfg->node_addr_v6, 16);
+	ip6.hop_limit--;
+	/* No IPv6 header checksum, and the UDP one is zero (RFC 6935). */
+	if (bpf_skb_store_bytes(skb, ip_off, &ip6, sizeof(ip6), 0))
+		return -1;
+	fib->family = AF_INET6;
+	__builtin_memcpy(fib->ipv6_src, cfg->node_addr_v6, 16);
+	__builtin_memcpy(fib->ipv6_dst, &ip6.daddr, 16);
+	return 0;
+}
+
+/* Hands a segment of a flow this node has no socket for to the previous
+ * backend its proxy named: same packet, readdressed, flagged so that it never
+ * travels further. */
+static __noinline int chain(struct __sk_buff *skb, const struct sf_config *cfg,
+			    const struct encap_outer *o)
+{
+	struct bpf_fib_lookup fib = {};
+	struct bpf_redir_neigh nh = {};
+	__u8 flags = o->hdr.flags | SF_ENCAP_F_CHAINED;
+	int failed;
+
+	if (o->source.family == SF_FAMILY_IPV4)
+		failed = chain_readdress_v4(skb, cfg, o, &fib);
+	else
+		failed = chain_readdress_v6(skb, cfg, o, &fib);
+	if (failed || bpf_skb_store_bytes(skb, o->hdr_off + offsetof(struct sf_encap_hdr, flags),
+					  &flags, sizeof(flags), 0))
+		return drop(SF_CTR_CHAIN_FAILED);
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.ifindex = skb->ifindex;
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS)
+		return drop(SF_CTR_CHAIN_FAILED);
+	nh.nh_family = fib.family;
+	__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, sizeof(nh.ipv6_nh));
+	count(SF_CTR_CHAINED);
+	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+}
+
+/* A segment its proxy sent with the flow's previous backend: handed on when it
+ * belongs to a flow that started there (no socket here, not a handshake). */
+static __always_inline bool chain_wanted(struct __sk_buff *skb, const struct encap_outer *o,
+					 __u16 inner_proto)
+{
+	struct seg s = {};
+
+	if (o->hdr.version != SF_ENCAP_VERSION_PREVIOUS ||
+	    (o->hdr.flags & (SF_ENCAP_F_CHAINED | SF_ENCAP_F_VALIDATED | SF_ENCAP_F_UNGUARDED)))
+		return false;
+	if (seg_load(skb, inner_proto, &s, sizeof(struct ethhdr) + o->len))
+		return false;
+	if (s.flags & TCP_FLAG_SYN)
+		return false;
+	return !seg_has_socket(skb, &s);
+}
+
 static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_config *cfg,
 					 const struct encap_outer *o, __u16 outer_proto)
 {
-	struct sf_encap_hdr hdr;
 	const struct sf_policy *pol;
 	__u8 inner_version;
 	__u16 inner_proto;
 	__u64 decap_flag;
+	__u32 *kinds, needed;
 	__be16 proto;
 	int loaded;
 
-	if (!bpf_map_lookup_elem(&allowed_proxies, &o->source))
+	kinds = bpf_map_lookup_elem(&encap_sources, &o->source);
+	if (!kinds)
 		return unknown_source(skb, cfg, o);
-	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + o->len - SF_ENCAP_HDR_LEN, &hdr, sizeof(hdr)) ||
+	needed = o->hdr.flags & SF_ENCAP_F_CHAINED ? SF_SOURCE_PEER : SF_SOURCE_PROXY;
+	if (!(*kinds & needed)) {
+		/* A proxy's segment from a peer, or a chained one from a proxy:
+		 * nobody of ours sends that. */
+		if (needed == SF_SOURCE_PEER)
+			return drop(SF_CTR_CHAIN_REFUSED);
+		return unknown_source(skb, cfg, o);
+	}
+	if (!encap_hdr_len(o->hdr.version, 0) ||
 	    bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + o->len, &inner_version, 1))
 		return drop(SF_CTR_BAD_ENCAP);
-	if (hdr.version != SF_ENCAP_VERSION)
-		return drop(SF_CTR_BAD_ENCAP);
-	pol = policy_get(cfg, bpf_ntohs(hdr.policy_id));
+	pol = policy_get(cfg, bpf_ntohs(o->hdr.policy_id));
 	if (!pol)
 		return drop(SF_CTR_BAD_ENCAP);
 
@@ -570,6 +725,10 @@ static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_
 	default:
 		return drop(SF_CTR_BAD_ENCAP);
 	}
+	if (chain_wanted(skb, o, inner_proto))
+		return chain(skb, cfg, o);
+	if (o->hdr.flags & SF_ENCAP_F_CHAINED)
+		count(SF_CTR_CHAIN_RECEIVED);
 	if (bpf_skb_adjust_room(skb, -(__s32)o->len, BPF_ADJ_ROOM_MAC, decap_flag))
 		return drop(SF_CTR_BAD_ENCAP);
 	if (inner_proto != outer_proto) {
@@ -579,7 +738,7 @@ static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_
 			return drop(SF_CTR_BAD_ENCAP);
 	}
 	count(SF_CTR_DECAPSULATED);
-	if (hdr.flags & SF_ENCAP_F_UNGUARDED) {
+	if (o->hdr.flags & SF_ENCAP_F_UNGUARDED) {
 		/* The proxy had no salt and its policy fails open: the kernel's own
 		 * SYN cookies judge the segment. */
 		count(SF_CTR_FAIL_OPEN);
@@ -593,7 +752,7 @@ static __always_inline int encap_receive(struct __sk_buff *skb, const struct sf_
 		return drop(SF_CTR_MALFORMED);
 	if (loaded)
 		return TC_ACT_OK;
-	return segment_receive(skb, &s, pol, true, hdr.flags & SF_ENCAP_F_VALIDATED);
+	return segment_receive(skb, &s, pol, true, o->hdr.flags & SF_ENCAP_F_VALIDATED);
 }
 
 static __noinline int backend_packet(struct __sk_buff *skb)

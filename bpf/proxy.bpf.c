@@ -34,14 +34,13 @@ struct {
 	__type(value, struct sf_service);
 } protected_addrs SEC(".maps");
 
-/* Maglev lookup tables, SF_RING_SIZE slots per policy and configuration half;
- * values index the same half of `backends`. */
+/* Maglev lookup tables, SF_RING_SIZE slots per policy and configuration half. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, SF_CONFIG_SLOTS * SF_MAX_POLICIES * SF_RING_SIZE);
 	__type(key, __u32);
-	__type(value, __u32);
-} backend_ring SEC(".maps");
+	__type(value, struct sf_ring_slot);
+} backend_slots SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -273,21 +272,27 @@ static __always_inline bool ack_cookie_valid(const struct pkt *p, const struct s
 
 /* ---- encapsulation to the backend ---- */
 
+/* The outer headers at their longest (version 2); version 1 leaves `previous` out. */
 struct encap_v4 {
 	struct iphdr ip;
 	struct udphdr udp;
 	struct sf_encap_hdr sf;
+	__u8 previous[SF_ENCAP_PREVIOUS_LEN_V4];
 };
 
 struct encap_v6 {
 	struct ipv6hdr ip6;
 	struct udphdr udp;
 	struct sf_encap_hdr sf;
+	__u8 previous[SF_ENCAP_PREVIOUS_LEN_V6];
 };
+
+_Static_assert(sizeof(struct encap_v4) == SF_ENCAP_OVERHEAD_V4, "encap_v4 has padding");
+_Static_assert(sizeof(struct encap_v6) == SF_ENCAP_OVERHEAD_V6, "encap_v6 has padding");
 
 static __always_inline void encap_tail_fill(struct udphdr *udp, struct sf_encap_hdr *sf,
 					    __u32 hash, __be16 port, __u32 udp_len,
-					    __u32 policy_id, __u8 flags)
+					    __u32 policy_id, __u8 flags, bool previous)
 {
 	udp->source = bpf_htons(SF_ENCAP_SPORT_BASE + hash % SF_ENCAP_SPORT_SPAN);
 	udp->dest = port;
@@ -295,7 +300,7 @@ static __always_inline void encap_tail_fill(struct udphdr *udp, struct sf_encap_
 	/* Zero UDP checksum, also over IPv6 (RFC 6935/6936 tunnel exception):
 	 * the inner packet has its own, and only our decapsulator reads this. */
 	udp->check = 0;
-	sf->version = SF_ENCAP_VERSION;
+	sf->version = previous ? SF_ENCAP_VERSION_PREVIOUS : SF_ENCAP_VERSION;
 	sf->flags = flags;
 	sf->policy_id = bpf_htons(policy_id);
 }
@@ -365,13 +370,16 @@ static __always_inline int encap_lookup(struct __sk_buff *skb, const struct pkt 
 	return SF_CONTINUE;
 }
 
-static __always_inline int encap_route(struct __sk_buff *skb, struct bpf_fib_lookup *fib)
+static __always_inline int encap_route(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+				       const struct sf_endpoint *prev)
 {
 	struct bpf_redir_neigh nh = {};
 
 	nh.nh_family = fib->family;
 	__builtin_memcpy(nh.ipv6_nh, fib->ipv6_dst, sizeof(nh.ipv6_nh));
 	count(SF_CTR_FORWARDED);
+	if (prev)
+		count(SF_CTR_PREVIOUS_NAMED);
 	return bpf_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 }
 
@@ -383,10 +391,12 @@ static __always_inline int encap_set_eth_proto(struct __sk_buff *skb, __u16 prot
 }
 
 static __noinline int encap_push_v4(struct __sk_buff *skb, const struct pkt *p,
-				    const struct sf_endpoint *be, const struct sf_config *cfg)
+				    const struct sf_endpoint *be, const struct sf_endpoint *prev,
+				    const struct sf_config *cfg)
 {
 	__u32 hash = p->flow_hash;
 	__u32 inner_len = skb->len - sizeof(struct ethhdr);
+	__u32 len = prev ? sizeof(struct encap_v4) : sizeof(struct encap_v4) - SF_ENCAP_PREVIOUS_LEN_V4;
 	struct bpf_fib_lookup fib = {};
 	struct encap_v4 h = {};
 	__s64 csum;
@@ -397,7 +407,7 @@ static __noinline int encap_push_v4(struct __sk_buff *skb, const struct pkt *p,
 	h.ip.version = 4;
 	h.ip.ihl = 5;
 	h.ip.tos = p->tos;
-	h.ip.tot_len = bpf_htons(sizeof(h) + inner_len);
+	h.ip.tot_len = bpf_htons(len + inner_len);
 	h.ip.frag_off = bpf_htons(IP_DF);
 	h.ip.ttl = 64;
 	h.ip.protocol = IPPROTO_UDP;
@@ -405,35 +415,40 @@ static __noinline int encap_push_v4(struct __sk_buff *skb, const struct pkt *p,
 	__builtin_memcpy(&h.ip.daddr, be->addr, 4);
 	csum = bpf_csum_diff(NULL, 0, (__be32 *)&h.ip, sizeof(h.ip), 0);
 	h.ip.check = csum_fold32((__u32)csum);
+	if (prev)
+		__builtin_memcpy(h.previous, prev->addr, SF_ENCAP_PREVIOUS_LEN_V4);
 	encap_tail_fill(&h.udp, &h.sf, hash, cfg->encap_port,
-			sizeof(h) - sizeof(h.ip) + inner_len, p->policy_id, p->encap_flags);
+			len - sizeof(h.ip) + inner_len, p->policy_id, p->encap_flags, prev);
 
 	fib.family = AF_INET;
 	fib.l4_protocol = IPPROTO_UDP;
 	fib.ipv4_src = h.ip.saddr;
 	fib.ipv4_dst = h.ip.daddr;
-	verdict = encap_lookup(skb, p, cfg, &fib, sizeof(h));
+	verdict = encap_lookup(skb, p, cfg, &fib, len);
 	if (verdict != SF_CONTINUE)
 		return verdict;
 
-	if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC,
+	if (bpf_skb_adjust_room(skb, len, BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
 		return drop(SF_CTR_ENCAP_FAILED);
-	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &h, sizeof(h), 0))
+	if (prev ? bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &h, sizeof(h), 0) :
+		   bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &h, sizeof(h) - SF_ENCAP_PREVIOUS_LEN_V4, 0))
 		return drop(SF_CTR_ENCAP_FAILED);
 	if (p->tuple.family != SF_FAMILY_IPV4 && encap_set_eth_proto(skb, ETH_P_IP))
 		return drop(SF_CTR_ENCAP_FAILED);
-	return encap_route(skb, &fib);
+	return encap_route(skb, &fib, prev);
 }
 
 static __noinline int encap_push_v6(struct __sk_buff *skb, const struct pkt *p,
-				    const struct sf_endpoint *be, const struct sf_config *cfg)
+				    const struct sf_endpoint *be, const struct sf_endpoint *prev,
+				    const struct sf_config *cfg)
 {
 	__u32 hash = p->flow_hash;
 	__u32 inner_len = skb->len - sizeof(struct ethhdr);
+	__u32 len = prev ? sizeof(struct encap_v6) : sizeof(struct encap_v6) - SF_ENCAP_PREVIOUS_LEN_V6;
 	struct bpf_fib_lookup fib = {};
 	struct encap_v6 h = {};
-	__u32 payload_len = sizeof(h) - sizeof(h.ip6) + inner_len;
+	__u32 payload_len = len - sizeof(h.ip6) + inner_len;
 	int verdict;
 
 	if (!cfg->node_addr_v6[0] || payload_len > 0xffff)
@@ -444,48 +459,74 @@ static __noinline int encap_push_v6(struct __sk_buff *skb, const struct pkt *p,
 	h.ip6.hop_limit = 64;
 	__builtin_memcpy(&h.ip6.saddr, cfg->node_addr_v6, 16);
 	__builtin_memcpy(&h.ip6.daddr, be->addr, 16);
-	encap_tail_fill(&h.udp, &h.sf, hash, cfg->encap_port, payload_len, p->policy_id, p->encap_flags);
+	if (prev)
+		__builtin_memcpy(h.previous, prev->addr, SF_ENCAP_PREVIOUS_LEN_V6);
+	encap_tail_fill(&h.udp, &h.sf, hash, cfg->encap_port, payload_len, p->policy_id, p->encap_flags,
+			prev);
 
 	fib.family = AF_INET6;
 	fib.l4_protocol = IPPROTO_UDP;
 	__builtin_memcpy(fib.ipv6_src, cfg->node_addr_v6, 16);
 	__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
-	verdict = encap_lookup(skb, p, cfg, &fib, sizeof(h));
+	verdict = encap_lookup(skb, p, cfg, &fib, len);
 	if (verdict != SF_CONTINUE)
 		return verdict;
 
-	if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC,
+	if (bpf_skb_adjust_room(skb, len, BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP))
 		return drop(SF_CTR_ENCAP_FAILED);
-	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &h, sizeof(h), 0))
+	if (prev ? bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &h, sizeof(h), 0) :
+		   bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &h, sizeof(h) - SF_ENCAP_PREVIOUS_LEN_V6, 0))
 		return drop(SF_CTR_ENCAP_FAILED);
 	if (p->tuple.family != SF_FAMILY_IPV6 && encap_set_eth_proto(skb, ETH_P_IPV6))
 		return drop(SF_CTR_ENCAP_FAILED);
-	return encap_route(skb, &fib);
+	return encap_route(skb, &fib, prev);
+}
+
+/* The flow's previous backend, when its slot names one that can take it: a
+ * segment of a flow that may have started before the last change of the
+ * backend set (not a SYN, not the handshake's validated ACK), and a backend
+ * of the current one's family (the header carries one kind of address). */
+static __always_inline const struct sf_endpoint *previous_backend(const struct pkt *p,
+								  const struct sf_ring_slot *rs,
+								  const struct sf_endpoint *be,
+								  __u32 half)
+{
+	const struct sf_endpoint *prev;
+	__u32 slot;
+
+	if (rs->previous >= SF_MAX_BACKENDS || rs->previous == rs->current)
+		return NULL;
+	if ((p->flags & TCP_FLAG_SYN) || (p->encap_flags & SF_ENCAP_F_VALIDATED))
+		return NULL;
+	slot = half * SF_MAX_BACKENDS + rs->previous;
+	prev = bpf_map_lookup_elem(&backends, &slot);
+	return prev && prev->family == be->family ? prev : NULL;
 }
 
 static __always_inline int encap_forward(struct __sk_buff *skb, struct pkt *p,
 					 const struct sf_config *cfg)
 {
+	const struct sf_endpoint *be, *prev;
+	const struct sf_ring_slot *rs;
 	__u32 slot;
-	const struct sf_endpoint *be;
-	__u32 *idx;
 
 	__u32 half = cfg->slot & (SF_CONFIG_SLOTS - 1);
 
 	p->flow_hash = flow_hash(&p->tuple);
 	slot = (half * SF_MAX_POLICIES + p->policy_id) * SF_RING_SIZE + p->flow_hash % SF_RING_SIZE;
-	idx = bpf_map_lookup_elem(&backend_ring, &slot);
-	if (!idx || *idx >= SF_MAX_BACKENDS)
+	rs = bpf_map_lookup_elem(&backend_slots, &slot);
+	if (!rs || rs->current >= SF_MAX_BACKENDS)
 		return drop(SF_CTR_NO_BACKEND);
-	slot = half * SF_MAX_BACKENDS + *idx;
+	slot = half * SF_MAX_BACKENDS + rs->current;
 	be = bpf_map_lookup_elem(&backends, &slot);
 	if (!be)
 		return drop(SF_CTR_NO_BACKEND);
+	prev = previous_backend(p, rs, be, half);
 	if (be->family == SF_FAMILY_IPV4)
-		return encap_push_v4(skb, p, be, cfg);
+		return encap_push_v4(skb, p, be, prev, cfg);
 	if (be->family == SF_FAMILY_IPV6)
-		return encap_push_v6(skb, p, be, cfg);
+		return encap_push_v6(skb, p, be, prev, cfg);
 	return drop(SF_CTR_NO_BACKEND);
 }
 

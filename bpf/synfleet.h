@@ -7,7 +7,7 @@
 #ifndef SYNFLEET_H
 #define SYNFLEET_H
 
-#define SF_ABI_VERSION 4
+#define SF_ABI_VERSION 5
 
 #define SF_MAX_POLICIES 256
 #define SF_MAX_SERVICES 65536
@@ -25,12 +25,22 @@
 #define SF_FAMILY_IPV4 4
 #define SF_FAMILY_IPV6 6
 
-/* ---- encapsulation: outer IP / UDP / sf_encap_hdr / inner IP packet ---- */
+/* ---- encapsulation: outer IP / UDP / sf_encap_hdr [/ previous] / inner IP packet ----
+ * Version 1: the 4-byte header. Version 2: the header, then the flow's previous
+ * backend (daisy chaining, docs/dataplane.md): 4 bytes under an IPv4 outer
+ * header, 16 under IPv6. A proxy sends version 2 only while a flow's slot
+ * names a previous backend, so backends of the release before keep receiving
+ * everything else during a rolling upgrade.
+ */
 #define SF_ENCAP_VERSION 1
+#define SF_ENCAP_VERSION_PREVIOUS 2
 #define SF_ENCAP_F_VALIDATED 0x01
 /* Sent while the proxy has no salt for the epoch and its policy fails open:
  * the backend's kernel judges the segment with its own SYN cookies. */
 #define SF_ENCAP_F_UNGUARDED 0x02
+/* Handed on by the current backend, which had no socket for the flow, to the
+ * previous one it names: never handed on again. */
+#define SF_ENCAP_F_CHAINED 0x04
 
 struct sf_encap_hdr {
 	__u8 version;
@@ -39,9 +49,13 @@ struct sf_encap_hdr {
 };
 
 #define SF_ENCAP_HDR_LEN 4
+#define SF_ENCAP_PREVIOUS_LEN_V4 4
+#define SF_ENCAP_PREVIOUS_LEN_V6 16
 #define SF_UDP_HDR_LEN 8
-#define SF_ENCAP_OVERHEAD_V4 (20 + SF_UDP_HDR_LEN + SF_ENCAP_HDR_LEN)
-#define SF_ENCAP_OVERHEAD_V6 (40 + SF_UDP_HDR_LEN + SF_ENCAP_HDR_LEN)
+/* The most an encapsulation adds, previous backend included: what the
+ * advertised MSS leaves room for. */
+#define SF_ENCAP_OVERHEAD_V4 (20 + SF_UDP_HDR_LEN + SF_ENCAP_HDR_LEN + SF_ENCAP_PREVIOUS_LEN_V4)
+#define SF_ENCAP_OVERHEAD_V6 (40 + SF_UDP_HDR_LEN + SF_ENCAP_HDR_LEN + SF_ENCAP_PREVIOUS_LEN_V6)
 /* UDP source ports carry the flow hash in this range (RFC 7510 style). */
 #define SF_ENCAP_SPORT_BASE 49152
 #define SF_ENCAP_SPORT_SPAN 16384
@@ -70,7 +84,7 @@ struct sf_encap_hdr {
 /* ---- maps ---- */
 
 /* Key of `services` (address + TCP port) and of the address-only maps
- * `protected_addrs` and `allowed_proxies` (port 0), and a `backends` entry.
+ * `protected_addrs` and `encap_sources` (port 0), and a `backends` entry.
  * `slot` is the configuration half a key belongs to (0 in `backends`). */
 struct sf_endpoint {
 	__u8 family;
@@ -119,7 +133,19 @@ struct sf_config {
 	__s64 clock_offset_ns; /* correction for a node whose clock is known to be off */
 };
 
-#define SF_BACKEND_NONE 0xffffffffu
+/* A Maglev slot of `backend_slots`: indexes into the same half of `backends`.
+ * `previous` is the backend the slot had before the last change of the
+ * backend set, for as long as the policy's drain period keeps it. */
+struct sf_ring_slot {
+	__u16 current;
+	__u16 previous;
+};
+
+#define SF_RING_NONE 0xffffu
+
+/* Values of `encap_sources`: what a source may send a backend. */
+#define SF_SOURCE_PROXY 0x1	/* encapsulated segments from clients */
+#define SF_SOURCE_PEER 0x2	/* segments chained by another backend of the pool */
 
 /* Counters, one per-CPU array slot each; names mirrored in Python. */
 enum sf_counter {
@@ -156,6 +182,13 @@ enum sf_counter {
 	SF_CTR_BAD_CHECKSUM,
 	/* proxy: a segment too big once encapsulated, answered with ICMP(v6) */
 	SF_CTR_TOO_BIG,
+	/* proxy: sent naming the flow's previous backend */
+	SF_CTR_PREVIOUS_NAMED,
+	/* backend: daisy chaining (handed on, received, refused, no route) */
+	SF_CTR_CHAINED,
+	SF_CTR_CHAIN_RECEIVED,
+	SF_CTR_CHAIN_REFUSED,
+	SF_CTR_CHAIN_FAILED,
 	SF_CTR_MAX,
 };
 

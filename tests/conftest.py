@@ -24,6 +24,8 @@ PROXY_V4, PROXY_V6 = "198.18.0.1", "2001:db8:18::1"
 BACKEND_V4, BACKEND_V6 = "198.18.0.2", "2001:db8:18::2"
 SERVICE_V4, SERVICE_V6 = "198.19.0.10", "2001:db8:19::10"
 CLIENT_V4, CLIENT_V6 = "198.18.1.7", "2001:db8:1::7"
+# Another backend node of the pool: where a flow that moved was before (daisy chaining).
+PEER_V4, PEER_V6 = "198.18.0.3", "2001:db8:18::3"
 PORT_FULL, PORT_PLAIN, PORT_MONITOR = 80, 81, 82
 
 
@@ -162,6 +164,7 @@ def unit_config(role: str, keys: list[MasterKey] | None = None) -> schema.Datapl
                                "ipv6": PROXY_V6 if proxy else BACKEND_V6}},
         "policies": [p.model_dump(by_alias=True, mode="json") for p in policies],
         "allowedProxies": [] if proxy else [PROXY_V4, PROXY_V6],
+        "peerBackends": [] if proxy else [BACKEND_V4, BACKEND_V6, PEER_V4, PEER_V6],
         "saltKeys": contract.salt_key_entries(keys or []),
     })
 

@@ -79,9 +79,13 @@ def encap_source_port(t: FourTuple) -> int:
 # ---- the encapsulation (docs/dataplane.md), built and parsed independently of the BPF code ----
 
 def encapsulated(inner_frame: bytes, outer_src: str, outer_dst: str, policy_id: int,
-                 flags: int = 0, version: int = 1) -> bytes:
+                 flags: int = 0, version: int | None = None, previous: str | None = None) -> bytes:
+    """Version 2 (the default with `previous`) carries the flow's previous backend."""
     outer = IP(src=outer_src, dst=outer_dst) if ":" not in outer_src else IPv6(src=outer_src, dst=outer_dst)
+    version = version or (2 if previous else 1)
     hdr = struct.pack("!BBH", version, flags, policy_id)
+    if previous:
+        hdr += ipaddress.ip_address(previous).packed
     return bytes(Ether(src=PROXY_MAC, dst=CLIENT_MAC) / outer / UDP(sport=50000, dport=ENCAP_PORT, chksum=0)
                  / (hdr + inner_frame[14:]))
 
@@ -92,8 +96,12 @@ def decode_encap(frame: bytes) -> dict:
     l3 = outer[IP] if outer.type == 0x0800 else outer[IPv6]
     udp = outer[UDP]
     sf = bytes(udp.payload)[:4]
+    length = 4 + (0 if sf[0] == 1 else 4 if outer.type == 0x0800 else 16)
+    previous = bytes(udp.payload)[4:length]
     return dict(outer=l3, udp=udp, version=sf[0], flags=sf[1],
-                policy_id=struct.unpack("!H", sf[2:4])[0], inner=bytes(udp.payload)[4:])
+                policy_id=struct.unpack("!H", sf[2:4])[0],
+                previous=str(ipaddress.ip_address(previous)) if previous else None,
+                inner=bytes(udp.payload)[length:])
 
 
 

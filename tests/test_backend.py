@@ -5,7 +5,7 @@ listener: tests/test_e2e_handshake.py covers it.)"""
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import UDP
+from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from conftest import (
@@ -15,12 +15,14 @@ from conftest import (
     POLICY_MONITOR,
     PORT_FULL,
     PORT_MONITOR,
+    PEER_V4,
+    PEER_V6,
     PROXY_V4,
     PROXY_V6,
     addr_pair,
 )
-from packets import TC_ACT_OK, TC_ACT_SHOT, TCX_NEXT, delta, encapsulated, tcp_frame
-from synfleet.abi import ENCAP_F_VALIDATED, Counter
+from packets import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TCX_NEXT, decode_encap, delta, encapsulated, tcp_frame
+from synfleet.abi import ENCAP_F_CHAINED, ENCAP_F_UNGUARDED, ENCAP_F_VALIDATED, Counter
 
 
 @pytest.mark.parametrize("outer", [(PROXY_V4, BACKEND_V4), (PROXY_V6, BACKEND_V6)], ids=["outer4", "outer6"])
@@ -79,7 +81,7 @@ def test_a_validated_inner_segment_claiming_more_bytes_than_it_has_is_dropped_as
     assert (run.retval, counted) == (TC_ACT_SHOT, {Counter.DECAPSULATED: 1, Counter.MALFORMED: 1})
 
 
-@pytest.mark.parametrize("bad", [dict(version=2), dict(policy_id=999)], ids=["version", "unknown-policy"])
+@pytest.mark.parametrize("bad", [dict(version=3), dict(policy_id=999)], ids=["version", "unknown-policy"])
 def test_bad_encapsulation_header_is_dropped(backend, bad):
     client, service = addr_pair(4)
     inner = tcp_frame(client, service, 1000, PORT_FULL, flags="A")
@@ -118,3 +120,89 @@ def test_an_encapsulation_whose_outer_length_does_not_hold_is_not_decapsulated(b
     frame[field:field + 2] = length.to_bytes(2, "big")
     run, counted = delta(backend, bytes(frame))
     assert (run.retval, run.data, counted) == (TCX_NEXT, bytes(frame), {})
+
+
+# ---- daisy chaining (docs/dataplane.md) ----
+
+OUTERS = [(PROXY_V4, BACKEND_V4, PEER_V4), (PROXY_V6, BACKEND_V6, PEER_V6)]
+
+
+@pytest.mark.parametrize("outer", OUTERS, ids=["outer4", "outer6"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_segment_of_a_flow_this_node_has_no_socket_for_goes_on_to_the_previous_backend_named(
+        backend, outer, family):
+    proxy, own, previous = outer
+    client, service = addr_pair(family)
+    inner = tcp_frame(client, service, 1000, PORT_FULL, flags="PA", seq=5, ack=6, payload=b"hello")
+    frame = encapsulated(inner, proxy, own, POLICY_FULL.id, previous=previous)
+    run, counted = delta(backend, frame)
+    assert (run.retval, counted) == (TC_ACT_REDIRECT, {Counter.CHAINED: 1})
+    sent, received = decode_encap(run.data), decode_encap(frame)
+    # The same segment and header, readdressed from this node to the previous backend, marked chained.
+    assert (str(sent["outer"].src), str(sent["outer"].dst)) == (own, previous)
+    assert sent["inner"] == received["inner"] == inner[14:]
+    assert (sent["version"], sent["flags"], sent["policy_id"], sent["previous"]) == \
+        (2, ENCAP_F_CHAINED, POLICY_FULL.id, previous)
+    assert sent["udp"].dport == received["udp"].dport and sent["udp"].sport == received["udp"].sport
+    hops = "ttl" if ":" not in own else "hlim"
+    assert getattr(sent["outer"], hops) == getattr(received["outer"], hops) - 1
+    if ":" not in own:
+        header = IP(bytes(sent["outer"]))
+        written = header.chksum
+        del header.chksum
+        assert IP(bytes(header)).chksum == written
+
+
+@pytest.mark.parametrize("flags, inner_flags", [
+    (ENCAP_F_VALIDATED, "A"), (ENCAP_F_UNGUARDED, "S"), (0, "S")], ids=["validated-ack", "unguarded-syn", "syn"])
+def test_handshakes_are_never_handed_on(backend, flags, inner_flags):
+    """A validated ACK or a SYN starts a flow here, whatever its slot was before."""
+    client, service = addr_pair(4)
+    inner = tcp_frame(client, service, 1000, PORT_FULL, flags=inner_flags, seq=5, ack=6)
+    run, counted = delta(backend, encapsulated(inner, PROXY_V4, BACKEND_V4, POLICY_FULL.id, flags,
+                                               previous=PEER_V4))
+    assert Counter.CHAINED not in counted and Counter.DECAPSULATED in counted
+    assert run.data[14:] == inner[14:] or run.retval == TC_ACT_SHOT
+
+
+@pytest.mark.parametrize("outer", OUTERS, ids=["outer4", "outer6"])
+def test_a_chained_segment_never_travels_a_second_hop(backend, outer):
+    """At the previous backend, whatever it has for the flow: decapsulated for
+    its own stack (here no socket at all: the kernel answers it; a listener
+    only: tests/test_backend_changes.py), never handed on again."""
+    _, own, peer = outer
+    client, service = addr_pair(4)
+    inner = tcp_frame(client, service, 1000, PORT_FULL, flags="A", seq=5, ack=6)
+    run, counted = delta(backend, encapsulated(inner, peer, own, POLICY_FULL.id, ENCAP_F_CHAINED,
+                                               previous="198.18.0.77" if ":" not in own else "2001:db8:18::77"))
+    assert run.retval == TC_ACT_OK and run.data[14:] == inner[14:]
+    assert counted == {Counter.CHAIN_RECEIVED: 1, Counter.DECAPSULATED: 1}
+
+
+def test_a_chained_segment_from_a_proxy_is_refused_and_counted(backend):
+    client, service = addr_pair(4)
+    inner = tcp_frame(client, service, 1000, PORT_FULL, flags="A", seq=5, ack=6)
+    run, counted = delta(backend, encapsulated(inner, PROXY_V4, BACKEND_V4, POLICY_FULL.id, ENCAP_F_CHAINED,
+                                               previous=PEER_V4))
+    assert (run.retval, counted) == (TC_ACT_SHOT, {Counter.CHAIN_REFUSED: 1})
+
+
+@pytest.mark.parametrize("port,verdict,extra", [
+    (PORT_FULL, TC_ACT_SHOT, {}), (PORT_MONITOR, TCX_NEXT, {Counter.MONITOR_PASSED: 1})],
+    ids=["enforce", "monitor"])
+def test_a_chained_segment_from_a_node_that_is_not_a_backend_of_the_pool_is_never_decapsulated(
+        backend, port, verdict, extra):
+    client, service = addr_pair(4)
+    inner = tcp_frame(client, service, 1000, port, flags="A", seq=5, ack=6)
+    run, counted = delta(backend, encapsulated(inner, "198.18.0.99", BACKEND_V4, POLICY_FULL.id,
+                                               ENCAP_F_CHAINED, previous=BACKEND_V4))
+    assert run.retval == verdict
+    assert counted == {Counter.UNKNOWN_SOURCE: 1, **extra}
+
+
+def test_a_peer_backend_cannot_send_what_only_proxies_send(backend):
+    """A backend of the pool vouches for nothing: its unchained segments are an unknown source's."""
+    client, service = addr_pair(4)
+    inner = tcp_frame(client, service, 1000, PORT_FULL, flags="A", seq=5, ack=6)
+    run, counted = delta(backend, encapsulated(inner, PEER_V4, BACKEND_V4, POLICY_FULL.id, ENCAP_F_VALIDATED))
+    assert (run.retval, counted) == (TC_ACT_SHOT, {Counter.UNKNOWN_SOURCE: 1})

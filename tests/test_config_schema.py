@@ -60,7 +60,7 @@ def test_the_module_docstring_example_is_a_valid_proxy_document():
     example = schema.__doc__.split("\n\n", 1)[1]
     doc = yaml.safe_load(example)
     doc["policies"][0]["backends"] = ["198.18.0.2", "198.18.0.3"]
-    assert schema.parse({**doc, "allowedProxies": []}).role is schema.Role.PROXY
+    assert schema.parse({**doc, "allowedProxies": [], "peerBackends": []}).role is schema.Role.PROXY
 
 
 @pytest.mark.parametrize("base, path, value, message", [

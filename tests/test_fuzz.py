@@ -40,6 +40,8 @@ from conftest import (
     POLICY_FULL,
     PORT_FULL,
     PORT_MONITOR,
+    PEER_V4,
+    PEER_V6,
     PROXY_V4,
     PROXY_V6,
     ROTATION_S,
@@ -59,7 +61,7 @@ from packets import (
     encapsulated,
     tcp_frame,
 )
-from synfleet.abi import ENCAP_F_UNGUARDED, ENCAP_F_VALIDATED, Counter
+from synfleet.abi import ENCAP_F_CHAINED, ENCAP_F_UNGUARDED, ENCAP_F_VALIDATED, Counter
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_check, cookie_make, current_epoch
 from test_proxy_xdp import XDP_PASS, XDP_TX, without_tsval
 
@@ -75,7 +77,8 @@ PROXY_DROPS = {Counter.MALFORMED, Counter.FRAGMENT, Counter.EXT_HEADER, Counter.
                Counter.ROUTE_FAILED, Counter.ENCAP_FAILED, Counter.MARTIAN, Counter.BAD_CHECKSUM}
 PROXY_ACK_VERDICTS = {Counter.COOKIE_VALID, Counter.COOKIE_REJECTED, Counter.COOKIE_STALE}
 BACKEND_DROPS = {Counter.BAD_ENCAP, Counter.MALFORMED, Counter.BYPASS_SYN, Counter.BYPASS_ACK,
-                 Counter.ACK_UNVALIDATED, Counter.UNKNOWN_SOURCE, Counter.REQSK_FAILED}
+                 Counter.ACK_UNVALIDATED, Counter.UNKNOWN_SOURCE, Counter.REQSK_FAILED,
+                 Counter.CHAIN_REFUSED, Counter.CHAIN_FAILED}
 
 
 def seeds(salts) -> list[bytes]:
@@ -98,12 +101,16 @@ def seeds(salts) -> list[bytes]:
                       payload=b"x" * (1500 - (20 if family == 4 else 40) - 24),
                       **({"ip_flags": "DF"} if family == 4 else {})),
         ]
-        proxy_addr, backend_addr = (PROXY_V4, BACKEND_V4) if family == 4 else (PROXY_V6, BACKEND_V6)
+        proxy_addr, backend_addr, peer_addr = (PROXY_V4, BACKEND_V4, PEER_V4) if family == 4 else \
+            (PROXY_V6, BACKEND_V6, PEER_V6)
         inner = tcp_frame(client, service, 40000, PORT_FULL, flags="A", seq=778, ack=(cookie + 1) % 2**32)
         out += [encapsulated(inner, proxy_addr, backend_addr, POLICY_FULL.id, ENCAP_F_VALIDATED),
                 encapsulated(inner, proxy_addr, backend_addr, POLICY_FULL.id),
                 encapsulated(inner, "198.18.9.9" if family == 4 else "2001:db8:9::9", backend_addr,
-                             POLICY_FULL.id, ENCAP_F_VALIDATED)]
+                             POLICY_FULL.id, ENCAP_F_VALIDATED),
+                # daisy chaining: named by a proxy, handed on by a peer
+                encapsulated(inner, proxy_addr, backend_addr, POLICY_FULL.id, previous=peer_addr),
+                encapsulated(inner, peer_addr, backend_addr, POLICY_FULL.id, ENCAP_F_CHAINED, previous=backend_addr)]
     client6, service6 = addr_pair(6)
     out += [bytes(Ether(src=CLIENT_MAC, dst=PROXY_MAC) / IPv6(src=str(client6), dst=str(service6))
                   / ICMPv6EchoRequest()),
@@ -195,12 +202,14 @@ def outer_source_and_inner(frame: bytes) -> tuple[str, bytes]:
     must cover the headers and at most the frame."""
     if frame[12:14] == b"\x08\x00":
         l3 = (frame[14] & 0x0F) * 4
+        headers = 12 + (4 if frame[14 + l3 + 8] == 2 else 0)      # version 2 names a previous backend
         claimed = int.from_bytes(frame[16:18], "big")
-        assert l3 + 12 < claimed <= len(frame) - 14, "decapsulated despite its outer IPv4 length"
-        return str(ipaddress.ip_address(frame[26:30])), frame[14 + l3 + 12:]
+        assert l3 + headers < claimed <= len(frame) - 14, "decapsulated despite its outer IPv4 length"
+        return str(ipaddress.ip_address(frame[26:30])), frame[14 + l3 + headers:]
+    headers = 12 + (16 if frame[14 + 40 + 8] == 2 else 0)
     claimed = int.from_bytes(frame[18:20], "big")
-    assert 12 < claimed <= len(frame) - 54, "decapsulated despite its outer IPv6 payload length"
-    return str(ipaddress.ip_address(frame[22:38])), frame[14 + 40 + 12:]
+    assert headers < claimed <= len(frame) - 54, "decapsulated despite its outer IPv6 payload length"
+    return str(ipaddress.ip_address(frame[22:38])), frame[14 + 40 + headers:]
 
 
 @pytest.fixture(scope="module")
@@ -252,12 +261,21 @@ def test_fuzz_proxy_xdp_front_answers_like_tc_or_passes_untouched(proxy, pool, d
 @given(data=st.data())
 def test_fuzz_backend_decapsulates_only_what_an_allowed_proxy_sent(backend, pool, data):
     frame, result, counted = fuzz_run(backend, backend.program, data.draw(mutated(pool)))
-    assert result.retval in (TC_ACT_OK, TCX_NEXT, TC_ACT_SHOT), "no socket here: nothing to reset"
+    assert result.retval in (TC_ACT_OK, TCX_NEXT, TC_ACT_SHOT, TC_ACT_REDIRECT), "no socket here: nothing to reset"
+    if result.retval == TC_ACT_REDIRECT:
+        # Handed on to the previous backend its proxy named: same inner packet, one hop.
+        assert counted == {Counter.CHAINED: 1}, counted
+        source, inner = outer_source_and_inner(frame)
+        assert source in (PROXY_V4, PROXY_V6), "handed on for a stranger"
+        sent_source, sent_inner = outer_source_and_inner(result.data)
+        assert sent_source in (BACKEND_V4, BACKEND_V6) and sent_inner == inner
+        return
     if result.retval == TC_ACT_SHOT:
         assert len(set(counted) & BACKEND_DROPS) >= 1, counted
     if Counter.DECAPSULATED in counted:
         source, inner = outer_source_and_inner(frame)
-        assert source in (PROXY_V4, PROXY_V6), "decapsulated from a stranger"
+        senders = (PEER_V4, PEER_V6) if Counter.CHAIN_RECEIVED in counted else (PROXY_V4, PROXY_V6)
+        assert source in senders, "decapsulated from a stranger"
         assert result.retval != TCX_NEXT, "the next program would see a packet that is gone"
         if result.retval == TC_ACT_OK:
             assert result.data[14:] == inner

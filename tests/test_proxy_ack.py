@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import socket
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -17,12 +18,15 @@ from conftest import (
     BACKEND_V4,
     BACKEND_V6,
     ENCAP_PORT,
+    PEER_V4,
     POLICY_FULL,
     PORT_FULL,
     PROXY_V4,
     PROXY_V6,
+    UNIT_KEYS,
     addr_pair,
     tai_epoch,
+    unit_config,
 )
 from packets import (
     CLIENT_MAC,
@@ -40,6 +44,7 @@ from packets import (
 from synfleet.abi import ENCAP_F_VALIDATED, Counter
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make
 from synfleet.dataplane.flow import maglev_table
+from synfleet.dataplane.programs import ProxyDataplane
 
 ATTRS = CookieAttributes(mss_index=3, wscale=7, sack=True, ecn=False)
 
@@ -224,3 +229,65 @@ def test_a_segment_too_big_without_dont_fragment_is_dropped(proxy):
                       payload=b"x" * (LINK_MTU - 44))     # scapy leaves DF clear
     run, counted = delta(proxy, frame)
     assert run.retval == TC_ACT_SHOT and counted.get(Counter.ROUTE_FAILED) == 1
+
+
+# ---- daisy chaining: the previous backend of a flow's slot (docs/dataplane.md) ----
+
+def with_backends(backends: list[str], drain_s: int = 300):
+    cfg = unit_config("proxy", UNIT_KEYS)
+    addresses = [ipaddress.ip_address(b) for b in backends]
+    return cfg.model_copy(update={"policies": [p.model_copy(update={"backends": addresses, "drain_seconds": drain_s})
+                                               for p in cfg.policies]})
+
+
+@pytest.fixture
+def changing_proxy(unit_netns, salts):
+    """A proxy of its own: these tests change its backend set."""
+    dp = ProxyDataplane()
+    dp.set_salts(salts)
+    yield dp
+    dp.close()
+
+
+def test_after_a_backend_change_a_flow_names_its_previous_backend_until_the_drain_ends(changing_proxy, salts):
+    dp = changing_proxy
+    dp.apply(with_backends([BACKEND_V4], drain_s=1))
+    dp.apply(with_backends([PEER_V4], drain_s=1))     # every slot changes hands
+    client, service = addr_pair(4)
+    established = tcp_frame(client, service, 40000, PORT_FULL, flags="PA", seq=5, ack=6, payload=b"more")
+    run, counted = delta(dp, established)
+    sent = decode_encap(run.data)
+    assert run.retval == TC_ACT_REDIRECT
+    assert (str(sent["outer"].dst), sent["version"], sent["previous"]) == (PEER_V4, 2, BACKEND_V4)
+    assert sent["inner"] == established[14:] and sent["outer"].len == len(established) - 14 + 20 + 8 + 4 + 4
+    assert counted[Counter.PREVIOUS_NAMED] == 1 and counted[Counter.FORWARDED] == 1
+    # The handshake's validated ACK starts the flow on the current backend: nothing to name.
+    epoch = tai_epoch()
+    cookie = cookie_make(salts[epoch], epoch, FourTuple(client, service, 40001, PORT_FULL), 99, ATTRS)
+    handshake = decode_encap(dp.program.test_run(handshake_ack(4, 40001, 99, cookie)).data)
+    assert (handshake["version"], handshake["flags"], handshake["previous"]) == (1, ENCAP_F_VALIDATED, None)
+    # The drain period ends: applied again (the agent does it at next_expiry()), the slot names no one.
+    ends = dp.next_expiry()
+    assert ends is not None
+    time.sleep(max(0.0, ends - time.monotonic()) + 0.01)
+    dp.apply(with_backends([PEER_V4], drain_s=1))
+    assert dp.next_expiry() is None
+    after = decode_encap(dp.program.test_run(established).data)
+    assert (after["version"], after["previous"]) == (1, None)
+
+
+def test_a_backend_that_keeps_its_slots_names_no_previous_one(changing_proxy):
+    """Joining moves only the newcomer's share of the slots (Maglev): the flows
+    elsewhere carry no previous backend and cost nothing more."""
+    dp = changing_proxy
+    dp.apply(with_backends([BACKEND_V4]))
+    dp.apply(with_backends([BACKEND_V4, PEER_V4]))
+    client, service = addr_pair(4)
+    named = 0
+    for sport in range(40000, 40200):
+        sent = decode_encap(dp.program.test_run(
+            tcp_frame(client, service, sport, PORT_FULL, flags="A", seq=5, ack=6)).data)
+        moved = str(sent["outer"].dst) == PEER_V4
+        assert sent["previous"] == (BACKEND_V4 if moved else None)
+        named += moved
+    assert 60 < named < 140    # about half the slots went to the newcomer

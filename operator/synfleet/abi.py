@@ -10,10 +10,15 @@ import enum
 import ipaddress
 
 ENCAP_VERSION = 1
+ENCAP_VERSION_PREVIOUS = 2      # the header, then the flow's previous backend
 ENCAP_F_VALIDATED = 0x01
 ENCAP_F_UNGUARDED = 0x02
+ENCAP_F_CHAINED = 0x04
 ENCAP_HDR_LEN = 4
-ENCAP_OVERHEAD = {4: 20 + 8 + ENCAP_HDR_LEN, 6: 40 + 8 + ENCAP_HDR_LEN}
+ENCAP_PREVIOUS_LEN = {4: 4, 6: 16}
+# At its longest (a previous backend named): what the advertised MSS leaves room for.
+ENCAP_OVERHEAD = {4: 20 + 8 + ENCAP_HDR_LEN + ENCAP_PREVIOUS_LEN[4],
+                  6: 40 + 8 + ENCAP_HDR_LEN + ENCAP_PREVIOUS_LEN[6]}
 ENCAP_SPORT_BASE = 49152
 ENCAP_SPORT_SPAN = 16384
 
@@ -24,7 +29,10 @@ MAX_PROXIES = 4096
 CONFIG_SLOTS = 2
 RING_SIZE = 4099
 SALT_SLOTS = 4096
-BACKEND_NONE = 0xFFFFFFFF
+RING_NONE = 0xFFFF
+
+SOURCE_PROXY = 0x1
+SOURCE_PEER = 0x2
 
 POLICY_ACTIVE = 0x01
 POLICY_ENFORCE = 0x02
@@ -65,10 +73,15 @@ class Counter(enum.IntEnum):
     MARTIAN = enum.auto()
     BAD_CHECKSUM = enum.auto()
     TOO_BIG = enum.auto()
+    PREVIOUS_NAMED = enum.auto()
+    CHAINED = enum.auto()
+    CHAIN_RECEIVED = enum.auto()
+    CHAIN_REFUSED = enum.auto()
+    CHAIN_FAILED = enum.auto()
 
 
 class Endpoint(ctypes.Structure):
-    """struct sf_endpoint: key of services / protected_addrs / allowed_proxies, a backend."""
+    """struct sf_endpoint: key of services / protected_addrs / encap_sources, a backend."""
 
     _fields_ = [("family", ctypes.c_uint8), ("slot", ctypes.c_uint8),
                 ("port_be", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
@@ -89,6 +102,12 @@ class Endpoint(ctypes.Structure):
     @property
     def port(self) -> int:
         return int.from_bytes(self.port_be.to_bytes(2, "little"), "big")
+
+
+class RingSlotValue(ctypes.Structure):
+    """struct sf_ring_slot: a Maglev slot's current and previous backend (RING_NONE: none)."""
+
+    _fields_ = [("current", ctypes.c_uint16), ("previous", ctypes.c_uint16)]
 
 
 class ServiceValue(ctypes.Structure):
@@ -129,5 +148,5 @@ class EncapHeader(ctypes.BigEndianStructure):
 # struct name in BTF -> mirror, for the layout test
 BTF_MIRRORS = {
     "sf_endpoint": Endpoint, "sf_service": ServiceValue, "sf_policy": PolicyValue, "sf_salt": SaltValue,
-    "sf_config": ConfigValue,
+    "sf_config": ConfigValue, "sf_ring_slot": RingSlotValue,
 }

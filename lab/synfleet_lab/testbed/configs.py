@@ -16,6 +16,7 @@ def testbed_config(role: str, *, interfaces: list[str], node_v4: str, node_v6: s
                    services: dict[int, str], rotation_s: int,
                    backends: dict[int, list[str]] | None = None,
                    allowed_proxies: list[str] | None = None,
+                   peer_backends: list[str] | None = None,
                    salt_keys: list[MasterKey] | None = None, failure_policy: str = "open",
                    mode: str = "enforce",
                    clock_offset_s: float = 0.0, xdp: bool = False) -> schema.DataplaneConfig:
@@ -35,6 +36,7 @@ def testbed_config(role: str, *, interfaces: list[str], node_v4: str, node_v6: s
                  "clockOffsetSeconds": clock_offset_s, "xdp": xdp},
         "policies": policies,
         "allowedProxies": allowed_proxies or [],
+        "peerBackends": peer_backends or [],
         **({"failurePolicy": failure_policy} if role == "proxy" else {}),
         "saltKeys": contract.salt_key_entries(salt_keys or []),
     })

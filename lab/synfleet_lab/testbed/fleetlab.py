@@ -230,6 +230,7 @@ class FleetLab:
     clock_offsets: dict[str, float] = field(default_factory=dict)
     http: bool = False      # nginx on the backends instead of synfleet_lab.testbed.service
     protected: bool = True  # the service in the nodes' configurations
+    pool: tuple[str, ...] = BACKENDS    # the backends the proxies' policies list (set_pool changes it)
     nodes: dict[str, Node] = field(default_factory=dict)
     agents: dict[str, AgentProcess] = field(default_factory=dict)
     servers: list[subprocess.Popen] = field(default_factory=list)
@@ -303,7 +304,7 @@ class FleetLab:
 
     def proxy_config(self, name: str) -> schema.DataplaneConfig:
         node = self.nodes[name]
-        backends = {fam: [getattr(self.nodes[b], f"v{fam}") for b in BACKENDS] for fam in (4, 6)}
+        backends = {fam: [getattr(self.nodes[b], f"v{fam}") for b in self.pool] for fam in (4, 6)}
         return testbed_config("proxy", interfaces=["eth0"], node_v4=node.v4, node_v6=node.v6,
                               services=self._services(), rotation_s=self.rotation_s, backends=backends,
                               salt_keys=self.salts.keys, failure_policy=self.failure_policy, mode=self.mode,
@@ -314,7 +315,8 @@ class FleetLab:
         proxies = [a for p in PROXIES for a in (self.nodes[p].v4, self.nodes[p].v6)]
         return testbed_config("backend", interfaces=["eth0"], node_v4=node.v4, node_v6=node.v6,
                               services=self._services(), rotation_s=self.rotation_s,
-                              allowed_proxies=proxies, mode=self.mode)
+                              allowed_proxies=proxies, mode=self.mode,
+                              peer_backends=[a for b in BACKENDS for a in (self.nodes[b].v4, self.nodes[b].v6)])
 
     def _services(self) -> dict[int, str]:
         return SERVICE if self.protected else {}
@@ -337,9 +339,21 @@ class FleetLab:
                 ns.route("replace", SERVICE[fam], [getattr(self.nodes[b], f"v{fam}") for b in BACKENDS])
         self.write_backend_configs()
         self.write_proxy_configs()
-        for name, agent in self.agents.items():
+        self._wait_applied(generations)
+
+    def set_pool(self, backends: tuple[str, ...]) -> None:
+        """The backends the proxies send to (a backend joins, or leaves); returns
+        once both proxies applied it."""
+        generations = {n: self.agents[n].metrics()["synfleet_config_generation"] for n in PROXIES}
+        self.pool = backends
+        self.write_proxy_configs()
+        self._wait_applied(generations)
+
+    def _wait_applied(self, generations: dict[str, float]) -> None:
+        for name, generation in generations.items():
+            agent = self.agents[name]
             deadline = time.monotonic() + 10
-            while agent.metrics()["synfleet_config_generation"] <= generations[name]:
+            while agent.metrics()["synfleet_config_generation"] <= generation:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name}'s agent did not apply its configuration:\n{agent.log()}")
                 time.sleep(0.05)

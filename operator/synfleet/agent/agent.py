@@ -299,6 +299,7 @@ class Agent:
 
     def _tick(self) -> None:
         self._last_tick = time.monotonic()
+        self._end_drains()
         status = self._salt_status()
         if status is None or status[0] == self.state.salt_epoch:
             return
@@ -311,6 +312,17 @@ class Agent:
             log.error("no salt for the current epoch: %s until the pool's master key covers it",
                       self._without_salt(), extra={"epoch": epoch,
                                                    "generations": [k.generation for k in self.config.salt_keys]})
+
+    def _end_drains(self) -> None:
+        """A previous backend whose drain period ended leaves the proxy's slots."""
+        dp = self.dataplane
+        if not isinstance(dp, ProxyDataplane) or self.config is None:
+            return
+        ends = dp.next_expiry()
+        if ends is not None and ends <= self._last_tick:
+            dp.apply(self.config)
+            log.info("drain periods ended", extra={"previous_backends": {
+                pid: sorted(map(str, named)) for pid, named in dp.previous_backends().items() if named}})
 
     def _without_salt(self) -> str:
         if self.config.failure_policy is schema.FailurePolicy.OPEN:

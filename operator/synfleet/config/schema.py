@@ -19,7 +19,9 @@ operator renders the same document into a ConfigMap. One schema for both.
         services: [{address: 198.19.0.10, port: 443}]
         cookie: {windowScale: 7, timestamps: true, ecn: true, sack: true, mtu: 1500}
         backends: [198.18.0.2, 198.18.0.3]      # proxies only
+        drainSeconds: 300            # proxies: a backend's flows follow it this long after a change
     allowedProxies: [198.18.0.1]     # backends only
+    peerBackends: [198.18.0.2, 198.18.0.3]      # backends only: who may hand on a flow (daisy chaining)
     saltKeys:                        # proxies only: the pool's master keys (synfleet.cookie.salts)
       - generation: 1
         fromEpoch: 29348812          # the first epoch whose salt it derives
@@ -43,6 +45,10 @@ from synfleet.cookie.salts import MasterKey
 API_VERSION = "synfleet.io/v1alpha1"
 KIND = "DataplaneConfig"
 
+
+# Long enough for most request/response connections to end, short enough that
+# a node leaving is gone within minutes (docs/dataplane.md, "Daisy chaining").
+DEFAULT_DRAIN_SECONDS = 300
 
 # Linux's own syncookie MSS tables (net/ipv4/syncookies.c, net/ipv6/syncookies.c).
 DEFAULT_MSS_V4 = [536, 1300, 1440, 1460]
@@ -184,6 +190,10 @@ class PolicyEntry(_Strict):
     services: list[ServiceEndpoint] = Field(min_length=1)
     cookie: Cookie = Field(default_factory=Cookie)
     backends: list[IPAddress] = Field(default_factory=list, max_length=MAX_BACKENDS)
+    drain_seconds: int = Field(DEFAULT_DRAIN_SECONDS, alias="drainSeconds", ge=0, le=86400,
+                               description="proxies: how long a backend that left the set (or whose "
+                                           "flows moved to a newcomer) still gets its established "
+                                           "flows, handed on by the new owner (0: never)")
 
     @field_validator("services")
     @classmethod
@@ -223,6 +233,9 @@ class DataplaneConfig(_Strict):
     policies: list[PolicyEntry] = Field(default_factory=list, max_length=MAX_POLICIES)
     allowed_proxies: list[IPAddress] = Field(default_factory=list, alias="allowedProxies",
                                              max_length=MAX_PROXIES)
+    peer_backends: list[IPAddress] = Field(default_factory=list, alias="peerBackends", max_length=MAX_BACKENDS,
+                                           description="backends: the pool's backend nodes, which may hand "
+                                                       "this node segments of flows it owned (daisy chaining)")
     salt_keys: list[SaltKeyEntry] = Field(default_factory=list, alias="saltKeys", max_length=MAX_SALT_KEYS)
     failure_policy: FailurePolicy = Field(FailurePolicy.OPEN, alias="failurePolicy")
 
@@ -253,6 +266,8 @@ class DataplaneConfig(_Strict):
                 raise ValueError(f"policies[{i}] (id {p.id}): a proxy needs the policy's backends")
         if self.allowed_proxies:
             raise ValueError("allowedProxies is for backends; remove it from a proxy's config")
+        if self.peer_backends:
+            raise ValueError("peerBackends is for backends; remove it from a proxy's config")
         if not self.salt_keys:
             raise ValueError("a proxy needs saltKeys (the pool's master key, one per generation)")
         by_generation = sorted(self.salt_keys, key=lambda k: k.generation)

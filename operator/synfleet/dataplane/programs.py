@@ -15,10 +15,11 @@ import socket
 import time
 
 from synfleet import abi
-from synfleet.abi import ConfigValue, Counter, Endpoint, PolicyValue, SaltValue, ServiceValue
+from synfleet.abi import ConfigValue, Counter, Endpoint, PolicyValue, RingSlotValue, SaltValue, ServiceValue
 from synfleet.bpf import BpfObject, Map, Program, TcHook, TypedMap, object_path
 from synfleet.config import schema
 from synfleet.dataplane.flow import maglev_table
+from synfleet.dataplane.generations import Previous, SlotTable, next_table
 
 # A packet holds the half it read for one program run (microseconds); the half
 # just left is not rewritten before this much time has passed.
@@ -179,7 +180,7 @@ class ProxyDataplane(Dataplane):
 
     program_name = "synfleet_proxy"
     object_name = "proxy"
-    MAPS = Dataplane.MAPS + ("salts", "protected_addrs", "backend_ring", "backends")
+    MAPS = Dataplane.MAPS + ("salts", "protected_addrs", "backend_slots", "backends")
     XDP_MAPS = Dataplane.MAPS + ("salts",)
     # ABI 4 keeps thousands of epochs ahead where ABI 3 kept four.
     OUTGROWN = Dataplane.OUTGROWN + ("salts",)
@@ -198,9 +199,12 @@ class ProxyDataplane(Dataplane):
             raise
         self.salts = TypedMap(self.obj.map("salts"), ctypes.c_uint32, SaltValue)
         self.protected_addrs = TypedMap(self.obj.map("protected_addrs"), Endpoint, ServiceValue)
-        self.ring = TypedMap(self.obj.map("backend_ring"), ctypes.c_uint32, ctypes.c_uint32)
+        self.slots = TypedMap(self.obj.map("backend_slots"), ctypes.c_uint32, RingSlotValue)
         self.backends = TypedMap(self.obj.map("backends"), ctypes.c_uint32, Endpoint)
         self._salt_slots: list[bytes] | None = None     # the salt map's slots as last written here
+        # Per policy id: the table the active half holds, and the one being written.
+        self._tables: dict[int, SlotTable] = {}
+        self._written: dict[int, SlotTable] = {}
 
     def close(self) -> None:
         self.xdp_obj.close()
@@ -231,19 +235,68 @@ class ProxyDataplane(Dataplane):
                 self.salts.put(_u32(slot), SaltValue.from_buffer_copy(want))
                 self._salt_slots[slot] = want
 
+    def apply(self, cfg: schema.DataplaneConfig) -> int:
+        slot = super().apply(cfg)
+        self._tables = self._written
+        return slot
+
+    def next_expiry(self) -> float | None:
+        """When a previous backend's drain period ends (time.monotonic()): apply
+        the configuration again then, and the slot stops naming it."""
+        now = time.monotonic()
+        ends = [e for t in self._tables.values() if (e := t.next_expiry(now)) is not None]
+        return min(ends) if ends else None
+
+    def previous_backends(self) -> dict[int, set]:
+        """Per policy id, the previous backends its slots still name."""
+        now = time.monotonic()
+        return {pid: {a for a in t.previous_at(now) if a} for pid, t in self._tables.items()}
+
+    def _table_in_maps(self, policy_id: int, drain_s: float, now: float) -> SlotTable | None:
+        """After a restart: the active half's table of a policy, as the previous
+        agent left it. Its drain periods start again (their ends were in the
+        previous agent's memory)."""
+        if "backend_slots" not in self.reused or not self.applied():
+            return None
+        half = self.active_slot()
+        base = (half * abi.MAX_POLICIES + policy_id) * abi.RING_SIZE
+        slots = [self.slots.get(_u32(base + i)) for i in range(abi.RING_SIZE)]
+        if any(s.current >= abi.MAX_BACKENDS for s in slots):
+            return None
+        known: dict[int, schema.IPAddress] = {}
+
+        def backend(index: int) -> schema.IPAddress:
+            if index not in known:
+                known[index] = self.backends.get(_u32(half * abi.MAX_BACKENDS + index)).address
+            return known[index]
+        return SlotTable(tuple(backend(s.current) for s in slots),
+                         tuple(Previous(backend(s.previous), now + drain_s)
+                               if s.previous < abi.MAX_BACKENDS else None for s in slots))
+
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
-        addresses = sorted({b for p in cfg.policies for b in p.backends}, key=_address_order)
-        index = {a: i for i, a in enumerate(addresses)}
-        for a, i in index.items():
-            self.backends.put(_u32(slot * abi.MAX_BACKENDS + i), Endpoint.of(a))
+        now = time.monotonic()
+        tables = {}
         for p in cfg.policies:
             # Sorted so that every proxy, whatever order its document lists the
             # backends in, builds the same table: a flow keeps its backend.
             members = sorted(p.backends, key=_address_order)
-            table = maglev_table([str(a) for a in members])
-            base = (slot * abi.MAX_POLICIES + p.id) * abi.RING_SIZE
-            for i, member in enumerate(table):
-                self.ring.put(_u32(base + i), _u32(index[members[member]]))
+            owners = [members[m] for m in maglev_table([str(a) for a in members])]
+            old = self._tables.get(p.id) or self._table_in_maps(p.id, p.drain_seconds, now)
+            tables[p.id] = next_table(old, owners, now, p.drain_seconds)
+        previous = {pid: t.previous_at(now) for pid, t in tables.items()}
+        addresses = sorted({a for t in tables.values() for a in t.current} |
+                           {a for named in previous.values() for a in named if a}, key=_address_order)
+        if len(addresses) > abi.MAX_BACKENDS:
+            raise ValueError(f"{len(addresses)} backends, current and previous: more than {abi.MAX_BACKENDS}")
+        index = {a: i for i, a in enumerate(addresses)}
+        for a, i in index.items():
+            self.backends.put(_u32(slot * abi.MAX_BACKENDS + i), Endpoint.of(a))
+        for pid, t in tables.items():
+            base = (slot * abi.MAX_POLICIES + pid) * abi.RING_SIZE
+            for i, (current, prev) in enumerate(zip(t.current, previous[pid])):
+                self.slots.put(_u32(base + i), RingSlotValue(index[current],
+                                                             index[prev] if prev else abi.RING_NONE))
+        self._written = tables
         _sync_keys(self.protected_addrs, slot, {
             _keyed(Endpoint.of(s.address), slot): ServiceValue(p.id)
             for p in cfg.policies for s in p.services})
@@ -253,15 +306,21 @@ class ProxyDataplane(Dataplane):
 class BackendDataplane(Dataplane):
     program_name = "synfleet_backend"
     object_name = "backend"
-    MAPS = Dataplane.MAPS + ("allowed_proxies",)
+    MAPS = Dataplane.MAPS + ("encap_sources",)
 
     def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
         super().__init__(pins, objects_dir)
-        self.allowed_proxies = TypedMap(self.obj.map("allowed_proxies"), Endpoint, ctypes.c_uint32)
+        self.encap_sources = TypedMap(self.obj.map("encap_sources"), Endpoint, ctypes.c_uint32)
 
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
-        _sync_keys(self.allowed_proxies, slot, {
-            _keyed(Endpoint.of(a), slot): _u32(1) for a in cfg.allowed_proxies})
+        kinds: dict[schema.IPAddress, int] = {}
+        for a in cfg.allowed_proxies:
+            kinds[a] = kinds.get(a, 0) | abi.SOURCE_PROXY
+        own = {cfg.node.addresses.ipv4, cfg.node.addresses.ipv6}
+        for a in cfg.peer_backends:
+            if a not in own:
+                kinds[a] = kinds.get(a, 0) | abi.SOURCE_PEER
+        _sync_keys(self.encap_sources, slot, {_keyed(Endpoint.of(a), slot): _u32(k) for a, k in kinds.items()})
         super()._write_half(cfg, slot)
 
 
