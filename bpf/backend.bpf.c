@@ -40,6 +40,7 @@ struct seg {
 	__u32 optlen;
 	__u32 seq;
 	__u32 cookie;
+	__u32 data_len;
 	__u8 flags;
 	__u8 family;
 };
@@ -127,6 +128,7 @@ static __noinline int seg_load_v4(struct __sk_buff *skb, struct seg *s, __u32 l3
 	tot_len = bpf_ntohs(ip->tot_len);
 	if (tot_len < ihl + tcp->doff * 4 || tot_len > skb->len - l3_off)
 		return SEG_MALFORMED;
+	s->data_len = tot_len - ihl - tcp->doff * 4;
 	s->family = SF_FAMILY_IPV4;
 	s->tuple.ipv4.saddr = ip->saddr;
 	s->tuple.ipv4.daddr = ip->daddr;
@@ -155,6 +157,7 @@ static __noinline int seg_load_v6(struct __sk_buff *skb, struct seg *s, __u32 l3
 	payload_len = bpf_ntohs(ip6->payload_len);
 	if (payload_len < tcp->doff * 4 || payload_len > skb->len - l3_off - sizeof(*ip6))
 		return SEG_MALFORMED;
+	s->data_len = payload_len - tcp->doff * 4;
 	s->family = SF_FAMILY_IPV6;
 	__builtin_memcpy(s->tuple.ipv6.saddr, &ip6->saddr, 16);
 	__builtin_memcpy(s->tuple.ipv6.daddr, &ip6->daddr, 16);
@@ -649,6 +652,7 @@ static __noinline int chain(struct __sk_buff *skb, const struct sf_config *cfg,
 	struct bpf_redir_neigh nh = {};
 	__u8 flags = o->hdr.flags | SF_ENCAP_F_CHAINED;
 	int failed;
+	long rc;
 
 	if (o->source.family == SF_FAMILY_IPV4)
 		failed = chain_readdress_v4(skb, cfg, o, &fib);
@@ -659,7 +663,15 @@ static __noinline int chain(struct __sk_buff *skb, const struct sf_config *cfg,
 		return drop(SF_CTR_CHAIN_FAILED);
 	fib.l4_protocol = IPPROTO_UDP;
 	fib.ifindex = skb->ifindex;
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS)
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+		/* A backend need not forward (the helper insists on it): out of the
+		 * interface it came in on, routed by the kernel, as the reset of
+		 * tw_refuse() goes. */
+		count(SF_CTR_CHAINED);
+		return bpf_redirect_neigh(skb->ifindex, NULL, 0, 0);
+	}
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return drop(SF_CTR_CHAIN_FAILED);
 	nh.nh_family = fib.family;
 	__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, sizeof(nh.ipv6_nh));
@@ -667,19 +679,25 @@ static __noinline int chain(struct __sk_buff *skb, const struct sf_config *cfg,
 	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 }
 
-/* A segment its proxy sent with the flow's previous backend: handed on when it
- * belongs to a flow that started there (no socket here, not a handshake). */
+/* A segment its proxy sent with the flow's previous backend: handed on when
+ * the flow may have started there: no socket here, and not a handshake. The
+ * handshake is a SYN, or a validated ACK without data: it starts the flow
+ * here. A validated segment with data (or a FIN) may follow a handshake ACK
+ * that the previous table sent to the previous backend: it goes there, which
+ * starts the flow itself if that ACK was lost. */
 static __always_inline bool chain_wanted(struct __sk_buff *skb, const struct encap_outer *o,
 					 __u16 inner_proto)
 {
 	struct seg s = {};
 
 	if (o->hdr.version != SF_ENCAP_VERSION_PREVIOUS ||
-	    (o->hdr.flags & (SF_ENCAP_F_CHAINED | SF_ENCAP_F_VALIDATED | SF_ENCAP_F_UNGUARDED)))
+	    (o->hdr.flags & (SF_ENCAP_F_CHAINED | SF_ENCAP_F_UNGUARDED)))
 		return false;
 	if (seg_load(skb, inner_proto, &s, sizeof(struct ethhdr) + o->len))
 		return false;
 	if (s.flags & TCP_FLAG_SYN)
+		return false;
+	if ((o->hdr.flags & SF_ENCAP_F_VALIDATED) && !s.data_len && !(s.flags & TCP_FLAG_FIN))
 		return false;
 	return !seg_has_socket(skb, &s);
 }

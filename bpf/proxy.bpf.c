@@ -485,8 +485,9 @@ static __noinline int encap_push_v6(struct __sk_buff *skb, const struct pkt *p,
 
 /* The flow's previous backend, when its slot names one that can take it: a
  * segment of a flow that may have started before the last change of the
- * backend set (not a SYN, not the handshake's validated ACK), and a backend
- * of the current one's family (the header carries one kind of address). */
+ * backend set (anything but a SYN; the backend tells a handshake's ACK from a
+ * flow's later segments), and a backend of the current one's family (the
+ * header carries one kind of address). */
 static __always_inline const struct sf_endpoint *previous_backend(const struct pkt *p,
 								  const struct sf_ring_slot *rs,
 								  const struct sf_endpoint *be,
@@ -497,7 +498,7 @@ static __always_inline const struct sf_endpoint *previous_backend(const struct p
 
 	if (rs->previous >= SF_MAX_BACKENDS || rs->previous == rs->current)
 		return NULL;
-	if ((p->flags & TCP_FLAG_SYN) || (p->encap_flags & SF_ENCAP_F_VALIDATED))
+	if (p->flags & TCP_FLAG_SYN)
 		return NULL;
 	slot = half * SF_MAX_BACKENDS + rs->previous;
 	prev = bpf_map_lookup_elem(&backends, &slot);

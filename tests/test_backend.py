@@ -156,13 +156,25 @@ def test_a_segment_of_a_flow_this_node_has_no_socket_for_goes_on_to_the_previous
 @pytest.mark.parametrize("flags, inner_flags", [
     (ENCAP_F_VALIDATED, "A"), (ENCAP_F_UNGUARDED, "S"), (0, "S")], ids=["validated-ack", "unguarded-syn", "syn"])
 def test_handshakes_are_never_handed_on(backend, flags, inner_flags):
-    """A validated ACK or a SYN starts a flow here, whatever its slot was before."""
+    """A validated ACK without data, or a SYN, starts a flow here, whatever its slot was before."""
     client, service = addr_pair(4)
     inner = tcp_frame(client, service, 1000, PORT_FULL, flags=inner_flags, seq=5, ack=6)
     run, counted = delta(backend, encapsulated(inner, PROXY_V4, BACKEND_V4, POLICY_FULL.id, flags,
                                                previous=PEER_V4))
     assert Counter.CHAINED not in counted and Counter.DECAPSULATED in counted
     assert run.data[14:] == inner[14:] or run.retval == TC_ACT_SHOT
+
+
+@pytest.mark.parametrize("flags", ["PA", "FA"], ids=["data", "fin"])
+def test_a_validated_segment_with_data_goes_where_its_handshake_may_have_gone(backend, flags):
+    """Right after a change, the handshake's ACK may have reached the previous
+    backend by the old table, and the client's next segment still validates."""
+    client, service = addr_pair(4)
+    inner = tcp_frame(client, service, 1000, PORT_FULL, flags=flags, seq=5, ack=6, payload=b"GET /")
+    run, counted = delta(backend, encapsulated(inner, PROXY_V4, BACKEND_V4, POLICY_FULL.id, ENCAP_F_VALIDATED,
+                                               previous=PEER_V4))
+    assert (run.retval, counted) == (TC_ACT_REDIRECT, {Counter.CHAINED: 1})
+    assert decode_encap(run.data)["flags"] == ENCAP_F_VALIDATED | ENCAP_F_CHAINED
 
 
 @pytest.mark.parametrize("outer", OUTERS, ids=["outer4", "outer6"])

@@ -10,7 +10,7 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 
@@ -261,11 +261,13 @@ def test_after_a_backend_change_a_flow_names_its_previous_backend_until_the_drai
     assert (str(sent["outer"].dst), sent["version"], sent["previous"]) == (PEER_V4, 2, BACKEND_V4)
     assert sent["inner"] == established[14:] and sent["outer"].len == len(established) - 14 + 20 + 8 + 4 + 4
     assert counted[Counter.PREVIOUS_NAMED] == 1 and counted[Counter.FORWARDED] == 1
-    # The handshake's validated ACK starts the flow on the current backend: nothing to name.
+    # A validated ACK names it too: the backend tells a handshake from a flow's later segments.
     epoch = tai_epoch()
     cookie = cookie_make(salts[epoch], epoch, FourTuple(client, service, 40001, PORT_FULL), 99, ATTRS)
     handshake = decode_encap(dp.program.test_run(handshake_ack(4, 40001, 99, cookie)).data)
-    assert (handshake["version"], handshake["flags"], handshake["previous"]) == (1, ENCAP_F_VALIDATED, None)
+    assert (handshake["version"], handshake["flags"], handshake["previous"]) == (2, ENCAP_F_VALIDATED, BACKEND_V4)
+    syn = dp.program.test_run(tcp_frame(client, service, 40002, PORT_FULL, flags="S", seq=1))
+    assert syn.retval == TC_ACT_REDIRECT and Ether(syn.data)[TCP].flags == "SA"   # answered, never forwarded
     # The drain period ends: applied again (the agent does it at next_expiry()), the slot names no one.
     ends = dp.next_expiry()
     assert ends is not None
