@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -407,6 +408,59 @@ def test_backend_nodes_joining_failing_and_leaving_rerender_the_proxies(fleet):
     fleet.kubectl("delete", "node", "edge-3")
     wait_for(lambda: "10.0.0.3" not in configmap_document(fleet, "synfleet-backend-web")["allowedProxies"],
              "the removed proxy node no longer allowed", timeout=KUBE_TIMEOUT_S)
+
+def test_a_backend_node_cordoned_marked_or_relabelled_out_drains_and_the_pool_says_until_when(fleet):
+    """It takes no new connection at once (out of the proxies' tables); its
+    established flows reach it for the pool's drainSeconds (the proxies'
+    previous generation, tests/test_backend_changes.py); the BackendPool
+    lists it with the reason and the end of its drain."""
+    apply(fleet, backend_pool("web", drainSeconds=120), web_policy("drain", addresses=["203.0.113.60"]))
+    add_node(fleet, "web-3", ["10.0.1.3", "fd00:1::3"], **{"synfleet.io/backend": "web"})
+    add_agent_pod(fleet, "backend", "web", "web-3", ready=True)
+    report_rollout(fleet, "synfleet-backend-web", ready=3, desired=3)
+    entry = lambda: next((p for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]  # noqa: E731
+                          if p["name"] == f"{APP_NS}/drain"), {})
+    pool_status = lambda: get(fleet, "backendpool", "web", None).get("status") or {}  # noqa: E731
+    wait_for(lambda: entry().get("backends") == ["10.0.1.1", "10.0.1.2", "10.0.1.3"], "web-3 a member",
+             timeout=KUBE_TIMEOUT_S)
+    assert entry()["drainSeconds"] == 120
+    assert configmap_document(fleet, "synfleet-backend-web")["peerBackends"] == ["10.0.1.1", "10.0.1.2", "10.0.1.3"]
+    wait_for(lambda: pool_status().get("members") == ["web-1", "web-2", "web-3"], "the members in the status",
+             timeout=KUBE_TIMEOUT_S)
+    try:
+        for how, undo, reason in [
+                (["cordon", "web-3"], ["uncordon", "web-3"], "Cordoned"),
+                (["annotate", "node", "web-3", "synfleet.io/draining=true"],
+                 ["annotate", "node", "web-3", "synfleet.io/draining-"], "Marked"),
+                (["label", "node", "web-3", "node.kubernetes.io/exclude-from-external-load-balancers="],
+                 ["label", "node", "web-3", "node.kubernetes.io/exclude-from-external-load-balancers-"],
+                 "ExcludedFromLoadBalancers"),
+                (["label", "node", "web-3", "synfleet.io/backend-"],
+                 ["label", "node", "web-3", "synfleet.io/backend=web"], "LeftPool")]:
+            fleet.kubectl(*how)
+            wait_for(lambda: entry().get("backends") == ["10.0.1.1", "10.0.1.2"], f"{reason}: out of the tables",
+                     timeout=KUBE_TIMEOUT_S)
+            drained = wait_for(lambda: pool_status().get("draining"), f"{reason}: the drain in the status",
+                               timeout=KUBE_TIMEOUT_S)
+            assert [(d["node"], d["reason"]) for d in drained] == [("web-3", reason)], drained
+            since, until = (datetime.fromisoformat(drained[0][k].replace("Z", "+00:00")) for k in ("since", "until"))
+            assert (until - since).total_seconds() == 120
+            assert pool_status()["members"] == ["web-1", "web-2"]
+            peers = configmap_document(fleet, "synfleet-backend-web")["peerBackends"]
+            # A node still in the pool may still be handed flows by its peers, and hand them on.
+            assert ("10.0.1.3" in peers) == (reason != "LeftPool")
+            fleet.kubectl(*undo)
+            wait_for(lambda: entry().get("backends") == ["10.0.1.1", "10.0.1.2", "10.0.1.3"], f"{reason} undone",
+                     timeout=KUBE_TIMEOUT_S)
+            wait_for(lambda: not pool_status().get("draining") or reason == "LeftPool",
+                     f"{reason} undone: no drain", timeout=KUBE_TIMEOUT_S)
+    finally:
+        fleet.kubectl("delete", "spp", "drain", "-n", APP_NS)
+        fleet.kubectl("delete", "node", "web-3")
+        fleet.kubectl("delete", "pod", "synfleet-backend-web-web-3", "-n", NAMESPACE, "--grace-period=0", "--force")
+        apply(fleet, backend_pool("web"))
+        report_rollout(fleet, "synfleet-backend-web", ready=2, desired=2)
+
 
 def test_policy_naming_a_missing_service_is_degraded_with_the_reason_and_recovers(fleet):
     apply(fleet, spp("checkout", service={"name": "checkout"}, ports=[443], proxyPool="edge", backendPool="web"))

@@ -24,6 +24,11 @@ NODE_AGENT_KIND = "NodeAgent"     # one per (pool, node), written by that node's
 LABEL_POOL = "synfleet.io/pool"
 LABEL_ROLE = "synfleet.io/role"
 LABEL_NODE = "synfleet.io/node"
+# A backend node marked so takes no new connection and keeps its established
+# ones for its pool's drainSeconds (as a cordoned one, or one with Kubernetes'
+# own exclusion label, which MetalLB and cloud load balancers honour too).
+ANNOTATION_DRAINING = "synfleet.io/draining"
+LABEL_EXCLUDE_FROM_LB = "node.kubernetes.io/exclude-from-external-load-balancers"
 
 CONFIG_KEY = "dataplane.yaml"     # the pool's ConfigMap: the document minus node addresses and salts
 # Also in the pool's ConfigMap, once the pool is being deleted: why. Every agent

@@ -23,6 +23,7 @@ from synfleet.resources.dataplane import (
     NodeInfo,
     Problem,
     configmap,
+    members,
     proxy_nodes_in,
     ready_agent_nodes,
     render,
@@ -31,7 +32,7 @@ from synfleet.resources.dataplane import (
 )
 from synfleet.resources.lifecycle import AgentReport
 from synfleet.resources.model import Pool, SynProxyPolicy
-from synfleet.resources.status import Rollout, policy_status, pool_status
+from synfleet.resources.status import Rollout, drain_report, policy_status, pool_status
 
 log = logging.getLogger("synfleet.operator")
 
@@ -238,12 +239,16 @@ class Reconciler:
                     for key in pools}
         generations = {name: self._generation_in_force(pool) for (role, name), pool in pools.items()
                        if role is Role.PROXY}
+        now = datetime.now(timezone.utc)
         for key, pool in pools.items():
             obj = pool_objs[key]
             shared = proxy_nodes_in(pool, view) if pool.role is Role.BACKEND else []
-            self._report(obj, pool_status(pool, rollouts[key], problems.get(key), _conditions(obj),
-                                          generations.get(pool.name), shared),
-                         problems.get(key) is not None or bool(shared))
+            status = pool_status(pool, rollouts[key], problems.get(key), _conditions(obj),
+                                 generations.get(pool.name), shared)
+            if pool.role is Role.BACKEND:
+                status |= drain_report(pool, [n for n in view.nodes if selects(pool, n)], members(pool, view),
+                                       obj.get("status") or {}, now)
+            self._report(obj, status, problems.get(key) is not None or bool(shared))
 
         ready_count = {"True": 0, "False": 0}
         for p in view.policies:

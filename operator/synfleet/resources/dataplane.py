@@ -35,6 +35,7 @@ class NodeInfo:
     ipv4: str | None
     ipv6: str | None
     ready: bool
+    draining: str | None = None     # why it takes no new connection (a DrainEntry reason), or None
 
     @classmethod
     def from_object(cls, node: dict) -> "NodeInfo":
@@ -46,9 +47,11 @@ class NodeInfo:
             by_family[family] = by_family[family] or a
         ready = any(c.get("type") == "Ready" and c.get("status") == "True"
                     for c in (node.get("status") or {}).get("conditions") or [])
-        return cls(name=node["metadata"]["name"], labels=dict(node["metadata"].get("labels") or {}),
+        labels = dict(node["metadata"].get("labels") or {})
+        return cls(name=node["metadata"]["name"], labels=labels,
                    ipv4=by_family[4], ipv6=by_family[6],
-                   ready=ready and not node["metadata"].get("deletionTimestamp"))
+                   ready=ready and not node["metadata"].get("deletionTimestamp"),
+                   draining=_draining(node, labels))
 
     @property
     def addresses(self) -> list[str]:
@@ -58,6 +61,16 @@ class NodeInfo:
     def addresses_document(self) -> dict[str, str]:
         """node.addresses as this node's agent fills it in."""
         return {k: v for k, v in (("ipv4", self.ipv4), ("ipv6", self.ipv6)) if v}
+
+
+def _draining(node: dict, labels: dict[str, str]) -> str | None:
+    if (node.get("spec") or {}).get("unschedulable"):
+        return "Cordoned"
+    if contract.LABEL_EXCLUDE_FROM_LB in labels:
+        return "ExcludedFromLoadBalancers"
+    if (node["metadata"].get("annotations") or {}).get(contract.ANNOTATION_DRAINING) == "true":
+        return "Marked"
+    return None
 
 
 def ready_agent_nodes(pods: list[dict]) -> dict[str, set[str]]:
@@ -120,6 +133,15 @@ class ClusterView:
             for a in service_addresses(svc, ["LoadBalancer", "ExternalIP", "ClusterIP"]):
                 owners.setdefault(str(ipaddress.ip_address(a)), set()).add(namespace)
         return owners
+
+
+def members(backend_pool: Pool, view: "ClusterView") -> list[NodeInfo]:
+    """The nodes new connections of the pool's policies may go to: selected,
+    Ready, with an address and a Ready agent (only those accept a validated
+    handshake), and not draining."""
+    agents = view.ready_backend_agents.get(backend_pool.name, set())
+    return [n for n in view.nodes if selects(backend_pool, n) and n.ready and n.addresses
+            and n.name in agents and not n.draining]
 
 
 @dataclass
@@ -197,9 +219,7 @@ def _resolve(p: SynProxyPolicy, view: ClusterView, pools: dict[tuple[Role, str],
             return Problem("Forbidden", f"{POOL_KINDS[role]} {pool_name!r} does not admit namespace "
                                         f"{p.namespace!r} (its spec.allowedNamespaces)")
     backend_pool = pools[(Role.BACKEND, p.spec.backend_pool)]
-    agents = view.ready_backend_agents.get(backend_pool.name, set())
-    backends = [n for n in view.nodes
-                if selects(backend_pool, n) and n.ready and n.addresses and n.name in agents]
+    backends = members(backend_pool, view)
     addresses = list(p.spec.addresses)
     if p.spec.service is not None:
         svc = view.services.get((p.namespace, p.spec.service.name))
@@ -216,8 +236,8 @@ def _resolve(p: SynProxyPolicy, view: ClusterView, pools: dict[tuple[Role, str],
     if refused is not None:
         return refused
     if not backends:
-        return Problem("NoBackends", f"no Ready node of BackendPool {backend_pool.name!r} with a Ready agent "
-                                     f"{'hosts an endpoint' if p.spec.service else 'has an address'}")
+        return Problem("NoBackends", f"no Ready, undrained node of BackendPool {backend_pool.name!r} with a "
+                                     f"Ready agent {'hosts an endpoint' if p.spec.service else 'has an address'}")
     return addresses, backends
 
 
@@ -258,7 +278,8 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
                   "cookie": p.spec.cookie.model_dump(mode="json", by_alias=True)}
         # One outer address per backend node; the outer family need not match the inner.
         entries[(Role.PROXY, p.spec.proxy_pool)].append(
-            {**common, "backends": [n.ipv4 or n.ipv6 for n in backends]})
+            {**common, "backends": [n.ipv4 or n.ipv6 for n in backends],
+             "drainSeconds": pools[(Role.BACKEND, p.spec.backend_pool)].spec.drain_seconds})
         entries[(Role.BACKEND, p.spec.backend_pool)].append(common)
         proxy_sources.setdefault(p.spec.backend_pool, set()).add(p.spec.proxy_pool)
         outcomes[p.key] = PolicyOutcome(pid, addresses, len(backends))
@@ -280,6 +301,9 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
                               if (Role.PROXY, proxy) in pools and selects(pools[(Role.PROXY, proxy)], n)
                               for a in n.addresses}, key=lambda a: (ipaddress.ip_address(a).version, a))
             doc["allowedProxies"] = sources
+            # Every node of the pool, draining or not: any may hand another a flow it owned.
+            doc["peerBackends"] = sorted({n.ipv4 or n.ipv6 for n in view.nodes if selects(pool, n) and n.addresses},
+                                         key=lambda a: (ipaddress.ip_address(a).version, a))
         configs[(role, name)] = doc
     return Rendered(configs=configs, policies=outcomes)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from synfleet.config.schema import Attach, Cookie, FailurePolicy, Mode, Role
+from synfleet.config.schema import DEFAULT_DRAIN_SECONDS, Attach, Cookie, FailurePolicy, Mode, Role
 from synfleet.contract import POOL_KINDS
 
 
@@ -74,6 +74,7 @@ class PoolSpec(_Spec):
     priority_class_name: str = Field("system-node-critical", alias="priorityClassName")
     metrics_port: int = Field(9478, alias="metricsPort")
     metrics_address: MetricsAddress = Field(MetricsAddress.NODE_IP, alias="metricsAddress")
+    drain_seconds: int = Field(DEFAULT_DRAIN_SECONDS, alias="drainSeconds")       # backend pools only
     attach: Attach = Field(default_factory=Attach)
     salt: SaltSpec = Field(default_factory=SaltSpec)       # proxy pools only (the CRD has no salt for backends)
     failure_policy: FailurePolicy = Field(FailurePolicy.OPEN, alias="failurePolicy")     # proxy pools only

@@ -4,9 +4,10 @@ observedGeneration and node counts, from what the operator observed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from synfleet.contract import condition
-from synfleet.resources.dataplane import PolicyOutcome, Problem
+from synfleet.resources.dataplane import NodeInfo, PolicyOutcome, Problem
 from synfleet.resources.model import Pool, SynProxyPolicy
 
 
@@ -42,6 +43,38 @@ class Rollout:
     @property
     def complete(self) -> bool:
         return self.current and self.desired > 0 and self.ready == self.desired == self.updated
+
+
+def _timestamp(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def drain_report(pool: Pool, selected: list[NodeInfo], members: list[NodeInfo], previous: dict,
+                 now: datetime) -> dict:
+    """A backend pool's `members` (where new connections go) and `draining`
+    nodes, each with why and until when its established flows still reach it
+    (the proxies' previous generation: docs/dataplane.md). A node that left
+    the pool (label removed, deleted) is listed until its drain period ends;
+    one that is cordoned or marked, for as long as it is. `since` survives
+    from the previous status, so a drain is timed from when it was first seen."""
+    period = timedelta(seconds=pool.spec.drain_seconds)
+    before = {e["node"]: e for e in previous.get("draining") or []}
+
+    def entry(node: str, reason: str) -> dict:
+        earlier = before.get(node)
+        since = earlier["since"] if earlier and earlier["reason"] == reason else _timestamp(now)
+        until = datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) + period
+        return {"node": node, "reason": reason, "since": since, "until": _timestamp(until)}
+
+    here = {n.name for n in selected}
+    draining = [entry(n.name, n.draining) for n in selected if n.draining]
+    gone = (set(previous.get("members") or []) | {e["node"] for e in before.values() if e["reason"] == "LeftPool"}) - here
+    for node in sorted(gone):
+        left = entry(node, "LeftPool")
+        if left["until"] > _timestamp(now):
+            draining.append(left)
+    return {"members": sorted(n.name for n in members),
+            "draining": sorted(draining, key=lambda e: e["node"])}
 
 
 def pool_status(pool: Pool, rollout: Rollout, problem: Problem | None, previous: list[dict] | None,
