@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import require_bpf, require_kube
 from synfleet.bpf.links import tcx_programs
@@ -73,7 +74,7 @@ def installed(cluster):
                  "--set", f"image.repository={operator_repo}", "--set", f"image.tag={operator_tag}",
                  "--set", f"agentImage.repository={agent_repo}", "--set", f"agentImage.tag={agent_tag}")
     cluster.kubectl("label", "node", *PROXY_NODES, "synfleet.io/proxy=edge")
-    cluster.kubectl("label", "node", *BACKEND_NODES, "synfleet.io/backend=web")
+    cluster.kubectl("label", "node", *BACKEND_NODES, "synfleet.io/backend=web", "shop.example/web=true")
     cluster.kubectl("apply", "-f", str(MANIFESTS / "synfleet.yaml"))
     cluster.kubectl("apply", "-f", str(MANIFESTS / "web.yaml"))
     wait_until(lambda: cluster.kubectl("wait", "--for=condition=Ready", "--timeout=5s", "proxypool/edge",
@@ -299,6 +300,56 @@ def test_a_rolling_restart_of_the_agents_loses_no_transfer_and_no_handshake(inst
                               timeout=READY_S + 10)
         assert downloaded(download) == BIG
     assert len(clients.results) >= 50 and not clients.failures(), clients.failures()[:5]
+
+
+def established_on(cluster: LabCluster, node: str) -> int:
+    """Established connections of the web service on `node`."""
+    return len(cluster.nodes[node].run("ss", "-Htn", "state", "established", "( sport = :80 )").splitlines())
+
+
+def proxy_backends(cluster: LabCluster) -> list[str]:
+    doc = yaml.safe_load(json.loads(cluster.kubectl(
+        "get", "configmap", "-n", NAMESPACE, "synfleet-proxy-edge", "-o", "json").stdout)["data"]["dataplane.yaml"])
+    return doc["policies"][0]["backends"]
+
+
+def test_a_backend_node_leaving_the_pool_and_returning_loses_no_transfer(installed):
+    """Daisy chaining in the real cluster: backend-1, relabelled out of the
+    BackendPool, takes no new request but its transfers complete (backend-2,
+    now their slots' owner, hands their segments back); relabelled in again,
+    it joins and nothing is lost either."""
+    leaving, staying = BACKEND_NODES
+    size = 16 << 20
+    downloads = [installed.namespace("client").popen(
+        "curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", "-r", f"0-{size - 1}", "--limit-rate", "1M",
+        "--max-time", "120", f"http://{SERVICE_ADDRESS}/big", stdout=subprocess.PIPE, text=True)
+        for _ in range(12)]                 # 16 s each
+    time.sleep(2)
+    assert established_on(installed, leaving) >= 1, "no transfer on the node that leaves"
+    chained_before = agent_counters(installed, (staying,)).get("chained", 0)
+    try:
+        with Clients(installed, pause_s=0.1) as clients:
+            installed.kubectl("label", "node", leaving, "synfleet.io/backend-")
+            wait_until(lambda: proxy_backends(installed) == [installed.node_address(staying)],
+                       "the proxies' table without the leaving node", 60, 0.2)
+            drained_at = time.monotonic()
+            draining = json.loads(installed.kubectl("get", "backendpool", "web", "-o", "json").stdout)["status"]
+            time.sleep(3)
+            returning_at = time.monotonic()
+            installed.kubectl("label", "node", leaving, "synfleet.io/backend=web")
+            wait_until(lambda: len(proxy_backends(installed)) == 2, "the node back in the proxies' table", READY_S, 1)
+        sizes = [downloaded(d) for d in downloads]
+    finally:
+        installed.kubectl("label", "node", leaving, "synfleet.io/backend=web", "--overwrite")
+    assert sizes == [size] * 12
+    assert len(clients.results) >= 30 and not clients.failures(), clients.failures()[:5]
+    # Applied on the proxies within a second of the ConfigMap: no new request went to the drained node.
+    during = {body for t, ok, body in clients.results if drained_at + 1 <= t <= returning_at}
+    assert during == {staying}, during
+    assert [(d["node"], d["reason"]) for d in draining.get("draining", [])] == [(leaving, "LeftPool")]
+    assert agent_counters(installed, (staying,)).get("chained", 0) > chained_before
+    installed.kubectl("rollout", "status", "-n", NAMESPACE, "daemonset/synfleet-backend-web",
+                      f"--timeout={READY_S}s", timeout=READY_S + 10)
 
 
 def test_clients_keep_connecting_with_the_operator_scaled_to_zero_for_five_epochs(installed):
