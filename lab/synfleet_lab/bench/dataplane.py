@@ -20,6 +20,7 @@ from synfleet_lab.testbed.configs import SERVICE_PORT as PORT
 from synfleet_lab.testbed.lab import proxy_node_namespace
 
 NODE_V4, NODE_V6, BACKEND_V4 = "198.18.0.1", "2001:db8:18::1", "198.18.0.2"
+PEER_V4 = "198.18.0.3"      # the backend a flow had before a change of the backend set
 CLIENT, SERVICE = "198.18.1.7", "198.19.0.10"
 ROTATION_S = 3600
 TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
@@ -94,13 +95,25 @@ def cases(salt: bytes, epoch: int) -> list[Case]:
                       frames.ts_option(1050, 2050), payload=bytes(100))
     encap = frames.udp_encap(NODE_V4, BACKEND_V4, 50000, ENCAP_PORT,
                              struct.pack("!BBH", 1, 0, 1) + data[14:])
+    # Version 2, naming the flow's previous backend: this node has no socket for it.
+    chained = frames.udp_encap(NODE_V4, BACKEND_V4, 50000, ENCAP_PORT,
+                               struct.pack("!BBH4s", 2, 0, 1, ipaddress.ip_address(PEER_V4).packed) + data[14:])
     return [
         Case("proxy_syn_ns", "proxy SYN -> SYN+ACK", "proxy", syn, TC_ACT_REDIRECT),
         Case("proxy_ack_ns", "proxy ACK validate + encapsulate", "proxy", ack, TC_ACT_REDIRECT, False),
         Case("proxy_passthrough_ns", "proxy established data, encapsulated", "proxy", data, TC_ACT_REDIRECT,
              False),
         Case("backend_decap_ns", "backend decapsulation", "backend", encap, TC_ACT_OK),
+        Case("backend_chain_ns", "backend hands a flow on to its previous backend", "backend", chained,
+             TC_ACT_REDIRECT),
     ]
+
+
+def after_a_change(salt: bytes, epoch: int) -> list[Case]:
+    """Paths once the backend set changed: every slot names a previous backend."""
+    ack = next(c for c in cases(salt, epoch) if c.key == "proxy_ack_ns")
+    return [Case("proxy_ack_previous_ns", "proxy ACK validate + encapsulate, naming the previous backend",
+                 "proxy", ack.frame, TC_ACT_REDIRECT, False)]
 
 
 def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
@@ -111,14 +124,18 @@ def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
     with proxy_node_namespace(NODE_V4, NODE_V6):
         with ProxyDataplane() as proxy, BackendDataplane() as backend:
             common = dict(node_v6=NODE_V6, services={4: SERVICE}, rotation_s=ROTATION_S)
-            proxy.apply(testbed_config("proxy", interfaces=["sf0"], node_v4=NODE_V4,
-                                       backends={4: [BACKEND_V4]}, salt_keys=[key], **common))
+            proxy_config = lambda backend: testbed_config(  # noqa: E731
+                "proxy", interfaces=["sf0"], node_v4=NODE_V4, backends={4: [backend]}, salt_keys=[key], **common)
+            proxy.apply(proxy_config(BACKEND_V4))
             backend.apply(testbed_config("backend", interfaces=["sf0"], node_v4=BACKEND_V4,
-                                         allowed_proxies=[NODE_V4], **common))
+                                         allowed_proxies=[NODE_V4], peer_backends=[PEER_V4], **common))
             proxy.set_salts({epoch: salt})
             harness = Harness(proxy.program, backend.program)
             results = {c.key: min(harness.measure(c, repeat) for _ in range(rounds))
                        for c in cases(salt, epoch)}
+            proxy.apply(proxy_config(PEER_V4))
+            results |= {c.key: min(harness.measure(c, repeat) for _ in range(rounds))
+                        for c in after_a_change(salt, epoch)}
     return results | {"repeat": repeat, "kernel": platform.release(), "cpu": _cpu_model()}
 
 
