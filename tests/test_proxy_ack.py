@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
+import shutil
 import socket
 import time
 
@@ -293,3 +295,26 @@ def test_a_backend_that_keeps_its_slots_names_no_previous_one(changing_proxy):
         assert sent["previous"] == (BACKEND_V4 if moved else None)
         named += moved
     assert 60 < named < 140    # about half the slots went to the newcomer
+
+
+def test_a_restarted_agent_keeps_naming_the_previous_backends_its_pinned_table_holds(unit_netns, salts):
+    """The drain periods were in the previous agent's memory: they start again,
+    the previous backends stay named."""
+    pins = f"/sys/fs/bpf/synfleet-test-{secrets.token_hex(3)}"
+    os.mkdir(pins)
+    try:
+        with ProxyDataplane() as before:
+            before.apply(with_backends([BACKEND_V4]))
+            before.apply(with_backends([PEER_V4]))
+            before.pin_maps(pins)
+        with ProxyDataplane(pins) as after:
+            assert "backend_slots" in after.reused
+            after.set_salts(salts)
+            after.apply(with_backends([PEER_V4]))
+            assert after.previous_backends() == {pid: {ipaddress.ip_address(BACKEND_V4)} for pid in (1, 2, 3)}
+            client, service = addr_pair(4)
+            sent = decode_encap(after.program.test_run(
+                tcp_frame(client, service, 40000, PORT_FULL, flags="A", seq=5, ack=6)).data)
+            assert (str(sent["outer"].dst), sent["previous"]) == (PEER_V4, BACKEND_V4)
+    finally:
+        shutil.rmtree(pins)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import yaml
@@ -27,7 +27,7 @@ from synfleet.resources.dataplane import (
     validate_for_nodes,
 )
 from synfleet.resources.model import Pool, SynProxyPolicy
-from synfleet.resources.status import Rollout, policy_status, pool_status
+from synfleet.resources.status import Rollout, drain_report, policy_status, pool_status
 
 SETTINGS = OperatorSettings(namespace="synfleet-system", agent_image="ghcr.io/synfleet/agent:0.1.0")
 
@@ -239,6 +239,9 @@ def test_policy_renders_into_both_pools_with_backends_and_allowed_proxies():
     assert proxy_doc["failurePolicy"] == "open" and "failurePolicy" not in backend_doc
     assert backend_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080}
     assert out.policies["shop/web"].backends == 2 and out.policies["shop/web"].problem is None
+    # Daisy chaining: how long a flow follows its old backend, and who may hand flows on.
+    assert entry["drainSeconds"] == 300
+    assert backend_doc["peerBackends"] == ["10.0.1.1", "10.0.1.2", "10.0.1.3"]
 
     cfg = agent_document(proxy_doc, "10.0.0.1", "fd00::1", salts.rotate([], 5, MINUTE, DAY))
     assert cfg.role is schema.Role.PROXY and cfg.node.addresses.ipv4.compressed == "10.0.0.1"
@@ -427,6 +430,53 @@ def test_pool_matching_no_node_is_not_ready_and_says_why():
     st = pool_status(WEB, Rollout(desired=0, current=True), None, [])
     ready = next(c for c in st["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "NoNodes" and "tier" in ready["message"]
+
+
+def drained(name: str, *addresses: str, spec: dict | None = None, labels: dict | None = None,
+            annotations: dict | None = None) -> NodeInfo:
+    """A web node marked for draining in one of the ways the operator honours."""
+    return NodeInfo.from_object({
+        "metadata": {"name": name, "labels": {"tier": "web", **(labels or {})}, "annotations": annotations or {}},
+        "spec": spec or {},
+        "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses],
+                   "conditions": [{"type": "Ready", "status": "True"}]}})
+
+
+@pytest.mark.parametrize("how, reason", [
+    ({"spec": {"unschedulable": True}}, "Cordoned"),
+    ({"labels": {"node.kubernetes.io/exclude-from-external-load-balancers": ""}}, "ExcludedFromLoadBalancers"),
+    ({"annotations": {"synfleet.io/draining": "true"}}, "Marked")])
+def test_a_draining_node_gets_no_new_flow_but_stays_a_peer(how, reason):
+    nodes = [*NODES[:3], drained("web-2", "10.0.1.2", **how)]
+    out = render(view(policy("web", addresses=["203.0.113.10"]), nodes=nodes), SETTINGS)
+    assert out.configs[(Role.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.1"]
+    assert out.configs[(Role.BACKEND, "web")]["peerBackends"] == ["10.0.1.1", "10.0.1.2"]
+    assert nodes[-1].draining == reason
+
+
+def test_the_pool_lists_its_members_and_its_draining_nodes_until_their_drain_ends():
+    web = pool(Role.BACKEND, "web", nodeSelector={"tier": "web"}, drainSeconds=60)
+    t0 = datetime(2026, 12, 3, 7, 0, tzinfo=timezone.utc)
+    one, two = node("web-1", "10.0.1.1", tier="web"), node("web-2", "10.0.1.2", tier="web")
+    cordoned = drained("web-2", "10.0.1.2", spec={"unschedulable": True})
+    first = drain_report(web, [one, two], [one, two], {}, t0)
+    assert first == {"members": ["web-1", "web-2"], "draining": []}
+    later = drain_report(web, [one, cordoned], [one], first, t0 + timedelta(seconds=5))
+    assert later["draining"] == [{"node": "web-2", "reason": "Cordoned", "since": "2026-12-03T07:00:05Z",
+                                  "until": "2026-12-03T07:01:05Z"}]
+    # Timed from when it was first seen, however often the status is written again.
+    again = drain_report(web, [one, cordoned], [one], later, t0 + timedelta(seconds=50))
+    assert again["draining"] == later["draining"]
+    # It then leaves the pool: listed until the drain that began with the cordon ends.
+    left = drain_report(web, [one], [one], again, t0 + timedelta(seconds=55))
+    assert [(d["node"], d["reason"], d["until"]) for d in left["draining"]] == \
+        [("web-2", "LeftPool", "2026-12-03T07:01:05Z")]
+    assert drain_report(web, [one], [one], left, t0 + timedelta(seconds=64))["draining"] == left["draining"]
+    assert drain_report(web, [one], [one], left, t0 + timedelta(seconds=65))["draining"] == []
+    # A member that leaves at once drains from then.
+    gone = drain_report(web, [one], [one], first, t0 + timedelta(seconds=100))
+    assert [(d["node"], d["reason"], d["since"]) for d in gone["draining"]] == \
+        [("web-2", "LeftPool", "2026-12-03T07:01:40Z")]
 
 
 def test_condition_transition_time_moves_only_with_its_status():

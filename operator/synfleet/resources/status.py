@@ -56,19 +56,21 @@ def drain_report(pool: Pool, selected: list[NodeInfo], members: list[NodeInfo], 
     (the proxies' previous generation: docs/dataplane.md). A node that left
     the pool (label removed, deleted) is listed until its drain period ends;
     one that is cordoned or marked, for as long as it is. `since` survives
-    from the previous status, so a drain is timed from when it was first seen."""
+    from the previous status, whatever the reason now (a cordoned node that then
+    leaves has been out of the proxies' tables since the cordon): a drain is
+    timed from when it was first seen."""
     period = timedelta(seconds=pool.spec.drain_seconds)
     before = {e["node"]: e for e in previous.get("draining") or []}
 
     def entry(node: str, reason: str) -> dict:
         earlier = before.get(node)
-        since = earlier["since"] if earlier and earlier["reason"] == reason else _timestamp(now)
+        since = earlier["since"] if earlier else _timestamp(now)
         until = datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) + period
         return {"node": node, "reason": reason, "since": since, "until": _timestamp(until)}
 
     here = {n.name for n in selected}
     draining = [entry(n.name, n.draining) for n in selected if n.draining]
-    gone = (set(previous.get("members") or []) | {e["node"] for e in before.values() if e["reason"] == "LeftPool"}) - here
+    gone = (set(previous.get("members") or []) | set(before)) - here
     for node in sorted(gone):
         left = entry(node, "LeftPool")
         if left["until"] > _timestamp(now):
