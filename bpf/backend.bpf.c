@@ -385,6 +385,17 @@ static __noinline int tw_meet(struct __sk_buff *skb, struct bpf_sock *skc, const
 	return TC_ACT_OK;
 }
 
+/* The socket (any state) the segment's 4-tuple meets, a reference the caller
+ * releases; NULL when none. */
+static __always_inline struct bpf_sock *seg_lookup(struct __sk_buff *skb, const struct seg *s)
+{
+	struct bpf_sock_tuple tuple = s->tuple;
+
+	if (s->family == SF_FAMILY_IPV4)
+		return bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	return bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+}
+
 /* An ACK to a protected port. Ours to judge: one that meets nothing but a
  * listener, and a validated one that meets a TIME_WAIT socket; established and
  * request sockets take their own. */
@@ -392,15 +403,10 @@ static __always_inline int ack_receive(struct __sk_buff *skb, const struct seg *
 				       const struct sf_policy *pol, bool encapsulated,
 				       bool validated)
 {
-	struct bpf_sock_tuple tuple = s->tuple;
-	struct bpf_sock *skc;
+	struct bpf_sock *skc = seg_lookup(skb, s);
 	bool handed_back;
 	int verdict;
 
-	if (s->family == SF_FAMILY_IPV4)
-		skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	else
-		skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
 	if (!skc)
 		return pass_on(encapsulated);
 	if (skc->state != BPF_TCP_LISTEN && skc->state != BPF_TCP_TIME_WAIT) {
@@ -578,14 +584,9 @@ static __noinline int unknown_source(struct __sk_buff *skb, const struct sf_conf
  * nothing or a listener (a TIME_WAIT socket is the kernel's to answer). */
 static __always_inline bool seg_has_socket(struct __sk_buff *skb, const struct seg *s)
 {
-	struct bpf_sock_tuple tuple = s->tuple;
-	struct bpf_sock *skc;
+	struct bpf_sock *skc = seg_lookup(skb, s);
 	bool own;
 
-	if (s->family == SF_FAMILY_IPV4)
-		skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	else
-		skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
 	if (!skc)
 		return false;
 	own = skc->state != BPF_TCP_LISTEN;
