@@ -462,6 +462,40 @@ def test_a_backend_node_cordoned_marked_or_relabelled_out_drains_and_the_pool_sa
         report_rollout(fleet, "synfleet-backend-web", ready=2, desired=2)
 
 
+def test_a_configuration_the_api_server_refuses_is_a_condition_on_the_pool_and_its_policies(fleet):
+    """Seen at scale: a proxy pool's ConfigMap over the API server's 1 MiB
+    limit was refused, and only the operator's log said so. Two policies of
+    16,384 services each make one here."""
+    ports = list(range(1000, 1064))
+    big = lambda name, third: web_policy(name, addresses=[f"198.51.{third}.{i}" for i in range(256)],  # noqa: E731
+                                         ports=ports)
+    apply(fleet, big("big-1", 101))
+    wait_for(lambda: condition(get(fleet, "synproxypolicy", "big-1", APP_NS), "Ready").get("status") == "True"
+             or condition(get(fleet, "synproxypolicy", "big-1", APP_NS), "Ready").get("reason") == "PoolsNotReady",
+             "the first large policy rendered", timeout=KUBE_TIMEOUT_S)
+    written = get(fleet, "configmap", "synfleet-proxy-edge")["metadata"]["resourceVersion"]
+    try:
+        apply(fleet, big("big-2", 102))
+        refused = wait_for(lambda: (c := condition(get(fleet, "proxypool", "edge", None), "Degraded"))
+                           .get("reason") == "DataplaneConfigNotWritten" and c, "the pool degraded",
+                           timeout=KUBE_TIMEOUT_S)
+        assert "could not be written" in refused["message"] and "too long" in refused["message"].lower(), refused
+        policy = wait_for(lambda: (c := condition(get(fleet, "synproxypolicy", "big-2", APP_NS), "Degraded"))
+                          .get("reason") == "DataplaneConfigNotWritten" and c, "the policy degraded",
+                          timeout=KUBE_TIMEOUT_S)
+        assert "keep the last configuration written" in policy["message"]
+        events = json.loads(fleet.kubectl("get", "events", "-A", "--field-selector",
+                                          "involvedObject.name=edge,type=Warning", "-o", "json").stdout)["items"]
+        assert any(e["reason"] == "DataplaneConfigNotWritten" for e in events), events
+        # The last good configuration stays.
+        assert get(fleet, "configmap", "synfleet-proxy-edge")["metadata"]["resourceVersion"] == written
+    finally:
+        fleet.kubectl("delete", "spp", "big-2", "-n", APP_NS, "--ignore-not-found")
+    wait_for(lambda: condition(get(fleet, "proxypool", "edge", None), "Degraded").get("status") == "False",
+             "the pool recovered", timeout=KUBE_TIMEOUT_S)
+    fleet.kubectl("delete", "spp", "big-1", "-n", APP_NS)
+
+
 def test_policy_naming_a_missing_service_is_degraded_with_the_reason_and_recovers(fleet):
     apply(fleet, spp("checkout", service={"name": "checkout"}, ports=[443], proxyPool="edge", backendPool="web"))
     policy = wait_for(lambda: (p := get(fleet, "synproxypolicy", "checkout", APP_NS))

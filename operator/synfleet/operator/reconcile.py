@@ -4,11 +4,15 @@ the content changed, so repeating any step is harmless."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
+
+from kubernetes.client.exceptions import ApiException
 
 from synfleet import contract
 from synfleet.config.schema import ConfigError, Role
@@ -229,7 +233,15 @@ class Reconciler:
                 problems[key] = Problem("InvalidDataplaneConfig", str(err))
                 self.metrics.errors.labels("validate").inc()
                 continue
-            self.kube.apply(configmap(pool, self.settings, document))
+            try:
+                self.kube.apply(configmap(pool, self.settings, document))
+            except ApiException as err:
+                # Too large, refused by admission, the API server unreachable: the
+                # previous ConfigMap stays, and the pool and its policies say so.
+                problems[key] = Problem("DataplaneConfigNotWritten", f"{pool.kind} {pool.name!r}'s data-plane "
+                                        f"ConfigMap could not be written ({_api_message(err)}); its nodes keep "
+                                        f"the last configuration written")
+                self.metrics.errors.labels("write").inc()
 
         daemonsets = {d["metadata"]["name"]: d for d in self.kube.list(
             "apps/v1", "DaemonSet", self.settings.namespace,
@@ -254,6 +266,10 @@ class Reconciler:
         for p in view.policies:
             obj = policy_objs[p.key]
             outcome = rendered.policies[p.key]
+            unwritten = next((problems[k] for k in ((Role.PROXY, p.spec.proxy_pool), (Role.BACKEND, p.spec.backend_pool))
+                              if k in problems and problems[k].reason == "DataplaneConfigNotWritten"), None)
+            if outcome.problem is None and unwritten is not None:
+                outcome = dataclasses.replace(outcome, problem=unwritten)
             missing = Rollout()
             status = policy_status(p, outcome, rollouts.get((Role.PROXY, p.spec.proxy_pool), missing),
                                    rollouts.get((Role.BACKEND, p.spec.backend_pool), missing),
@@ -279,6 +295,13 @@ class Reconciler:
         if any(current.get(k) != v for k, v in status.items()):
             self.kube.patch_status(obj, status)
         return ready["status"]
+
+
+def _api_message(err: ApiException) -> str:
+    try:
+        return json.loads(err.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{err.status} {err.reason}"
 
 
 def _conditions(obj: dict) -> list[dict]:
