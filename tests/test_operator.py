@@ -462,7 +462,7 @@ def test_a_backend_node_cordoned_marked_or_relabelled_out_drains_and_the_pool_sa
         report_rollout(fleet, "synfleet-backend-web", ready=2, desired=2)
 
 
-def test_a_configuration_the_api_server_refuses_is_a_condition_on_the_pool_and_its_policies(fleet):
+def test_a_configuration_the_api_server_refuses_is_a_condition_on_the_pool_and_its_policies(fleet, operator):
     """Seen at scale: a proxy pool's ConfigMap over the API server's 1 MiB
     limit was refused, and only the operator's log said so. Two policies of
     16,384 services each make one here."""
@@ -476,9 +476,13 @@ def test_a_configuration_the_api_server_refuses_is_a_condition_on_the_pool_and_i
     written = get(fleet, "configmap", "synfleet-proxy-edge")["metadata"]["resourceVersion"]
     try:
         apply(fleet, big("big-2", 102))
-        refused = wait_for(lambda: (c := condition(get(fleet, "proxypool", "edge", None), "Degraded"))
-                           .get("reason") == "DataplaneConfigNotWritten" and c, "the pool degraded",
-                           timeout=KUBE_TIMEOUT_S)
+        try:
+            refused = wait_for(lambda: (c := condition(get(fleet, "proxypool", "edge", None), "Degraded"))
+                               .get("reason") == "DataplaneConfigNotWritten" and c, "the pool degraded",
+                               timeout=KUBE_TIMEOUT_S)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{get(fleet, 'proxypool', 'edge', None)['status']}\n"
+                                 f"{operator.log()[-3000:]}") from None
         assert "could not be written" in refused["message"] and "too long" in refused["message"].lower(), refused
         policy = wait_for(lambda: (c := condition(get(fleet, "synproxypolicy", "big-2", APP_NS), "Degraded"))
                           .get("reason") == "DataplaneConfigNotWritten" and c, "the policy degraded",
