@@ -500,6 +500,32 @@ def test_a_configuration_the_api_server_refuses_is_a_condition_on_the_pool_and_i
     fleet.kubectl("delete", "spp", "big-1", "-n", APP_NS)
 
 
+def test_services_no_policy_depends_on_cause_no_render(fleet, operator):
+    """A cluster's Services and EndpointSlices churn all day; only those a
+    policy names, or that hold an address a policy protects, are worth a render."""
+    apply(fleet, spp("named", service={"name": "front", "addressTypes": ["ClusterIP"]}, ports=[443],
+                     proxyPool="edge", backendPool="web"))
+    wait_for(lambda: condition(get(fleet, "synproxypolicy", "named", APP_NS), "Degraded").get("reason")
+             == "ServiceNotFound", "the policy waiting for its Service", timeout=KUBE_TIMEOUT_S)
+    time.sleep(2)       # the events of the objects above are rendered
+    renders = operator.metric("synfleet_operator_renders_total")
+    unrelated = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"other-{i}", "namespace": APP_NS},
+                  "spec": {"ports": [{"port": 80}]}} for i in range(20)]
+    try:
+        apply(fleet, *unrelated)
+        wait_for(lambda: operator.metric('synfleet_operator_unrelated_events_total{kind="service"}') >= 20,
+                 "the unrelated Services seen", timeout=KUBE_TIMEOUT_S)
+        assert operator.metric("synfleet_operator_renders_total") == renders
+        apply(fleet, {**unrelated[0], "metadata": {"name": "front", "namespace": APP_NS}})
+        wait_for(lambda: condition(get(fleet, "synproxypolicy", "named", APP_NS), "Degraded").get("reason")
+                 != "ServiceNotFound", "the named Service rendered", timeout=KUBE_TIMEOUT_S)
+        assert operator.metric("synfleet_operator_renders_total") > renders
+    finally:
+        fleet.kubectl("delete", "spp", "named", "-n", APP_NS, "--ignore-not-found")
+        fleet.kubectl("delete", "service", "front", *(f"other-{i}" for i in range(20)), "-n", APP_NS,
+                      "--ignore-not-found")
+
+
 def test_policy_naming_a_missing_service_is_degraded_with_the_reason_and_recovers(fleet):
     apply(fleet, spp("checkout", service={"name": "checkout"}, ports=[443], proxyPool="edge", backendPool="web"))
     policy = wait_for(lambda: (p := get(fleet, "synproxypolicy", "checkout", APP_NS))

@@ -19,6 +19,7 @@ from synfleet.resources.dataplane import (
     ClusterView,
     NodeInfo,
     Problem,
+    ServiceInterest,
     allocate_ids,
     configmap,
     proxy_nodes_in,
@@ -342,6 +343,22 @@ def test_policy_ids_are_stable_and_collisions_go_to_the_oldest():
     b = policy("b", created="2026-01-02T00:00:00Z", policy_id=5)
     c = policy("c", created="2026-01-03T00:00:00Z")
     assert allocate_ids([c, b, a]) == {"shop/a": 5, "shop/b": 1, "shop/c": 2}
+
+
+def test_a_render_depends_on_the_services_policies_name_and_those_holding_a_protected_address():
+    named = policy("shop", service={"name": "front"})
+    listed = policy("raw", addresses=["203.0.113.10"], ports=[80])
+    services = {("shop", "front"): {"metadata": {"name": "front", "namespace": "shop"},
+                                    "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}}}}
+    v = view(named, listed, services=services)
+    interest = ServiceInterest.of(v, render(v, SETTINGS))
+    assert interest.service(("shop", "front"), set())
+    assert interest.service(("blog", "other"), {"203.0.113.10"}), "an address a policy claims: tenancy"
+    assert interest.service(("blog", "other"), {"198.51.100.7"}), "the named Service's address, elsewhere"
+    assert not interest.service(("blog", "other"), {"192.0.2.1"})
+    slice_ = lambda ns, svc: {"metadata": {"namespace": ns, "labels": {"kubernetes.io/service-name": svc}}}  # noqa: E731
+    assert interest.endpoint_slice(slice_("shop", "front"))
+    assert not interest.endpoint_slice(slice_("shop", "other")) and not interest.endpoint_slice(slice_("blog", "front"))
 
 
 def test_document_a_node_cannot_use_is_rejected_naming_the_node():

@@ -170,12 +170,11 @@ class ControlPlane:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 kubeconfig: Path | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.tools["kubectl"]), "--kubeconfig", str(kubeconfig or self.kubeconfig),
-                               *args], input=input, text=True, capture_output=True, check=check, timeout=timeout)
+        return _tool([str(self.tools["kubectl"]), "--kubeconfig", str(kubeconfig or self.kubeconfig), *args],
+                     input, check, timeout)
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.tools["helm"]), "--kubeconfig", str(self.kubeconfig), *args],
-                              text=True, capture_output=True, check=check)
+        return _tool([str(self.tools["helm"]), "--kubeconfig", str(self.kubeconfig), *args], None, check, None)
 
     def service_account_token(self, namespace: str, name: str, pod: dict | None = None) -> str:
         """A bound token for the ServiceAccount (TokenRequest), as a pod would
@@ -187,3 +186,18 @@ class ControlPlane:
         resp = self.post(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
                          {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
         return resp["status"]["token"]
+
+
+class ToolFailed(subprocess.CalledProcessError):
+    """A kubectl or helm call that failed, with what it said (a bare
+    CalledProcessError shows only the exit status)."""
+
+    def __str__(self) -> str:
+        return f"{' '.join(self.cmd[:1] + self.cmd[3:])} exited {self.returncode}: {(self.stderr or '').strip()}"
+
+
+def _tool(cmd: list[str], input: str | None, check: bool, timeout: float | None) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, input=input, text=True, capture_output=True, timeout=timeout)
+    if check and done.returncode:
+        raise ToolFailed(done.returncode, cmd, done.stdout, done.stderr)
+    return done

@@ -86,9 +86,17 @@ def salts(body, memo: kopf.Memo, **_) -> None:
     memo.reconciler.rotate_salts(plain(body))
 
 
-@kopf.on.event(GROUP, VERSION, "synproxypolicies")
 @kopf.on.event("", "v1", "services")
+def service_changed(type, body, memo: kopf.Memo, **_) -> None:
+    memo.reconciler.service_changed(plain(body), deleted=type == "DELETED")
+
+
 @kopf.on.event("discovery.k8s.io", "v1", "endpointslices")
+def endpoint_slice_changed(body, memo: kopf.Memo, **_) -> None:
+    memo.reconciler.endpoint_slice_changed(plain(body))
+
+
+@kopf.on.event(GROUP, VERSION, "synproxypolicies")
 @kopf.on.event("apps", "v1", "daemonsets", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 @kopf.on.event("", "v1", "namespaces")        # their labels decide which pools admit their policies
 @kopf.on.event(GROUP, VERSION, "nodeagents")   # the agents' reports: the pools' Nodes column

@@ -15,6 +15,9 @@ class OperatorMetrics:
                                registry=self.registry)
         self.reconciles = Counter("synfleet_operator_reconciles", "pool reconciles", ["kind"],
                                   registry=self.registry)
+        self.unrelated_events = Counter("synfleet_operator_unrelated_events",
+                                        "Service and EndpointSlice events no policy depends on: no render",
+                                        ["kind"], registry=self.registry)
         self.errors = Counter("synfleet_operator_errors", "reconcile and render failures", ["stage"],
                               registry=self.registry)
         self.rotations = Counter("synfleet_operator_salt_rotations", "salt Secret updates", ["pool"],

@@ -5,6 +5,7 @@ the content changed, so repeating any step is harmless."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import logging
 import threading
@@ -23,15 +24,18 @@ from synfleet.operator.metrics import OperatorMetrics
 from synfleet.resources import agents, lifecycle, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
+    ALL_ADDRESS_TYPES,
     ClusterView,
     NodeInfo,
     Problem,
+    ServiceInterest,
     configmap,
     members,
     proxy_nodes_in,
     ready_agent_nodes,
     render,
     selects,
+    service_addresses,
     validate_for_nodes,
 )
 from synfleet.resources.lifecycle import AgentReport
@@ -53,6 +57,10 @@ class Reconciler:
         self.post_event = post_event
         self._render_lock = threading.Lock()
         self._dirty = threading.Event()
+        # What the last render depended on (None: no render yet, everything matters),
+        # and each Service's addresses as last seen (a change away from a claimed one matters).
+        self._interest: ServiceInterest | None = None
+        self._service_addresses: dict[tuple[str, str], set[str]] = {}
 
     # ---- pools ----
 
@@ -172,6 +180,24 @@ class Reconciler:
 
     # ---- the whole fleet ----
 
+    def service_changed(self, body: dict, deleted: bool) -> None:
+        """A Service event: a render only if the last one depended on it."""
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        now = {str(ipaddress.ip_address(a)) for a in service_addresses(body, ALL_ADDRESS_TYPES)}
+        before = self._service_addresses.pop(key, set())
+        if not deleted:
+            self._service_addresses[key] = now
+        self._render_if(self._interest is None or self._interest.service(key, now | before), "service")
+
+    def endpoint_slice_changed(self, body: dict) -> None:
+        self._render_if(self._interest is None or self._interest.endpoint_slice(body), "endpointslice")
+
+    def _render_if(self, matters: bool, kind: str) -> None:
+        if matters:
+            self.request_render()
+        else:
+            self.metrics.unrelated_events.labels(kind).inc()
+
     def request_render(self) -> None:
         """Render now, or make the render in progress run once more: bursts of
         events (start-up, a node storm) coalesce instead of queueing."""
@@ -221,6 +247,7 @@ class Reconciler:
     def _render_once(self) -> None:
         view, policy_objs, pool_objs = self._read_view()
         rendered = render(view, self.settings)
+        self._interest = ServiceInterest.of(view, rendered)
         self.metrics.renders.inc()
         pools = {(p.role, p.name): p for p in view.proxy_pools + view.backend_pools}
         problems: dict[tuple[Role, str], Problem] = {}

@@ -130,7 +130,7 @@ class ClusterView:
         """Each Service address (any type) -> the namespaces whose Services carry it."""
         owners: dict[str, set[str]] = {}
         for (namespace, _), svc in self.services.items():
-            for a in service_addresses(svc, ["LoadBalancer", "ExternalIP", "ClusterIP"]):
+            for a in service_addresses(svc, ALL_ADDRESS_TYPES):
                 owners.setdefault(str(ipaddress.ip_address(a)), set()).add(namespace)
         return owners
 
@@ -306,6 +306,34 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
                                          key=lambda a: (ipaddress.ip_address(a).version, a))
         configs[(role, name)] = doc
     return Rendered(configs=configs, policies=outcomes)
+
+
+ALL_ADDRESS_TYPES = ["LoadBalancer", "ExternalIP", "ClusterIP"]
+
+
+@dataclass(frozen=True)
+class ServiceInterest:
+    """Which Services a render depends on: those a policy names (their
+    addresses and EndpointSlices), and any whose address a policy protects
+    (the address belongs to the Service's namespace: tenancy). Events of
+    every other Service or EndpointSlice change nothing a render would write."""
+    named: frozenset[tuple[str, str]]
+    addresses: frozenset[str]
+
+    @classmethod
+    def of(cls, view: ClusterView, rendered: Rendered) -> "ServiceInterest":
+        named = {(p.namespace, p.spec.service.name) for p in view.policies if p.spec.service is not None}
+        addresses = {str(ipaddress.ip_address(a)) for p in view.policies for a in p.spec.addresses}
+        addresses |= {str(ipaddress.ip_address(a)) for o in rendered.policies.values() for a in o.addresses}
+        return cls(frozenset(named), frozenset(addresses))
+
+    def service(self, key: tuple[str, str], addresses: set[str]) -> bool:
+        """`addresses`: the Service's, before and after the change."""
+        return key in self.named or not self.addresses.isdisjoint(addresses)
+
+    def endpoint_slice(self, slice_: dict) -> bool:
+        meta = slice_.get("metadata") or {}
+        return (meta.get("namespace"), (meta.get("labels") or {}).get("kubernetes.io/service-name")) in self.named
 
 
 def validate_for_nodes(role: Role, document: dict, nodes: list[NodeInfo]) -> None:
