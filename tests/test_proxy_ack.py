@@ -318,3 +318,25 @@ def test_a_restarted_agent_keeps_naming_the_previous_backends_its_pinned_table_h
             assert (str(sent["outer"].dst), sent["previous"]) == (PEER_V4, BACKEND_V4)
     finally:
         shutil.rmtree(pins)
+
+
+def test_after_a_restart_a_policy_the_previous_agent_did_not_serve_names_no_previous_backend(unit_netns, salts):
+    """The pinned table still holds what an earlier policy of the same id left:
+    not a generation of the new one."""
+    pins = f"/sys/fs/bpf/synfleet-test-{secrets.token_hex(3)}"
+    os.mkdir(pins)
+    moved = with_backends([PEER_V4])
+    try:
+        with ProxyDataplane() as before:
+            before.apply(with_backends([BACKEND_V4]))
+            before.apply(moved)
+            before.apply(moved)
+            before.apply(moved.model_copy(update={"policies": moved.policies[:2]}))   # policy 3 goes
+            before.pin_maps(pins)
+        with ProxyDataplane(pins) as after:
+            after.set_salts(salts)
+            after.apply(moved)                                                     # and comes back
+            assert after.previous_backends() == {1: {ipaddress.ip_address(BACKEND_V4)},
+                                                 2: {ipaddress.ip_address(BACKEND_V4)}, 3: set()}
+    finally:
+        shutil.rmtree(pins)

@@ -202,9 +202,13 @@ class ProxyDataplane(Dataplane):
         self.slots = TypedMap(self.obj.map("backend_slots"), ctypes.c_uint32, RingSlotValue)
         self.backends = TypedMap(self.obj.map("backends"), ctypes.c_uint32, Endpoint)
         self._salt_slots: list[bytes] | None = None     # the salt map's slots as last written here
-        # Per policy id: the table the active half holds, and the one being written.
-        self._tables: dict[int, SlotTable] = {}
+        # Per policy id: the table the active half holds (None until this object's
+        # first apply), and the one being written; when the earliest previous
+        # backend named stops being named (derived once per write, not per tick).
+        self._tables: dict[int, SlotTable] | None = None
         self._written: dict[int, SlotTable] = {}
+        self._expiry: float | None = None
+        self._written_expiry: float | None = None
 
     def close(self) -> None:
         self.xdp_obj.close()
@@ -237,28 +241,36 @@ class ProxyDataplane(Dataplane):
 
     def apply(self, cfg: schema.DataplaneConfig) -> int:
         slot = super().apply(cfg)
-        self._tables = self._written
+        self._tables, self._expiry = self._written, self._written_expiry
         return slot
 
     def next_expiry(self) -> float | None:
         """When a previous backend's drain period ends (time.monotonic()): apply
         the configuration again then, and the slot stops naming it."""
-        now = time.monotonic()
-        ends = [e for t in self._tables.values() if (e := t.next_expiry(now)) is not None]
-        return min(ends) if ends else None
+        return self._expiry
 
     def previous_backends(self) -> dict[int, set]:
         """Per policy id, the previous backends its slots still name."""
         now = time.monotonic()
-        return {pid: {a for a in t.previous_at(now) if a} for pid, t in self._tables.items()}
+        return {pid: {a for a in t.previous_at(now) if a} for pid, t in (self._tables or {}).items()}
+
+    def _tables_in_force(self, cfg: schema.DataplaneConfig, now: float) -> dict[int, SlotTable]:
+        """The tables the active half holds: this object's own once it applied
+        one; before that, after a restart, the previous agent's, read from the
+        pinned map for each policy it served (once: a policy added later starts
+        with no previous backends, whatever an earlier policy of its id left)."""
+        if self._tables is not None:
+            return self._tables
+        return {p.id: t for p in cfg.policies if (t := self._table_in_maps(p.id, p.drain_seconds, now))}
 
     def _table_in_maps(self, policy_id: int, drain_s: float, now: float) -> SlotTable | None:
-        """After a restart: the active half's table of a policy, as the previous
-        agent left it. Its drain periods start again (their ends were in the
-        previous agent's memory)."""
+        """The active half's table of a policy, as the previous agent left it.
+        Its drain periods start again (their ends were in its memory)."""
         if "backend_slots" not in self.reused or not self.applied():
             return None
         half = self.active_slot()
+        if not self.policies.get(_u32(half * abi.MAX_POLICIES + policy_id)).flags & abi.POLICY_ACTIVE:
+            return None
         base = (half * abi.MAX_POLICIES + policy_id) * abi.RING_SIZE
         slots = [self.slots.get(_u32(base + i)) for i in range(abi.RING_SIZE)]
         if any(s.current >= abi.MAX_BACKENDS for s in slots):
@@ -275,14 +287,14 @@ class ProxyDataplane(Dataplane):
 
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
         now = time.monotonic()
+        before = self._tables_in_force(cfg, now)
         tables = {}
         for p in cfg.policies:
             # Sorted so that every proxy, whatever order its document lists the
             # backends in, builds the same table: a flow keeps its backend.
             members = sorted(p.backends, key=_address_order)
             owners = [members[m] for m in maglev_table([str(a) for a in members])]
-            old = self._tables.get(p.id) or self._table_in_maps(p.id, p.drain_seconds, now)
-            tables[p.id] = next_table(old, owners, now, p.drain_seconds)
+            tables[p.id] = next_table(before.get(p.id), owners, now, p.drain_seconds)
         previous = {pid: t.previous_at(now) for pid, t in tables.items()}
         addresses = sorted({a for t in tables.values() for a in t.current} |
                            {a for named in previous.values() for a in named if a}, key=_address_order)
@@ -297,6 +309,8 @@ class ProxyDataplane(Dataplane):
                 self.slots.put(_u32(base + i), RingSlotValue(index[current],
                                                              index[prev] if prev else abi.RING_NONE))
         self._written = tables
+        ends = [e for t in tables.values() if (e := t.next_expiry(now)) is not None]
+        self._written_expiry = min(ends) if ends else None
         _sync_keys(self.protected_addrs, slot, {
             _keyed(Endpoint.of(s.address), slot): ServiceValue(p.id)
             for p in cfg.policies for s in p.services})
