@@ -126,6 +126,15 @@ def node_document(document: dict, addresses: dict[str, str], salt_keys: list[Mas
     return full
 
 
+def timestamp(t: datetime) -> str:
+    """A Kubernetes timestamp (RFC 3339, UTC, whole seconds)."""
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def condition(ctype: str, true: bool, reason: str, message: str, generation: int | None,
               previous: list[dict] | None, now: str | None = None) -> dict:
     """A status condition whose lastTransitionTime moves only when its status
@@ -133,7 +142,7 @@ def condition(ctype: str, true: bool, reason: str, message: str, generation: int
     status = "True" if true else "False"
     old = next((c for c in previous or [] if c.get("type") == ctype), None)
     since = old["lastTransitionTime"] if old and old.get("status") == status and \
-        old.get("lastTransitionTime") else (now or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        old.get("lastTransitionTime") else (now or timestamp(datetime.now(timezone.utc)))
     return {"type": ctype, "status": status, "reason": reason, "message": message,
             **({} if generation is None else {"observedGeneration": generation}), "lastTransitionTime": since}
 

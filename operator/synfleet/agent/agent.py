@@ -37,6 +37,7 @@ from synfleet.agent.sources import FileSource, KubeSource, KubeSourceOptions
 from synfleet.agent.xdpwatch import XdpTxWatch
 from synfleet.bpf import BpfError
 from synfleet.config import schema
+from synfleet.contract import timestamp
 from synfleet.cookie import MasterKey, current_epoch, key_for, salts_for
 from synfleet.dataplane.programs import Dataplane, ProxyDataplane, dataplane_for
 
@@ -366,8 +367,7 @@ class Agent:
         if counters:
             status["counters"] = {c.name.lower(): v for c, v in self.dataplane.counter_values().items()}
         if self.state.last_sync is not None:
-            status["lastApplied"] = datetime.fromtimestamp(self.state.last_sync, timezone.utc).strftime(
-                "%Y-%m-%dT%H:%M:%SZ")
+            status["lastApplied"] = timestamp(datetime.fromtimestamp(self.state.last_sync, timezone.utc))
         if self._last_error:
             status["lastError"] = self._last_error[:4096]
         cfg = self.config

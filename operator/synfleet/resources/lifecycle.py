@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from synfleet.config.schema import Role
-from synfleet.contract import condition
+from synfleet.contract import condition, parse_timestamp
 from synfleet.resources.dataplane import NodeInfo, selects
 from synfleet.resources.model import Pool
 
@@ -59,7 +59,7 @@ def not_applied(pool: Pool, reports: list[AgentReport], nodes: list[NodeInfo], v
 def overdue(deletion_timestamp: str | None, now: datetime, timeout_s: float) -> bool:
     if not deletion_timestamp:
         return False
-    since = datetime.fromisoformat(deletion_timestamp.replace("Z", "+00:00"))
+    since = parse_timestamp(deletion_timestamp)
     return (now - since).total_seconds() >= timeout_s
 
 

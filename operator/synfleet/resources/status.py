@@ -4,9 +4,9 @@ observedGeneration and node counts, from what the operator observed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
-from synfleet.contract import condition
+from synfleet.contract import condition, parse_timestamp, timestamp
 from synfleet.resources.dataplane import NodeInfo, PolicyOutcome, Problem
 from synfleet.resources.model import Pool, SynProxyPolicy
 
@@ -45,10 +45,6 @@ class Rollout:
         return self.current and self.desired > 0 and self.ready == self.desired == self.updated
 
 
-def _timestamp(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def drain_report(pool: Pool, selected: list[NodeInfo], members: list[NodeInfo], previous: dict,
                  now: datetime) -> dict:
     """A backend pool's `members` (where new connections go) and `draining`
@@ -64,16 +60,15 @@ def drain_report(pool: Pool, selected: list[NodeInfo], members: list[NodeInfo], 
 
     def entry(node: str, reason: str) -> dict:
         earlier = before.get(node)
-        since = earlier["since"] if earlier else _timestamp(now)
-        until = datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) + period
-        return {"node": node, "reason": reason, "since": since, "until": _timestamp(until)}
+        since = earlier["since"] if earlier else timestamp(now)
+        return {"node": node, "reason": reason, "since": since, "until": timestamp(parse_timestamp(since) + period)}
 
     here = {n.name for n in selected}
     draining = [entry(n.name, n.draining) for n in selected if n.draining]
     gone = (set(previous.get("members") or []) | set(before)) - here
     for node in sorted(gone):
         left = entry(node, "LeftPool")
-        if left["until"] > _timestamp(now):
+        if left["until"] > timestamp(now):
             draining.append(left)
     return {"members": sorted(n.name for n in members),
             "draining": sorted(draining, key=lambda e: e["node"])}
