@@ -246,12 +246,44 @@ static __always_inline bool fail_open_now(const struct sf_policy *pol, const str
 
 /* ---- ACK: cookie validation ---- */
 
-static __always_inline bool ack_cookie_valid(const struct pkt *p, const struct sf_config *cfg)
+#define SF_TS_LEAD (TCPOPT_NOP << 24 | TCPOPT_NOP << 16 | TCPOPT_TIMESTAMP << 8 | TCPOLEN_TIMESTAMP)
+
+/* The ACK's timestamps: SF_ACK_TS | TSecr when it carries them, 0 when not,
+ * -1 when its options cannot be read (one return value: the caller's frame is
+ * on the SYN path's stack budget too). Most stacks put NOP NOP TS first
+ * (RFC 7323, appendix A), read in place; anything else goes through the parser. */
+#define SF_ACK_TS (1LL << 32)
+
+static __noinline __s64 ack_timestamps(struct __sk_buff *skb, const struct pkt *p)
+{
+	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
+	struct tcp_optbuf optbuf = {};
+	struct tcp_opts o = {};
+	__u64 off = p->l4_off + sizeof(struct tcphdr);
+	__u64 optlen = p->tcp_hlen - sizeof(struct tcphdr);
+	const __be32 *lead;
+
+	barrier_var(optlen);
+	if (!optlen)
+		return 0;
+	if (optlen > TCP_MAX_OPTLEN || off > SF_HEADERS_MAX)
+		return -1;
+	lead = data + off;
+	if (optlen >= 12 && (void *)(lead + 3) <= data_end && lead[0] == bpf_htonl(SF_TS_LEAD))
+		return SF_ACK_TS | bpf_ntohl(lead[2]);
+	if (bpf_skb_load_bytes(skb, off, optbuf.b, optlen) || tcp_opts_parse(&optbuf, optlen, &o))
+		return -1;
+	return o.has_ts ? SF_ACK_TS | o.tsecr : 0;
+}
+
+static __always_inline bool ack_cookie_valid(struct __sk_buff *skb, const struct pkt *p,
+					     const struct sf_config *cfg)
 {
 	__u32 cookie = bpf_ntohl(p->ack_seq) - 1;
 	__be32 client_isn = bpf_htonl(bpf_ntohl(p->seq) - 1);
 	const struct sf_salt *salt = NULL;
 	__u64 epoch = 0;
+	__s64 ts;
 	__u32 slot;
 
 	if (cookie_epoch(cookie_epoch_bits(cookie), now_epoch(cfg), &epoch)) {
@@ -262,7 +294,8 @@ static __always_inline bool ack_cookie_valid(const struct pkt *p, const struct s
 		count(SF_CTR_COOKIE_STALE);
 		return false;
 	}
-	if (!cookie_check(&p->tuple, client_isn, salt, cookie)) {
+	ts = ack_timestamps(skb, p);
+	if (ts < 0 || !cookie_check(&p->tuple, client_isn, salt, cookie, ts & SF_ACK_TS, (__u32)ts)) {
 		count(SF_CTR_COOKIE_REJECTED);
 		return false;
 	}
@@ -572,7 +605,7 @@ static __noinline int proxy_packet(struct __sk_buff *skb)
 			p.encap_flags = SF_ENCAP_F_UNGUARDED;
 		}
 	} else if ((p.flags & (TCP_FLAG_ACK | TCP_FLAG_RST)) == TCP_FLAG_ACK) {
-		if (ack_cookie_valid(&p, cfg))
+		if (ack_cookie_valid(skb, &p, cfg))
 			p.encap_flags = SF_ENCAP_F_VALIDATED;
 		else if (fail_open_now(pol, cfg))
 			p.encap_flags = SF_ENCAP_F_UNGUARDED;

@@ -79,6 +79,19 @@ static __noinline int synack_tx(struct xdp_md *ctx, const struct pkt *p,
 	return XDP_TX;
 }
 
+/* Its own subprogram: the header copy stays out of syn_front's frame, which
+ * the SYN+ACK's construction below it needs. */
+static __noinline bool ipv4_header_intact(struct xdp_md *ctx, const struct pkt *p)
+{
+	struct ipv4_header_copy h;
+	__u32 ihl = (p->l4_off - sizeof(struct ethhdr)) & 0x3c;	/* at most 60 bytes */
+
+	if (ihl < sizeof(struct iphdr))
+		return false;
+	barrier_var(ihl);	/* keeps the bound the check gave for the helper's size */
+	return !bpf_xdp_load_bytes(ctx, sizeof(struct ethhdr), &h, ihl) && ipv4_header_checksum_ok(&h, ihl);
+}
+
 static __noinline int syn_front(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
@@ -112,16 +125,8 @@ static __noinline int syn_front(struct xdp_md *ctx)
 	/* Martian or damaged: the TC program counts and drops it. */
 	if (syn_martian(eth, &p))
 		return XDP_PASS;
-	if (p.tuple.family == SF_FAMILY_IPV4) {
-		struct ipv4_header_copy h;
-		__u32 ihl = (p.l4_off - sizeof(struct ethhdr)) & 0x3c;	/* at most 60 bytes */
-
-		if (ihl < sizeof(struct iphdr))
-			return XDP_PASS;
-		barrier_var(ihl);	/* keeps the bound the check gave for the helper's size */
-		if (bpf_xdp_load_bytes(ctx, sizeof(struct ethhdr), &h, ihl) || !ipv4_header_checksum_ok(&h, ihl))
-			return XDP_PASS;
-	}
+	if (p.tuple.family == SF_FAMILY_IPV4 && !ipv4_header_intact(ctx, &p))
+		return XDP_PASS;
 	pol = policy_get(cfg, p.policy_id);
 	if (!pol)
 		return XDP_PASS;

@@ -62,14 +62,20 @@ struct cookie_tuple {
 	__u8 family;
 };
 
-/* Last word of the message: salt epoch (low 32 bits) and the attribute bits. */
-static __always_inline __u64 cookie_tail_word(__u64 epoch, __u32 attrs)
+/* Last word of the message: salt epoch (low 32 bits), the attribute bits and
+ * SF_COOKIE_HASHED_TS. */
+static __always_inline __u64 cookie_tail_word(__u64 epoch, __u32 hashed)
 {
-	return (epoch & 0xffffffffULL) | ((__u64)(attrs & SF_COOKIE_ATTR_MASK) << 32);
+	return (epoch & 0xffffffffULL) |
+	       ((__u64)(hashed & (SF_COOKIE_ATTR_MASK | SF_COOKIE_HASHED_TS)) << 32);
 }
 
-static __always_inline __u32 cookie_hash(const struct cookie_tuple *t, __be32 client_isn,
-					 const struct sf_salt *salt, __u32 attrs)
+/* The whole 64-bit SipHash: its upper half's top 22 bits go into the cookie,
+ * its lower half is the TSval of a SYN+ACK with timestamps. A subprogram: its
+ * state stays out of the callers' frames, which the SYN path's stack budget
+ * cannot spare. */
+static __noinline __u64 cookie_hash(const struct cookie_tuple *t, __be32 client_isn,
+					 const struct sf_salt *salt, __u32 hashed)
 {
 	struct siphash_state s;
 	__u64 len;
@@ -85,17 +91,28 @@ static __always_inline __u32 cookie_hash(const struct cookie_tuple *t, __be32 cl
 		len = 24;
 	}
 	siphash_word(&s, (__u64)t->ports | ((__u64)client_isn << 32));
-	siphash_word(&s, cookie_tail_word(salt->epoch, attrs));
-	return (__u32)(siphash_final(&s, len) >> 32);
+	siphash_word(&s, cookie_tail_word(salt->epoch, hashed));
+	return siphash_final(&s, len);
 }
 
-/* attrs: the low 10 bits; the salt's epoch supplies the epoch bits. */
-static __always_inline __u32 cookie_make(const struct cookie_tuple *t, __be32 client_isn,
-					 const struct sf_salt *salt, __u32 attrs)
+static __always_inline __u32 cookie_hashed_attrs(__u32 attrs, bool ts)
 {
+	return (attrs & SF_COOKIE_ATTR_MASK) | (ts ? SF_COOKIE_HASHED_TS : 0);
+}
+
+/* attrs: the low 10 bits; the salt's epoch supplies the epoch bits. With `ts`
+ * (the SYN+ACK carries timestamps) `*tsval` is its keyed TSval. */
+static __always_inline __u32 cookie_make(const struct cookie_tuple *t, __be32 client_isn,
+					 const struct sf_salt *salt, __u32 attrs, bool ts,
+					 __u32 *tsval)
+{
+	__u64 h;
+
 	attrs &= ~(SF_COOKIE_EPOCH_MASK << SF_COOKIE_EPOCH_SHIFT);
 	attrs |= (__u32)(salt->epoch & SF_COOKIE_EPOCH_MASK) << SF_COOKIE_EPOCH_SHIFT;
-	return (cookie_hash(t, client_isn, salt, attrs) & SF_COOKIE_HASH_MASK) | attrs;
+	h = cookie_hash(t, client_isn, salt, cookie_hashed_attrs(attrs, ts));
+	*tsval = (__u32)h;
+	return ((__u32)(h >> 32) & SF_COOKIE_HASH_MASK) | attrs;
 }
 
 static __always_inline __u32 cookie_epoch_bits(__u32 cookie)
@@ -116,12 +133,17 @@ static __always_inline bool cookie_epoch(__u32 bits, __u64 now, __u64 *epoch)
 	return true;
 }
 
+/* One hash checks both the cookie's 22 bits and, when the ACK carries
+ * timestamps (`ts`), all 32 bits of its TSecr. */
 static __always_inline bool cookie_check(const struct cookie_tuple *t, __be32 client_isn,
-					 const struct sf_salt *salt, __u32 cookie)
+					 const struct sf_salt *salt, __u32 cookie, bool ts,
+					 __u32 tsecr)
 {
-	__u32 attrs = cookie & SF_COOKIE_ATTR_MASK;
+	__u64 h = cookie_hash(t, client_isn, salt, cookie_hashed_attrs(cookie, ts));
 
-	return ((cookie_hash(t, client_isn, salt, attrs) ^ cookie) & SF_COOKIE_HASH_MASK) == 0;
+	if ((((__u32)(h >> 32) ^ cookie) & SF_COOKIE_HASH_MASK) != 0)
+		return false;
+	return !ts || (__u32)h == tsecr;
 }
 
 #endif /* SF_COOKIE_H */

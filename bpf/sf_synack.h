@@ -276,13 +276,12 @@ static __always_inline bool syn_plan_make(const struct pkt *p, const struct tcp_
 	if (sp->ecn)
 		attrs |= SF_COOKIE_ECN;
 	sp->ts = o.has_ts && (pol->flags & SF_POLICY_TIMESTAMPS);
-	/* Any clock works for TSval: the backend's socket takes its offset from the
-	 * TSecr of the ACK. ~1 ms ticks keep PAWS-style comparisons meaningful. */
-	sp->tsval = (__u32)(now_ns >> 20);
 	sp->tsecr = o.tsval;
 	sp->wscale = pol->wscale;
 	sp->adv_mss = v4 ? pol->adv_mss_v4 : pol->adv_mss_v6;
-	sp->cookie = cookie_make(&p->tuple, p->seq, salt, attrs);
+	/* TSval carries 32 more keyed bits (docs/cookie.md): any value works, the
+	 * backend's socket takes its clock offset from the TSecr of the ACK. */
+	sp->cookie = cookie_make(&p->tuple, p->seq, salt, attrs, sp->ts, &sp->tsval);
 	return true;
 }
 

@@ -79,6 +79,11 @@ struct sf_encap_hdr {
 #define SF_COOKIE_EPOCH_MASK 0x3u
 #define SF_COOKIE_ATTR_MASK 0x3ffu
 #define SF_COOKIE_HASH_MASK 0xfffffc00u
+/* Hashed with the attribute bits but never carried in the cookie: the SYN+ACK
+ * had timestamps, whose TSval is the lower half of the same SipHash. An ACK
+ * that carries the option must echo it; one that does not hashes without the
+ * bit, so stripping the option from a timestamped handshake fails too. */
+#define SF_COOKIE_HASHED_TS 0x10000u
 #define SF_MAX_WSCALE 14
 
 /* ---- maps ---- */

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from synfleet.cookie import (
     HASH_BITS,
+    TSVAL_BITS,
     CookieAttributes,
     FourTuple,
     cookie_check,
@@ -20,6 +21,7 @@ from synfleet.cookie import (
     fresh_key,
     salts_for,
     siphash24,
+    synack_tsval,
 )
 from synfleet.dataplane.flow import maglev_table
 
@@ -58,6 +60,18 @@ def test_forgery_odds_are_two_to_the_minus_twenty_two():
     salts = {10: secrets.token_bytes(16)}
     hits = sum(cookie_check(salts, 10, T4, 1, secrets.randbits(32)) for _ in range(1 << 16))
     assert hits <= 2  # expected 2**16 / 2**22 / 4 ≈ 0.004
+
+
+def test_a_timestamped_cookie_checks_all_tsecr_bits_and_the_options_presence():
+    salts = {10: secrets.token_bytes(16)}
+    attrs = CookieAttributes(1, 7, True, False)
+    cookie = cookie_make(salts[10], 10, T4, 5, attrs, timestamps=True)
+    tsval = synack_tsval(salts[10], 10, T4, 5, cookie)
+    assert TSVAL_BITS == 32 and cookie_check(salts, 10, T4, 5, cookie, tsval)
+    assert not any(cookie_check(salts, 10, T4, 5, cookie, tsval ^ 1 << bit) for bit in range(TSVAL_BITS))
+    assert not cookie_check(salts, 10, T4, 5, cookie)      # the option stripped
+    # The same SYN answered without timestamps gets another cookie (presence is hashed).
+    assert cookie_make(salts[10], 10, T4, 5, attrs) != cookie
 
 
 def test_maglev_spreads_evenly_and_moves_little_when_a_backend_leaves():

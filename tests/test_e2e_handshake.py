@@ -91,7 +91,9 @@ def test_client_completes_handshake_and_moves_a_mebibyte_each_way(fleet, family,
                            if p.sport == SERVICE_PORT and len(p.payload) > 0]
     assert min(server_data_offsets) == 1  # the first byte the server sent is ISN + 1
     t = FourTuple(ipaddress.ip_address(a.client), ipaddress.ip_address(a.service), local_port, SERVICE_PORT)
-    assert cookie_check(fleet.salts, current_epoch(ROTATION_S), t, syn.seq, synack.seq)
+    synack_tsval = dict(synack.options).get("Timestamp", (None,))[0]
+    assert (synack_tsval is not None) == ts
+    assert cookie_check(fleet.salts, current_epoch(ROTATION_S), t, syn.seq, synack.seq, synack_tsval)
 
     # The backend's listener never saw a SYN, and never answered one.
     assert list(syn_frames(backend_frames, lambda f: "S" in f)) == []

@@ -44,7 +44,7 @@ from packets import (
     tcp_frame,
 )
 from synfleet.abi import ENCAP_F_VALIDATED, Counter
-from synfleet.cookie import CookieAttributes, FourTuple, cookie_make
+from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, synack_tsval
 from synfleet.dataplane.flow import maglev_table
 from synfleet.dataplane.programs import ProxyDataplane
 
@@ -55,6 +55,24 @@ def handshake_ack(family, sport, isn, cookie, payload=b""):
     client, service = addr_pair(family)
     return tcp_frame(client, service, sport, PORT_FULL, flags="A", seq=isn + 1,
                      ack=(cookie + 1) % 2**32, payload=payload)
+
+
+def timestamped_ack(family, sport, isn, cookie, tsecr, layout=("NOP", "NOP", "Timestamp")):
+    """The handshake ACK of a client that agreed to timestamps; `layout` orders its options."""
+    options = {"NOP": ("NOP", None), "Timestamp": ("Timestamp", (4242, tsecr)),
+               "SAck": ("SAck", (1000, 2000)), "EOL": ("EOL", None)}
+    client, service = addr_pair(family)
+    return tcp_frame(client, service, sport, PORT_FULL, flags="A", seq=isn + 1, ack=(cookie + 1) % 2**32,
+                     options=[options[kind] for kind in layout])
+
+
+def timestamped_cookie(salts, family, sport, isn) -> tuple[int, int]:
+    """The cookie and TSval of the proxy's SYN+ACK with timestamps."""
+    client, service = addr_pair(family)
+    epoch = tai_epoch()
+    t = FourTuple(client, service, sport, PORT_FULL)
+    cookie = cookie_make(salts[epoch], epoch, t, isn, ATTRS, timestamps=True)
+    return cookie, synack_tsval(salts[epoch], epoch, t, isn, cookie)
 
 
 def validated(proxy, frame) -> bool:
@@ -73,6 +91,50 @@ def test_fresh_cookie_validates_and_any_flipped_bit_is_rejected(proxy, salts, fa
 
     assert validated(proxy, handshake_ack(family, sport, isn, cookie))
     assert not validated(proxy, handshake_ack(family, sport, isn, cookie ^ (1 << bit)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(family=st.sampled_from([4, 6]), sport=st.integers(1, 65535),
+       isn=st.integers(0, 2**32 - 2), bit=st.integers(0, 31))
+def test_a_timestamped_handshake_needs_its_keyed_tsecr_and_a_flipped_tsecr_bit_is_rejected(
+        proxy, salts, family, sport, isn, bit):
+    cookie, tsval = timestamped_cookie(salts, family, sport, isn)
+    before = proxy.counter_values()[Counter.COOKIE_REJECTED]
+
+    assert validated(proxy, timestamped_ack(family, sport, isn, cookie, tsval))
+    assert not validated(proxy, timestamped_ack(family, sport, isn, cookie, tsval ^ (1 << bit)))
+    assert proxy.counter_values()[Counter.COOKIE_REJECTED] == before + 1
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_stripping_the_timestamps_from_a_timestamped_handshake_fails_validation(proxy, salts, family):
+    """Presence is hashed too: without it a forger would drop the option and face 22 bits again."""
+    cookie, tsval = timestamped_cookie(salts, family, 40010, 1234)
+    assert validated(proxy, timestamped_ack(family, 40010, 1234, cookie, tsval))
+    assert not validated(proxy, handshake_ack(family, 40010, 1234, cookie))
+
+    client, service = addr_pair(family)
+    epoch = tai_epoch()
+    plain = cookie_make(salts[epoch], epoch, FourTuple(client, service, 40011, PORT_FULL), 99, ATTRS)
+    assert validated(proxy, handshake_ack(family, 40011, 99, plain))
+    assert not validated(proxy, timestamped_ack(family, 40011, 99, plain, tsval))
+
+
+@pytest.mark.parametrize("layout", [("Timestamp", "EOL"), ("SAck", "NOP", "NOP", "Timestamp"),
+                                    ("NOP", "Timestamp", "NOP")], ids=["alone", "after-sack", "misaligned"])
+def test_timestamps_are_found_wherever_the_client_puts_them(proxy, salts, layout):
+    cookie, tsval = timestamped_cookie(salts, 4, 40012, 555)
+    assert validated(proxy, timestamped_ack(4, 40012, 555, cookie, tsval, layout))
+    assert not validated(proxy, timestamped_ack(4, 40012, 555, cookie, tsval + 1, layout))
+
+
+def test_an_ack_whose_options_cannot_be_read_is_not_validated(proxy, salts):
+    cookie, tsval = timestamped_cookie(salts, 4, 40013, 556)
+    frame = bytearray(timestamped_ack(4, 40013, 556, cookie, tsval, ("SAck", "NOP", "NOP", "Timestamp")))
+    frame[14 + 20 + 20 + 1] = 0       # the SACK option's length: zero never ends
+    before = proxy.counter_values()[Counter.COOKIE_REJECTED]
+    assert not validated(proxy, bytes(frame))
+    assert proxy.counter_values()[Counter.COOKIE_REJECTED] == before + 1
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -11,7 +11,15 @@ import struct
 from dataclasses import dataclass
 
 from synfleet.bpf import BpfObject, Program, TypedMap
-from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, current_epoch, derive_salt, fresh_key
+from synfleet.cookie import (
+    CookieAttributes,
+    FourTuple,
+    cookie_make,
+    current_epoch,
+    derive_salt,
+    fresh_key,
+    synack_tsval,
+)
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet_lab import frames
 from synfleet_lab.objects import lab_object
@@ -86,11 +94,11 @@ def _single_shot_ns(program: Program, frame: bytes, runs: int) -> float:
 def cases(salt: bytes, epoch: int) -> list[Case]:
     t = FourTuple(ipaddress.ip_address(CLIENT), ipaddress.ip_address(SERVICE), 40000, PORT)
     isn = 0x12345678
-    cookie = cookie_make(salt, epoch, t, isn, CookieAttributes(3, 7, True, True))
+    cookie = cookie_make(salt, epoch, t, isn, CookieAttributes(3, 7, True, True), timestamps=True)
     syn = frames.tcp(CLIENT, SERVICE, 40000, PORT, frames.SYN | frames.ECE | frames.CWR, isn, 0,
                      frames.linux_syn_options(1460, 7, tsval=1000))
     ack = frames.tcp(CLIENT, SERVICE, 40000, PORT, frames.ACK, isn + 1, cookie + 1,
-                     frames.ts_option(1001, 2000))
+                     frames.ts_option(1001, synack_tsval(salt, epoch, t, isn, cookie)))
     data = frames.tcp(CLIENT, SERVICE, 40000, PORT, frames.ACK | frames.PSH, isn + 1000, cookie + 5000,
                       frames.ts_option(1050, 2050), payload=bytes(100))
     encap = frames.udp_encap(NODE_V4, BACKEND_V4, 50000, ENCAP_PORT,

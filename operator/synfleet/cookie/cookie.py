@@ -9,8 +9,10 @@ Hash input (SipHash-2-4, key = the epoch's 128-bit salt), all fields as bytes:
   IPv4 (24 bytes): saddr(4) daddr(4) sport(2) dport(2) client_isn(4, big-endian)
                    epoch(4, little-endian, low 32 bits) attrs(4, little-endian)
   IPv6 (48 bytes): saddr(16) daddr(16) then the same 16 bytes.
-The hash bits are the top 22 bits of the upper half of the 64-bit SipHash.
-docs/cookie.md explains the choices.
+attrs is the low 10 bits of the cookie, plus HASHED_TS (bit 16) when the
+SYN+ACK carries timestamps. The hash bits are the top 22 bits of the upper half
+of the 64-bit SipHash; the lower half is that SYN+ACK's TSval, which the ACK's
+TSecr must echo. docs/cookie.md explains the choices.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ EPOCH_SHIFT = 8
 ATTR_MASK = 0x3FF
 HASH_MASK = 0xFFFFFC00
 HASH_BITS = 22
+HASHED_TS = 0x10000
+TSVAL_BITS = 32
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -85,20 +89,27 @@ class CookieAttributes:
                    sack=bool(cookie & SACK_BIT), ecn=bool(cookie & ECN_BIT))
 
 
-def cookie_message(t: FourTuple, client_isn: int, epoch: int, attr_bits: int) -> bytes:
+def cookie_message(t: FourTuple, client_isn: int, epoch: int, hashed_bits: int) -> bytes:
     return t.packed() + struct.pack("!I", client_isn & 0xFFFFFFFF) \
-        + struct.pack("<II", epoch & 0xFFFFFFFF, attr_bits & ATTR_MASK)
+        + struct.pack("<II", epoch & 0xFFFFFFFF, hashed_bits & (ATTR_MASK | HASHED_TS))
 
 
-def _hash_bits(salt: bytes, t: FourTuple, client_isn: int, epoch: int, attr_bits: int) -> int:
-    return (siphash24(salt, cookie_message(t, client_isn, epoch, attr_bits)) >> 32) & HASH_MASK
+def _siphash(salt: bytes, t: FourTuple, client_isn: int, epoch: int, cookie: int, timestamps: bool) -> int:
+    hashed = (cookie & ATTR_MASK) | (HASHED_TS if timestamps else 0)
+    return siphash24(salt, cookie_message(t, client_isn, epoch, hashed))
 
 
 def cookie_make(salt: bytes, epoch: int, t: FourTuple, client_isn: int,
-                attrs: CookieAttributes) -> int:
-    """The ISN of the SYN+ACK answering a SYN with sequence number `client_isn`."""
+                attrs: CookieAttributes, timestamps: bool = False) -> int:
+    """The ISN of the SYN+ACK answering a SYN with sequence number `client_isn`;
+    `timestamps`: that SYN+ACK carries the option (see synack_tsval)."""
     bits = attrs.bits() | (epoch & 3) << EPOCH_SHIFT
-    return _hash_bits(salt, t, client_isn, epoch, bits) | bits
+    return (_siphash(salt, t, client_isn, epoch, bits, timestamps) >> 32) & HASH_MASK | bits
+
+
+def synack_tsval(salt: bytes, epoch: int, t: FourTuple, client_isn: int, cookie: int) -> int:
+    """The TSval of the SYN+ACK with timestamps whose ISN is `cookie`."""
+    return _siphash(salt, t, client_isn, epoch, cookie, True) & 0xFFFFFFFF
 
 
 def epoch_bits(cookie: int) -> int:
@@ -118,14 +129,16 @@ def salt_in_window(salt_epoch: int, now_epoch: int) -> bool:
 
 
 def cookie_check(salts: dict[int, bytes], now_epoch: int, t: FourTuple, client_isn: int,
-                 cookie: int) -> bool:
+                 cookie: int, tsecr: int | None = None) -> bool:
     """Validate as the proxy does: pick the salt by the cookie's epoch bits
-    among the published epochs, then one hash. `salts` maps epoch -> key."""
+    among the published epochs, then one hash. `salts` maps epoch -> key;
+    `tsecr` is the ACK's, None when it carries no timestamps."""
     want = epoch_bits(cookie)
     for epoch, salt in salts.items():
         if epoch & 3 == want and salt_in_window(epoch, now_epoch):
-            bits = cookie & ATTR_MASK
-            return _hash_bits(salt, t, client_isn, epoch, bits) == cookie & HASH_MASK
+            h = _siphash(salt, t, client_isn, epoch, cookie, tsecr is not None)
+            return (h >> 32) & HASH_MASK == cookie & HASH_MASK \
+                and (tsecr is None or h & 0xFFFFFFFF == tsecr)
     return False
 
 
