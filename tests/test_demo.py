@@ -61,6 +61,26 @@ def test_an_interrupted_demo_removes_everything(tmp_path):
     assert state() == before
 
 
+def test_bench_dataplane_times_every_path_and_part_and_cleans_up():
+    """At a small size: the full one (10^6 packets per figure) is the benchmark in docs/benchmarks.md."""
+    require_bpf()
+    from synfleet_lab.bench.dataplane import PARTS, after_a_change, cases
+
+    before = state()
+    out = subprocess.run([sys.executable, "-m", "synfleet.cli", "bench", "dataplane", "--json", "--repeat", "20000",
+                          "--rounds", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    paths = {c.key for c in cases(bytes(16), 0) + after_a_change(bytes(16), 0)}
+    assert paths | {p.key for p in PARTS} <= set(result)
+    assert {"proxy_xdp_syn_ns", "backend_chain_ns"} <= paths
+    assert all(result[k] > 0 for k in paths), result
+    # A path costs more than one of its pieces: what the subtraction leaves is the path's own work.
+    assert result["proxy_syn_ns"] > result["part_siphash_ns"] > 0
+    assert result["proxy_ack_ns"] > result["part_siphash_ns"] + result["part_fib_ns"]
+    assert state() == before
+
+
 INTERRUPTED = [
     ("bench dataplane", ["bench", "dataplane", "--repeat", "5000000"], signal.SIGTERM),
     ("bench dataplane", ["bench", "dataplane", "--repeat", "5000000"], signal.SIGINT),

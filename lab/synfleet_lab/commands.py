@@ -14,16 +14,17 @@ from synfleet_lab.bench.flood import GENERATORS
 
 
 def _bench_dataplane(args: argparse.Namespace) -> int:
-    from synfleet_lab.bench.dataplane import run
+    from synfleet_lab.bench.dataplane import PARTS, after_a_change, cases, run
 
     result = run(repeat=args.repeat, rounds=args.rounds)
     if args.json:
         print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))
         return 0
-    print(f"synfleet data plane, ns per packet (BPF_PROG_TEST_RUN, {args.repeat} runs, best of "
+    print(f"synfleet data plane, ns per packet ({args.repeat} packets per figure, best of "
           f"{args.rounds}; kernel {result['kernel']}, {result['cpu']})")
-    for key in ("proxy_syn_ns", "proxy_ack_ns", "proxy_passthrough_ns", "backend_decap_ns"):
-        print(f"  {key:<22} {result[key]:8.1f}")
+    labels = [(c.key, c.label) for c in cases(bytes(16), 0) + after_a_change(bytes(16), 0)]
+    for key, label in labels + [(p.key, p.label) for p in PARTS]:
+        print(f"  {key:<24} {result[key]:8.1f}  {label}")
     return 0
 
 

@@ -7,15 +7,17 @@ from synfleet.bpf.libbpf import (
     BpfObject,
     Map,
     Program,
+    RunStatistics,
     TcHook,
     TestRun,
     TypedMap,
     XdpHook,
     possible_cpus,
+    run_statistics_enabled,
 )
 from synfleet.bpf.objects import object_path
 
 __all__ = [
-    "BPF_TC_EGRESS", "BPF_TC_INGRESS", "BpfError", "BpfObject", "Map", "Program", "TcHook",
-    "TestRun", "TypedMap", "XdpHook", "object_path", "possible_cpus",
+    "BPF_TC_EGRESS", "BPF_TC_INGRESS", "BpfError", "BpfObject", "Map", "Program", "RunStatistics",
+    "TcHook", "TestRun", "TypedMap", "XdpHook", "object_path", "possible_cpus", "run_statistics_enabled",
 ]

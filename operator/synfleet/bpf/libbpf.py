@@ -3,11 +3,12 @@
 Only what synfleet needs: open/load objects (a failed load raises
 :class:`BpfError` with errno and libbpf's log, which carries the verifier log),
 programs and maps, pinning, map element access including per-CPU values,
-TC clsact hooks, ``BPF_PROG_TEST_RUN`` and BTF type sizes.
+TC clsact hooks, ``BPF_PROG_TEST_RUN``, run-time statistics and BTF type sizes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno as errno_mod
@@ -109,6 +110,7 @@ def _proto(name: str, restype, *argtypes) -> None:
 
 _vp, _int, _u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
 _proto("bpf_object__open_file", _vp, ctypes.c_char_p, _vp)
+_proto("bpf_enable_stats", _int, _int)
 _proto("bpf_object__load", _int, _vp)
 _proto("bpf_object__close", None, _vp)
 _proto("bpf_object__find_program_by_name", _vp, _vp, ctypes.c_char_p)
@@ -318,7 +320,31 @@ class TestRun:
 
 class _ProgInfo(ctypes.Structure):
     _fields_ = [("type", _u32), ("id", _u32), ("_skipped", ctypes.c_uint8 * 56),
-                ("name", ctypes.c_char * 16), ("rest", ctypes.c_uint8 * 176)]
+                ("name", ctypes.c_char * 16), ("_middle", ctypes.c_uint8 * 112),
+                ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64), ("rest", ctypes.c_uint8 * 48)]
+
+
+@dataclass(frozen=True)
+class RunStatistics:
+    """What the kernel counts for a program while run-time statistics are on."""
+
+    run_time_ns: int
+    runs: int
+
+
+BPF_STATS_RUN_TIME = 0
+
+
+@contextlib.contextmanager
+def run_statistics_enabled() -> Iterator[None]:
+    """The kernel times every program run while this is held (BPF_ENABLE_STATS:
+    released with the fd, also when the process dies)."""
+    fd = _lib.bpf_enable_stats(BPF_STATS_RUN_TIME)
+    _check(fd, "enable BPF run-time statistics")
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def _prog_info(fd: int, what: str) -> _ProgInfo:
@@ -345,6 +371,10 @@ class Program(_OwnedFd):
     @property
     def id(self) -> int:
         return _prog_info(self.fd, self.name).id
+
+    def run_statistics(self) -> RunStatistics:
+        info = _prog_info(self.fd, self.name)
+        return RunStatistics(info.run_time_ns, info.run_cnt)
 
     def test_run(self, data: bytes, repeat: int = 1, out_size: int = 0) -> TestRun:
         out = ctypes.create_string_buffer(max(out_size, len(data) + 256))
