@@ -44,7 +44,7 @@ def test_every_defence_answers_a_low_rate_flood_and_everything_is_removed():
         assert flat["offered_target_pps"] is None
         assert 0 < flat["answered_pps"] <= 1.01 * flat["offered_pps"], name
         assert r["cpu_s_per_million"] > 0
-        if name == "floor":
+        if name in ("floor", "xdp-floor"):
             assert r["legit"] == {} and r["memory"] == []
             continue
         for pct in ("25", "50", "100"):
@@ -61,8 +61,16 @@ def test_every_defence_answers_a_low_rate_flood_and_everything_is_removed():
     assert [m["conntrack_entries"] for m in result["defences"]["synfleet"]["memory"]] == [0, 0]
     assert result["generator_pps"] > 20_000
     assert set(result["ratios"]) == {"synfleet/kernel", "synfleet/nf-synproxy", "synfleet/synfleet-tc",
-                                     "synfleet/floor"}
+                                     "synfleet/floor", "synfleet/xdp-floor"}
     assert set(result["ratios"]["synfleet/kernel"]) == {"max_answered_rate", "legit_success_at_100"}
+    # Each defence's own work: its busy time per SYN less its floor's, the XDP one for synfleet's front.
+    cpu = {name: r["cpu_s_per_million"] for name, r in result["defences"].items()}
+    assert result["work_above_floor_us"] == {
+        "kernel": pytest.approx(cpu["kernel"] - cpu["floor"], abs=1e-3),
+        "nf-synproxy": pytest.approx(cpu["nf-synproxy"] - cpu["floor"], abs=1e-3),
+        "synfleet": pytest.approx(cpu["synfleet"] - cpu["xdp-floor"], abs=1e-3),
+        "synfleet-tc": pytest.approx(cpu["synfleet-tc"] - cpu["floor"], abs=1e-3)}
+    assert result["cpu"]
     assert network_namespaces() == before
 
 

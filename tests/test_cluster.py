@@ -333,7 +333,10 @@ def test_a_backend_node_leaving_the_pool_and_returning_loses_no_transfer(install
             wait_until(lambda: proxy_backends(installed) == [installed.node_address(staying)],
                        "the proxies' table without the leaving node", 60, 0.2)
             drained_at = time.monotonic()
-            draining = json.loads(installed.kubectl("get", "backendpool", "web", "-o", "json").stdout)["status"]
+            # The pool's status is patched after the ConfigMap is written.
+            draining = wait_until(lambda: json.loads(installed.kubectl(
+                "get", "backendpool", "web", "-o", "json").stdout)["status"].get("draining"),
+                "the pool's status naming the draining node", 30, 0.2)
             time.sleep(3)
             returning_at = time.monotonic()
             installed.kubectl("label", "node", leaving, "synfleet.io/backend=web")
@@ -346,7 +349,7 @@ def test_a_backend_node_leaving_the_pool_and_returning_loses_no_transfer(install
     # Applied on the proxies within a second of the ConfigMap: no new request went to the drained node.
     during = {body for t, ok, body in clients.results if drained_at + 1 <= t <= returning_at}
     assert during == {staying}, during
-    assert [(d["node"], d["reason"]) for d in draining.get("draining", [])] == [(leaving, "LeftPool")]
+    assert [(d["node"], d["reason"]) for d in draining] == [(leaving, "LeftPool")]
     assert agent_counters(installed, (staying,)).get("chained", 0) > chained_before
     installed.kubectl("rollout", "status", "-n", NAMESPACE, "daemonset/synfleet-backend-web",
                       f"--timeout={READY_S}s", timeout=READY_S + 10)

@@ -63,6 +63,9 @@ def _bench_flood(args: argparse.Namespace) -> int:
                 + f"  ({r['memory'][-1]['conntrack_bytes']:,} B at the last)")
     for pair, ratio in result["ratios"].items():
         print(f"  {pair:<22} " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    print("\ndefence-core busy time per SYN above its floor (TC floor; XDP floor for synfleet's front)")
+    for name, us in result["work_above_floor_us"].items():
+        print(f"  {name:<12} {us:6.2f} µs")
     if args.chart:
         print(f"\nchart: {args.chart}")
     return 0

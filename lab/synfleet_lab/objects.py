@@ -11,5 +11,5 @@ LAB_OBJECTS_DIR = Path(__file__).resolve().parent / "objects"
 
 
 def lab_object(program: str) -> Path:
-    """Path of a lab program's object (syngen, sink, reflect, xdp_pass, cni_count, bench)."""
+    """Path of a lab program's object (syngen, sink, reflect, xdp_reflect, xdp_pass, cni_count, bench)."""
     return object_path(program, LAB_OBJECTS_DIR)

@@ -32,6 +32,7 @@ from synfleet.cookie import (
 )
 from synfleet.dataplane.programs import BackendDataplane, ProxyDataplane
 from synfleet_lab import frames
+from synfleet_lab.bench.machine import cpu_model
 from synfleet_lab.objects import lab_object
 from synfleet_lab.testbed.configs import ENCAP_PORT, testbed_config
 from synfleet_lab.testbed.configs import SERVICE_PORT as PORT
@@ -225,14 +226,4 @@ def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
             results |= {p.key: min(harness.part(p, syn, repeat) for _ in range(rounds)) for p in PARTS}
             proxy.apply(proxy_config(PEER_V4))
             results |= {c.key: min(measure(c) for _ in range(rounds)) for c in after_a_change(salt, epoch)}
-    return results | {"repeat": repeat, "kernel": platform.release(), "cpu": _cpu_model()}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return results | {"repeat": repeat, "kernel": platform.release(), "cpu": cpu_model()}

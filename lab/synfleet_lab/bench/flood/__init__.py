@@ -4,18 +4,21 @@ under one generator. Split by concern: topology.py (the namespaces), defences.py
 measure.py (steps, legitimate clients, memory), report.py (ratios, chart).
 
     attacker ──eth0── defence node ──eth1── server
-    (generator)       (kernel | nf-synproxy | synfleet | floor)
+    (generator)       (kernel | nf-synproxy | synfleet | floor | xdp-floor)
                       └──eth2── client
 
 The defences (defences.py): `kernel` (SYN cookies), `nf-synproxy`, `synfleet`
-(its XDP front and TC program), `synfleet-tc` (TC only) and `floor` (a TC
-program that reflects each SYN: packet I/O with zero work).
+(its XDP front and TC program), `synfleet-tc` (TC only), `floor` (a TC
+program that reflects each SYN: packet I/O with zero work) and `xdp-floor`
+(the same in XDP). `work_above_floor_us` is each defence's busy time per SYN
+above its floor's: its own work.
 
 Generators (synfleet_lab.generators), random sources in 10.66.0.0/16,
 Linux-like SYN options, valid checksums:
 - `xdp` (default): BPF live frames sent from the first CPU; the defence node's
   receive work (the NAPI of its eth0 and eth2, in threads) runs on the last
-  CPU, as a NIC's interrupt affinity would place it.
+  CPU, as a NIC's interrupt affinity would place it, and the attacker's and
+  client's receive work on the first.
   Figures are then a defence core's capacity: `cpu_s_per_million` is that
   core's busy time per million SYNs answered.
 - `trafgen`: one trafgen thread. On veth the receiver's work runs on the
@@ -45,7 +48,8 @@ from synfleet_lab.bench.flood.measure import (
     generator_rate,
     measure_defence,
 )
-from synfleet_lab.bench.flood.report import chart, ratios
+from synfleet_lab.bench.flood.report import chart, ratios, work_above_floor
+from synfleet_lab.bench.machine import cpu_model
 
 __all__ = ["DEFENCES", "GENERATORS", "FloodLab", "chart", "run"]
 
@@ -71,4 +75,5 @@ def run(defences: tuple[str, ...] = DEFENCES, rates: list[int] | None = None, se
                 results[d] = measure_defence(lab, d, rates, seconds, progress, memory_points)
         generator_pps = max(first, measured_generator())
     return {"generator": generator, "defences": {d: asdict(r) for d, r in results.items()},
-            "generator_pps": round(generator_pps), "ratios": ratios(results)}
+            "generator_pps": round(generator_pps), "ratios": ratios(results),
+            "work_above_floor_us": work_above_floor(results), "cpu": cpu_model()}

@@ -12,7 +12,9 @@ and taken down again without a trace.
   client run an XDP_PASS program: a veth takes its peer's XDP_TX frames only
   then. `synfleet-tc`: the same without the XDP front.
 - `floor`: a TC program that swaps addresses and sends the packet back
-  (lab/bpf/reflect.bpf.c): packet I/O with zero work.
+  (lab/bpf/reflect.bpf.c): packet I/O with zero work, the limit of any TC
+  defence. `xdp-floor`: the same in XDP with XDP_TX (lab/bpf/xdp_reflect.bpf.c),
+  the limit of an XDP front such as synfleet's.
 - `generator` (not a defence): a TC drop on the defence node, to measure what
   the generator sends.
 """
@@ -33,7 +35,10 @@ from synfleet_lab.objects import lab_object
 from synfleet_lab.testbed.configs import SERVICE_PORT, testbed_config
 from synfleet_lab.testbed.netns import NetNS
 
-DEFENCES = ("kernel", "nf-synproxy", "synfleet", "synfleet-tc", "floor")
+DEFENCES = ("kernel", "nf-synproxy", "synfleet", "synfleet-tc", "floor", "xdp-floor")
+# The zero-work reflectors, and which one bounds each defence.
+FLOORS = ("floor", "xdp-floor")
+FLOOR_OF = {"kernel": "floor", "nf-synproxy": "floor", "synfleet": "xdp-floor", "synfleet-tc": "floor"}
 ROTATION_S = 3600
 NFT_SYNPROXY = f"""
 table ip synfleet_bench {{
@@ -121,6 +126,12 @@ class Listener:
         self.proc.stdout.close()
 
 
+def _xdp_tx_receivable(topo: FloodTopology, attached: Attached) -> None:
+    """A veth takes its peer's XDP_TX frames only with an XDP program of its own."""
+    attached.attach_lab_program(topo.attacker, "eth0", "xdp_pass", XdpHook)
+    attached.attach_lab_program(topo.client, "eth0", "xdp_pass", XdpHook)
+
+
 def _synfleet(topo: FloodTopology, attached: Attached, xdp: bool) -> None:
     """The proxy on the attacker- and client-facing links (with its XDP front
     unless `xdp` is off), the backend on the server's."""
@@ -135,9 +146,7 @@ def _synfleet(topo: FloodTopology, attached: Attached, xdp: bool) -> None:
     attached.attach(topo.defence, "eth0", proxy.program)
     attached.attach(topo.defence, "eth2", proxy.program)
     if xdp:
-        # A veth takes its peer's XDP_TX frames only with an XDP program of its own.
-        attached.attach_lab_program(topo.attacker, "eth0", "xdp_pass", XdpHook)
-        attached.attach_lab_program(topo.client, "eth0", "xdp_pass", XdpHook)
+        _xdp_tx_receivable(topo, attached)
         attached.attach(topo.defence, "eth0", proxy.xdp_program, XdpHook)
         attached.attach(topo.defence, "eth2", proxy.xdp_program, XdpHook)
     backend = attached.keep(BackendDataplane())
@@ -158,6 +167,9 @@ def defended_by(topo: FloodTopology, defence: str, workdir: str) -> Iterator[Non
             attached.attach_lab_program(topo.defence, "eth0", "sink")
         elif defence == "floor":
             attached.attach_lab_program(topo.defence, "eth0", "reflect")
+        elif defence == "xdp-floor":
+            _xdp_tx_receivable(topo, attached)
+            attached.attach_lab_program(topo.defence, "eth0", "xdp_reflect", XdpHook)
         elif defence == "kernel":
             topo.defence.add_address("lo", SERVICE)
             undo.append(lambda: topo.defence.del_address("lo", SERVICE))

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from synfleet_lab.bench.flood.defences import Attached, defended_by
+from synfleet_lab.bench.flood.defences import FLOORS, Attached, defended_by
 from synfleet_lab.bench.flood.topology import ATTACKER, DEFENCE_NEAR, SERVICE, FloodTopology
 from synfleet_lab.generators import Generator, TrafgenSynGenerator, XdpSynGenerator, pinned_to, syn_template
 from synfleet_lab.testbed.configs import SERVICE_PORT
@@ -75,8 +75,9 @@ class DefenceResult:
 
 class FloodLab:
     """A fresh FloodTopology with one generator on the attacker; `close()`
-    removes everything. xdp: the generator and the clients on the first CPU,
-    the defence node's receive work on the last. trafgen: wherever the
+    removes everything. xdp: the generator, the clients and the receive work
+    of the attacker's and client's links on the first CPU, the defence node's
+    receive work on the last. trafgen: wherever the
     scheduler puts them."""
 
     def __init__(self, generator: str = "xdp") -> None:
@@ -92,7 +93,7 @@ class FloodLab:
         self.topology: FloodTopology | None = None
         self._sink: Attached | None = None
         try:
-            self.topology = FloodTopology(self.defence_cpu)
+            self.topology = FloodTopology(self.defence_cpu, self.generator_cpu)
             template = syn_template(self.topology.mac[DEFENCE_NEAR], self.topology.mac[ATTACKER], SERVICE,
                                     SERVICE_PORT)
             self.generator = (XdpSynGenerator(self.topology.attacker, "eth0", template, self.generator_cpu)
@@ -260,7 +261,7 @@ def measure_defence(lab: FloodLab, defence: str, rates: list[int], seconds: floa
             if not offer(rate):
                 break
         offer(None)
-        if defence == "floor":
+        if defence in FLOORS:
             return result       # it answers SYNs and serves nothing
         # Memory first, while the conntrack table holds nothing from earlier clients.
         result.memory = memory_with_established(lab, memory_points)

@@ -3,6 +3,7 @@ defence's, and the chart."""
 
 from __future__ import annotations
 
+from synfleet_lab.bench.flood.defences import FLOOR_OF
 from synfleet_lab.bench.flood.measure import LEGIT_FRACTIONS, DefenceResult
 
 
@@ -18,6 +19,18 @@ def ratios(results: dict[str, DefenceResult]) -> dict[str, dict[str, float]]:
         if "100" in other.legit and other.legit["100"].success:
             ratio["legit_success_at_100"] = round(ours.legit["100"].success / other.legit["100"].success, 3)
         out[f"synfleet/{name}"] = ratio
+    return out
+
+
+def work_above_floor(results: dict[str, DefenceResult]) -> dict[str, float]:
+    """Each defence's busy time per SYN answered above its floor's (the TC
+    floor for TC defences, the XDP floor for synfleet's XDP front), in µs:
+    the defence's own work, without the packet I/O every defence pays."""
+    out = {}
+    for name, floor in FLOOR_OF.items():
+        ours, base = results.get(name), results.get(floor)
+        if ours and base and ours.cpu_s_per_million is not None and base.cpu_s_per_million is not None:
+            out[name] = round(ours.cpu_s_per_million - base.cpu_s_per_million, 3)
     return out
 
 

@@ -5,7 +5,12 @@
 
 Addresses are IPv4 only; every neighbour is permanent (no ARP under load, and
 none for the spoofed sources). With a defence CPU, the defence node's receive
-work on its flood- and client-facing links runs in NAPI threads pinned there.
+work on its flood- and client-facing links runs in NAPI threads pinned there,
+and the attacker's and client's receive work (of the answers) in NAPI threads
+pinned to the generator's CPU: on a veth the receiver's work otherwise runs
+where the frame is sent, which would charge the defence core for the
+attacker's receive of every answer, a cost a physical NIC's transmit does not
+have.
 """
 
 from __future__ import annotations
@@ -28,8 +33,23 @@ def _napi_threads() -> set[int]:
                 pids.add(int(pid))
     return pids
 
+def _threaded_napi(ns, ifnames: tuple[str, ...], cpu: int) -> None:
+    """Receive work of `ifnames` in NAPI kernel threads pinned to `cpu` (a
+    veth has NAPI once GRO is on)."""
+    for ifname in ifnames:
+        ns.set_feature(ifname, "rx-gro", True)
+        before = _napi_threads()
+        # Threaded NAPI is a sysfs switch, and sysfs shows a namespace's devices only in its own mount.
+        ns.run_with_sysfs("sh", "-c", f"echo 1 > /sys/class/net/{ifname}/threaded")
+        threads = _napi_threads() - before
+        if not threads:
+            raise RuntimeError(f"no NAPI thread appeared for {ns.name}'s {ifname}")
+        for pid in threads:
+            os.sched_setaffinity(pid, {cpu})
+
+
 class FloodTopology:
-    def __init__(self, defence_cpu: int | None) -> None:
+    def __init__(self, defence_cpu: int | None, generator_cpu: int | None = None) -> None:
         self.fabric = Fabric("sfb")
         with self.fabric.building():
             self.attacker = self.fabric.add("att", rp_filter=False)
@@ -56,24 +76,13 @@ class FloodTopology:
                 (self.defence, "eth1", SERVER), (self.server, "eth0", DEFENCE_FAR),
                 (self.client, "eth0", DEFENCE_CLIENT_SIDE), (self.defence, "eth2", CLIENT)))
             if defence_cpu is not None:
-                self._defence_core(defence_cpu)
-
-    def _defence_core(self, cpu: int) -> None:
-        """Give the defence node's receive work a CPU of its own, as a NIC's
-        interrupt affinity would: its flood-facing and client-facing links run
-        their NAPI in kernel threads pinned there (live frames need the
-        receiver's NAPI anyway), so that legitimate handshakes compete with
-        the flood for the same core."""
-        for ifname in ("eth0", "eth2"):
-            self.defence.set_feature(ifname, "rx-gro", True)
-            before = _napi_threads()
-            # Threaded NAPI is a sysfs switch, and sysfs shows a namespace's devices only in its own mount.
-            self.defence.run_with_sysfs("sh", "-c", f"echo 1 > /sys/class/net/{ifname}/threaded")
-            threads = _napi_threads() - before
-            if not threads:
-                raise RuntimeError(f"no NAPI thread appeared for the defence node's {ifname}")
-            for pid in threads:
-                os.sched_setaffinity(pid, {cpu})
+                # The defence node's receive work gets a CPU of its own, as a NIC's
+                # interrupt affinity would give it (live frames need the receiver's
+                # NAPI anyway); legitimate handshakes compete with the flood there.
+                _threaded_napi(self.defence, ("eth0", "eth2"), defence_cpu)
+            if generator_cpu is not None:
+                _threaded_napi(self.attacker, ("eth0",), generator_cpu)
+                _threaded_napi(self.client, ("eth0",), generator_cpu)
 
     def attacker_packets(self) -> tuple[int, int]:
         """(sent, received) frames on the attacker's link: floods out, answers in."""
