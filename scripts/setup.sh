@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 packages=(clang llvm libbpf-dev bpftool iproute2 make python3-pip openssl netsniff-ng nftables
           nginx-light wrk buildah debootstrap containerd runc containernetworking-plugins iptables
-          gcc libc6-dev)
+          gcc libc6-dev prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

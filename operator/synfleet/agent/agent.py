@@ -190,6 +190,8 @@ class Agent:
         self.state.tc_hook = self.hooks.tc_kind
         self.state.hooks = sorted(n for n, st in tc.items() if st.attached)
         self.state.xdp_hooks = sorted(n for n, st in front.items() if st.attached)
+        self.state.hooks_missing = sorted((st.interface, st.hook) for st in list(tc.values()) + list(front.values())
+                                          if not st.attached)
 
     def _watch_xdp(self) -> None:
         """Take the XDP front away where its replies do not leave (XDP_TX
@@ -288,6 +290,7 @@ class Agent:
         self.dataplane.set_salts(self._salts)
         self.state.salts_published = set(self._salts)
         self.state.salts_loaded_for = epoch
+        self.state.rotation_seconds = cfg.rotation_seconds
 
     # ---- run ----
 

@@ -36,6 +36,8 @@ class AgentState:
     hooks: list[str] = field(default_factory=list)        # interfaces running the TC program ...
     tc_hook: str = "tcx"                                  # ... through a tcx link, or a clsact filter ("tc")
     xdp_hooks: list[str] = field(default_factory=list)    # interfaces running the XDP front
+    hooks_missing: list[tuple[str, str]] = field(default_factory=list)   # (interface, hook) wanted, not in place
+    rotation_seconds: float | None = None   # of the salt epochs, once configured
     xdp_fallbacks: dict[str, int] = field(default_factory=dict)   # fronts taken away, by interface
     not_ready: Callable[[], str | None] = lambda: "starting"   # why /readyz fails, or None
 
@@ -75,7 +77,13 @@ class AgentCollector(Collector):
         for hook, interfaces in ((s.tc_hook, s.hooks), ("xdp", s.xdp_hooks)):
             for name in interfaces:
                 attached.add_metric(base + [name, hook], 1)
+        for name, hook in s.hooks_missing:
+            attached.add_metric(base + [name, hook], 0)
         yield attached
+        ready = GaugeMetricFamily("synfleet_agent_ready", "1 when /readyz answers 200 (its body says why not)",
+                                  labels=labels)
+        ready.add_metric(base, 1 if s.not_ready() is None else 0)
+        yield ready
         fallbacks = CounterMetricFamily("synfleet_xdp_fallbacks",
                                         "XDP fronts taken away because the driver failed to send their "
                                         "replies (the TC program answers there)", labels=labels + ["interface"])
@@ -94,9 +102,15 @@ class AgentCollector(Collector):
             yield epoch
             ahead = GaugeMetricFamily("synfleet_salt_epochs_ahead",
                                       "Salt epochs loaded after the current one", labels=labels)
+            horizon = GaugeMetricFamily("synfleet_salt_horizon_seconds",
+                                        "How long the loaded salts last without a new master key (at least)",
+                                        labels=labels)
             if s.salt_epoch is not None:
                 ahead.add_metric(base, s.salt_epochs_ahead)
+                if s.rotation_seconds:
+                    horizon.add_metric(base, s.salt_epochs_ahead * s.rotation_seconds)
             yield ahead
+            yield horizon
 
 
 class _Handler(BaseHTTPRequestHandler):

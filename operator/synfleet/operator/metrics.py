@@ -25,7 +25,12 @@ class OperatorMetrics:
         self.policies = Gauge("synfleet_operator_policies", "SynProxyPolicies by Ready state", ["ready"],
                               registry=self.registry)
         self._last_rotation: dict[str, float] = {}
+        self._pools_ready: dict[tuple[str, str], bool] = {}
         self.registry.register(self)
+
+    def pools_ready(self, ready: dict[tuple[str, str], bool]) -> None:
+        """Every pool's Ready condition as the last render reported it, by (kind, name)."""
+        self._pools_ready = dict(ready)
 
     def rotated(self, pool: str) -> None:
         self.rotations.labels(pool).inc()
@@ -41,3 +46,8 @@ class OperatorMetrics:
         for pool, at in sorted(self._last_rotation.items()):
             since.add_metric([pool], now - at)
         yield since
+        ready = GaugeMetricFamily("synfleet_operator_pool_ready", "1 while the pool's Ready condition is True",
+                                  labels=["kind", "pool"])
+        for (kind, pool), ok in sorted(self._pools_ready.items()):
+            ready.add_metric([kind, pool], 1 if ok else 0)
+        yield ready

@@ -279,6 +279,7 @@ class Reconciler:
         generations = {name: self._generation_in_force(pool) for (role, name), pool in pools.items()
                        if role is Role.PROXY}
         now = datetime.now(timezone.utc)
+        pools_ready = {}
         for key, pool in pools.items():
             obj = pool_objs[key]
             shared = proxy_nodes_in(pool, view) if pool.role is Role.BACKEND else []
@@ -287,7 +288,9 @@ class Reconciler:
             if pool.role is Role.BACKEND:
                 status |= drain_report(pool, [n for n in view.nodes if selects(pool, n)], members(pool, view),
                                        obj.get("status") or {}, now)
-            self._report(obj, status, problems.get(key) is not None or bool(shared))
+            ready = self._report(obj, status, problems.get(key) is not None or bool(shared))
+            pools_ready[(POOL_KINDS[pool.role], pool.name)] = ready == "True"
+        self.metrics.pools_ready(pools_ready)
 
         ready_count = {"True": 0, "False": 0}
         for p in view.policies:

@@ -33,9 +33,11 @@ def _napi_threads() -> set[int]:
                 pids.add(int(pid))
     return pids
 
-def _threaded_napi(ns, ifnames: tuple[str, ...], cpu: int) -> None:
+def _threaded_napi(ns, ifnames: tuple[str, ...], cpu: int, realtime: bool = False) -> None:
     """Receive work of `ifnames` in NAPI kernel threads pinned to `cpu` (a
-    veth has NAPI once GRO is on)."""
+    veth has NAPI once GRO is on); `realtime`: they preempt whatever else runs
+    there, as a NIC's interrupt would (else a CPU-bound generator keeps them
+    waiting and their 256-frame ring overflows)."""
     for ifname in ifnames:
         ns.set_feature(ifname, "rx-gro", True)
         before = _napi_threads()
@@ -46,6 +48,8 @@ def _threaded_napi(ns, ifnames: tuple[str, ...], cpu: int) -> None:
             raise RuntimeError(f"no NAPI thread appeared for {ns.name}'s {ifname}")
         for pid in threads:
             os.sched_setaffinity(pid, {cpu})
+            if realtime:
+                os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(50))
 
 
 class FloodTopology:
@@ -81,8 +85,8 @@ class FloodTopology:
                 # NAPI anyway); legitimate handshakes compete with the flood there.
                 _threaded_napi(self.defence, ("eth0", "eth2"), defence_cpu)
             if generator_cpu is not None:
-                _threaded_napi(self.attacker, ("eth0",), generator_cpu)
-                _threaded_napi(self.client, ("eth0",), generator_cpu)
+                _threaded_napi(self.attacker, ("eth0",), generator_cpu, realtime=True)
+                _threaded_napi(self.client, ("eth0",), generator_cpu, realtime=True)
 
     def attacker_packets(self) -> tuple[int, int]:
         """(sent, received) frames on the attacker's link: floods out, answers in."""
