@@ -26,7 +26,12 @@ CUSTOM_VALUES = {
     "agentImage": {"repository": "registry.example/synfleet/agent", "tag": "dev"},
     "replicas": 3, "encapPort": 7080,
     "metrics": {"port": 9090, "serviceMonitor": {"enabled": True, "interval": "15s",
-                                                 "labels": {"release": "prometheus"}}},
+                                                 "labels": {"release": "prometheus"}},
+                "podMonitor": {"enabled": True, "interval": "20s", "labels": {"release": "prometheus"}},
+                "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"},
+                                   "saltHorizonSeconds": 1800}},
+    "dashboards": {"enabled": True, "namespace": "monitoring", "labels": {"grafana_dashboard": "1"},
+                   "annotations": {"grafana_folder": "synfleet"}},
     "podDisruptionBudget": {"minAvailable": 2},
     "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
     "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists",
@@ -36,8 +41,9 @@ CUSTOM_VALUES = {
 }
 # Kinds whose schema is not Kubernetes' own: the API server checks them in
 # test_chart_installs_into_a_real_api_server (ServiceMonitor needs the
-# Prometheus Operator's CRD, which this cluster lacks).
-CUSTOM_KINDS = {"ClusterKopfPeering", "ServiceMonitor"}
+# Prometheus Operator's CRDs, which this cluster lacks; test_observability.py
+# loads the rules into a real Prometheus).
+CUSTOM_KINDS = {"ClusterKopfPeering", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 
 def helm(*args: str) -> str:
@@ -106,6 +112,26 @@ def test_values_reach_the_operator_deployment(tmp_path):
     assert pdb["spec"]["minAvailable"] == 2
 
 
+def test_monitoring_objects_scrape_the_agents_by_pool_and_node_and_ship_the_files(tmp_path):
+    docs = render(tmp_path, CUSTOM_VALUES)
+    (pods,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert pods["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "synfleet-agent"}
+    (endpoint,) = pods["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["interval"]) == ("metrics", "20s")
+    assert {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]} == {
+        "pool": ["__meta_kubernetes_pod_label_synfleet_io_pool"], "node": ["__meta_kubernetes_pod_node_name"]}
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    exprs = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert exprs["SynfleetSaltHorizonShort"].endswith("< 1800")
+    (dashboard,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["synfleet.json"]) == json.loads((CHART / "files" / "dashboard.json").read_text())
+    kinds = {d["kind"] for d in render(tmp_path)}
+    assert not kinds & {"PodMonitor", "PrometheusRule"}, "monitoring objects are opt-in"
+
+
 @pytest.mark.parametrize("values,message", [
     ({"replicas": "two"}, "replicas"),
     ({"encapPort": 99999}, "encapPort"),
@@ -113,7 +139,10 @@ def test_values_reach_the_operator_deployment(tmp_path):
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
     ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
     ({"replica": 2}, "replica"),           # a typo is not silently ignored
-], ids=["replicas-not-a-number", "port-out-of-range", "zero-timeout", "pull-policy", "interval", "typo"])
+    ({"metrics": {"prometheusRule": {"saltHorizonSeconds": "1h"}}}, "saltHorizonSeconds"),
+    ({"dashboards": {"enabled": "yes"}}, "enabled"),
+], ids=["replicas-not-a-number", "port-out-of-range", "zero-timeout", "pull-policy", "interval", "typo",
+        "salt-horizon-not-seconds", "dashboards-not-a-boolean"])
 def test_bad_values_are_refused_naming_the_value(tmp_path, values, message):
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -142,7 +171,9 @@ def cluster(tmp_path_factory):
 
 def test_chart_installs_into_a_real_api_server(cluster, tmp_path):
     cluster.kubectl("create", "namespace", "edge-system")
-    values = {**CUSTOM_VALUES, "metrics": {"port": 9090}}     # no ServiceMonitor CRD here
+    # No Prometheus Operator CRDs here; the dashboard's ConfigMap goes to a namespace of its own.
+    cluster.kubectl("create", "namespace", "monitoring")
+    values = {**CUSTOM_VALUES, "metrics": {"port": 9090}}
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     cluster.helm("install", "edge", str(CHART), "--namespace", "edge-system",
                  "--values", str(tmp_path / "values.yaml"))
@@ -151,6 +182,9 @@ def test_chart_installs_into_a_real_api_server(cluster, tmp_path):
     assert dep["spec"]["replicas"] == 3
     status = cluster.helm("status", "edge", "--namespace", "edge-system", "-o", "json").stdout
     assert json.loads(status)["info"]["status"] == "deployed"
+    dashboard = json.loads(cluster.kubectl("get", "configmap", "edge-synfleet-dashboard", "-n", "monitoring",
+                                           "-o", "json").stdout)
+    assert json.loads(dashboard["data"]["synfleet.json"])["uid"] == "synfleet-overview"
     cluster.helm("uninstall", "edge", "--namespace", "edge-system")
 
 
@@ -215,3 +249,44 @@ def test_helm_uninstall_with_pools_leaves_them_serving_and_a_reinstall_finishes_
         wait_for(lambda: not any(present(k, n) for k, n in agent_objects), "its objects collected", timeout=60)
     finally:
         operator.stop()
+
+
+# The last release whose BackendPool has no spec.drainSeconds (the commit before it was added).
+RELEASE_BEFORE_DRAIN = "753a2fe~1"
+
+
+def test_an_upgrade_brings_new_crd_fields_only_through_the_documented_step(cluster, tmp_path):
+    """Helm never upgrades crds/ (docs/operator.md, "Upgrading"): from the
+    previous release's chart, after `helm upgrade` alone the API server still
+    refuses a field the new CRDs define; `kubectl apply --server-side
+    --force-conflicts -f crds/` brings it."""
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", RELEASE_BEFORE_DRAIN, "charts/synfleet", "crds"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(previous)], input=archive, check=True)
+    namespace, release = "upgrade-system", "upgrade"
+    pool = {"apiVersion": "synfleet.io/v1alpha1", "kind": "BackendPool", "metadata": {"name": "upgraded"},
+            "spec": {"nodeSelector": {"synfleet.io/backend": "upgraded"}, "interface": "eth0", "drainSeconds": 60}}
+
+    def refused() -> str:
+        """What the API server says to the pool with the new field ('' when it takes it)."""
+        r = cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(pool), check=False)
+        return r.stderr if r.returncode else ""
+
+    cluster.kubectl("create", "namespace", namespace)
+    # A cluster installed with the previous release: its CRDs (these tests' earlier installs made the new ones).
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(previous / "crds"))
+    try:
+        cluster.helm("install", release, str(previous / "charts" / "synfleet"), "--namespace", namespace)
+        assert 'unknown field "spec.drainSeconds"' in refused(), "the previous CRD does not know the field"
+        cluster.helm("upgrade", release, str(CHART), "--namespace", namespace)
+        assert 'unknown field "spec.drainSeconds"' in refused(), "helm upgrade left the previous CRDs in place"
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+        wait_for(lambda: not refused(), "the pool taken once the CRDs are upgraded", timeout=10)
+        got = json.loads(cluster.kubectl("get", "backendpool", "upgraded", "-o", "json").stdout)
+        assert got["spec"]["drainSeconds"] == 60
+    finally:
+        cluster.kubectl("delete", "backendpool", "upgraded", "--ignore-not-found", "--wait=false")
+        cluster.helm("uninstall", release, "--namespace", namespace, "--wait")
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))

@@ -18,9 +18,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import IPRoute
 
-from conftest import agent_document, require_bpf, require_kube
+from conftest import agent_document, require_bpf, require_kube, require_tool
 from fleet import synfleet_ingress_program, wait_for
 from kubecluster import KubeCluster, OperatorProcess, free_port
+from prometheus import Prometheus, dashboard_queries, rendered_rules
 from synfleet import contract
 from synfleet.agent.agent import uninstall
 from synfleet.agent.pins import DEFAULT_ROOT
@@ -329,6 +330,24 @@ def test_master_keys_rotate_on_schedule_each_announced_before_it_takes_over(flee
     assert 'synfleet_operator_salt_rotations_total{pool="fast"}' in metrics
     assert 'synfleet_operator_seconds_since_salt_rotation{pool="fast"}' in metrics
     delete_pool(fleet, "proxy", "fast")
+
+
+def test_a_pool_rolling_out_fires_pool_not_ready_until_it_is_ready_and_the_dashboard_shows_it(fleet, operator):
+    """The chart's operator alert and the dashboard's operator query, in a real
+    Prometheus scraping this operator (the agents' are in test_observability.py)."""
+    for tool in ("prometheus", "promtool"):
+        require_tool(tool)
+    with Prometheus({f"127.0.0.1:{operator.metrics_port}": {}}, rendered_rules()) as prom:
+        report_rollout(fleet, "synfleet-proxy-edge", ready=1, desired=2)
+        try:
+            prom.wait_firing("SynfleetPoolNotReady", timeout=KUBE_TIMEOUT_S, kind="ProxyPool", pool="edge")
+            queries = [(title, expr) for title, expr in dashboard_queries() if "synfleet_operator_" in expr]
+            assert queries and all(prom.query(expr) for _, expr in queries), queries
+        finally:
+            report_rollout(fleet, "synfleet-proxy-edge", ready=2, desired=2)
+        wait_for(lambda: prom.query('synfleet_operator_pool_ready{kind="ProxyPool", pool="edge"} == 1'),
+                 "the pool Ready in the operator's metrics", timeout=KUBE_TIMEOUT_S)
+        wait_for(lambda: "SynfleetPoolNotReady" not in prom.firing(), "the alert resolved", timeout=10)
 
 
 def test_a_proxy_pool_asking_for_xdp_renders_it_and_the_default_is_off(fleet):

@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 from synfleet.agent.agent import uninstall
@@ -90,6 +89,7 @@ class AgentProcess:
     log_path: str
     objects_dir: str | None = None
     proc: subprocess.Popen | None = None
+    listen: str = f"127.0.0.1:{METRICS_PORT}"     # the agent's default
 
     def start(self, objects_dir: str | None = None) -> None:
         self.objects_dir = objects_dir or self.objects_dir
@@ -97,7 +97,7 @@ class AgentProcess:
         log = open(self.log_path, "ab")
         self.proc = self.node.ns.popen(sys.executable, "-m", "synfleet.cli", "agent",
                              "--role", self.role, "--config", self.config_path,
-                             "--instance", self.instance,    # metrics on 127.0.0.1:9478, the default
+                             "--instance", self.instance, "--listen", self.listen,
                              *extra, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -107,22 +107,7 @@ class AgentProcess:
             self.proc.wait(timeout=10)
 
     def http(self, path: str) -> tuple[int, str]:
-        result: list = []
-
-        def fetch() -> None:
-            with self.node.ns.entered():
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}{path}", timeout=2) as r:
-                        result.append((r.status, r.read().decode()))
-                except urllib.error.HTTPError as err:
-                    result.append((err.code, err.read().decode()))
-                except OSError as err:
-                    result.append((0, str(err)))
-
-        t = threading.Thread(target=fetch)   # setns applies to the calling thread only
-        t.start()
-        t.join()
-        return result[0]
+        return self.node.ns.http_get(f"http://{self.listen}{path}")
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -228,6 +213,7 @@ class FleetLab:
     xdp: bool = False       # the proxies' XDP front (node.xdp)
     peer_xdp: bool = True   # the switch ports facing the proxies run XDP (else XDP_TX frames are lost)
     clock_offsets: dict[str, float] = field(default_factory=dict)
+    metrics_on_node: bool = False   # agents' metrics on their node's address (a scraper on the switch reaches them)
     http: bool = False      # nginx on the backends instead of synfleet_lab.testbed.service
     protected: bool = True  # the service in the nodes' configurations
     pool: tuple[str, ...] = BACKENDS    # the backends the proxies' policies list (set_pool changes it)
@@ -388,6 +374,8 @@ class FleetLab:
             role = "proxy" if name in PROXIES else "backend"
             agent = AgentProcess(self.nodes[name], role, self._path(name), f"lab-{self.tag}-{name}",
                                  os.path.join(self.workdir, f"{name}.log"))
+            if self.metrics_on_node:
+                agent.listen = f"{self.nodes[name].v4}:{METRICS_PORT}"
             self.agents[name] = agent
             agent.start()
         for name, server in zip(BACKENDS, self.servers):

@@ -1,5 +1,5 @@
 """Network namespaces and what is in them, through netlink (pyroute2): links,
-addresses, routes, neighbours, sysctls and socket diagnostics, no `ip`, `ss`,
+addresses, routes, neighbours, sysctls, socket diagnostics and HTTP GETs, no `ip`, `ss`,
 `sysctl` or `ethtool` processes.
 
 Test and demo infrastructure: everything here runs only inside namespaces it
@@ -21,6 +21,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -241,6 +244,27 @@ class NetNS:
             diag.bind()
             return any(s["idiag_sport"] == port for family in (socket.AF_INET, socket.AF_INET6)
                        for s in diag.get_sock_stats(family=family, states=1 << SS_LISTEN))
+
+    def http_get(self, url: str, timeout: float = 2.0) -> tuple[int, str]:
+        """GET from inside the namespace: (status, body), or (0, why) when
+        nothing answered. A thread of its own enters it (setns applies to
+        the calling thread only)."""
+        result: list[tuple[int, str]] = []
+
+        def fetch() -> None:
+            with self.entered():
+                try:
+                    with urllib.request.urlopen(url, timeout=timeout) as r:
+                        result.append((r.status, r.read().decode()))
+                except urllib.error.HTTPError as err:
+                    result.append((err.code, err.read().decode()))
+                except OSError as err:
+                    result.append((0, str(err)))
+
+        t = threading.Thread(target=fetch)
+        t.start()
+        t.join()
+        return result[0]
 
     # ---- lifetime ----
 

@@ -9,8 +9,8 @@ and taken down again without a trace.
 - `synfleet`: the proxy on the defence node's eth0 and eth2, its XDP front
   answering SYNs in native XDP (veth has it) and its TC program the rest (the
   backend program and the service on the server). The client runs an XDP_PASS
-  program: a veth takes its peer's XDP_TX frames only then (the attacker's
-  XDP drop does the same). `synfleet-tc`: the same without the XDP front.
+  program and the attacker an XDP drop: a veth takes its peer's XDP_TX frames
+  only with a program of its own. `synfleet-tc`: the same without the XDP front.
 - `floor`: a TC program that swaps addresses and sends the packet back
   (lab/bpf/reflect.bpf.c): packet I/O with zero work, the limit of any TC
   defence. `xdp-floor`: the same in XDP with XDP_TX (lab/bpf/xdp_reflect.bpf.c),
@@ -128,8 +128,13 @@ class Listener:
 
 def _xdp_tx_receivable(topo: FloodTopology, attached: Attached) -> None:
     """A veth takes its peer's XDP_TX frames only with an XDP program of its
-    own: the client gets one that passes them on (the attacker's drops them)."""
+    own: the client's passes them on, the attacker's drops them before an skb
+    exists (the cost a NIC's hardware drop would have; its link still counts
+    them). Only for XDP defences: a veth with XDP copies every skb it
+    receives into a new buffer first, which would make the attacker's core,
+    not the defence's, bound the TC defences."""
     attached.attach_lab_program(topo.client, "eth0", "xdp_pass", XdpHook)
+    attached.attach_lab_program(topo.attacker, "eth0", "xdp_sink", XdpHook)
 
 
 def _synfleet(topo: FloodTopology, attached: Attached, xdp: bool) -> None:

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from synfleet.bpf import XdpHook
 from synfleet_lab.bench.flood.defences import FLOORS, Attached, defended_by
 from synfleet_lab.bench.flood.topology import ATTACKER, DEFENCE_NEAR, SERVICE, FloodTopology
 from synfleet_lab.generators import Generator, TrafgenSynGenerator, XdpSynGenerator, pinned_to, syn_template
@@ -100,9 +99,10 @@ class FloodLab:
             self.generator = (XdpSynGenerator(self.topology.attacker, "eth0", template, self.generator_cpu)
                               if generator == "xdp" else
                               TrafgenSynGenerator(self.topology.attacker, "eth0", template, self.workdir))
-            # The attacker drops the answers in XDP, counted on its link, whatever the defence.
+            # The attacker drops the answers at TC ingress, counted on its link (an
+            # XDP front's XDP_TX frames already in XDP: defences.py).
             self._sink = Attached()
-            self._sink.attach_lab_program(self.topology.attacker, "eth0", "xdp_sink", XdpHook)
+            self._sink.attach_lab_program(self.topology.attacker, "eth0", "sink")
         except BaseException:
             self.close()
             raise
