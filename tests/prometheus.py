@@ -81,6 +81,7 @@ class Prometheus:
                 subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
             log.close()
             self._wait_ready()
+            self._wait_scraped(len(targets))
         except BaseException:
             self.close()
             raise
@@ -101,6 +102,16 @@ class Prometheus:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"prometheus did not start: {self.log()}")
             time.sleep(0.2)
+
+    def _wait_scraped(self, count: int, timeout: float = 30.0) -> None:
+        """Until every target was scraped once (discovery hands targets over
+        in 5 s batches)."""
+        deadline = time.monotonic() + timeout
+        while len([r for r in self.query("up") if r["value"][1] == "1"]) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus scraped {self.query('up')} of {count} targets; "
+                                   f"{self._get('/api/v1/targets')[1][:2000]}")
+            time.sleep(0.5)
 
     def log(self) -> str:
         with open(os.path.join(self.dir, "log"), errors="replace") as f:
