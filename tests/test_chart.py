@@ -132,6 +132,22 @@ def test_monitoring_objects_scrape_the_agents_by_pool_and_node_and_ship_the_file
     assert not kinds & {"PodMonitor", "PrometheusRule"}, "monitoring objects are opt-in"
 
 
+def test_the_schema_describes_every_value_the_chart_has():
+    """Every key of values.yaml has its own schema entry, down to the free-form
+    maps (labels, resources), so that no value escapes validation."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def undescribed(value, node: dict, path: str) -> list[str]:
+        if not isinstance(value, dict) or "properties" not in node:
+            return []       # a leaf, or a map the schema takes whole
+        return [p for key, sub in value.items()
+                for p in ([path + key] if key not in node["properties"] else
+                          undescribed(sub, node["properties"][key], f"{path}{key}."))]
+
+    assert undescribed(values, schema, "") == []
+
+
 @pytest.mark.parametrize("values,message", [
     ({"replicas": "two"}, "replicas"),
     ({"encapPort": 99999}, "encapPort"),
