@@ -19,7 +19,6 @@
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
-
 #include <bpf/bpf_endian.h>
 
 #include "synfleet.h"
@@ -49,24 +48,28 @@ struct {
 	__type(value, __u32);
 } target SEC(".maps");
 
-static __always_inline struct bench_frame *template_get(void)
+/* The template frame and its length, or NULL when there is none of a
+ * length a frame can have. */
+static __always_inline struct bench_frame *template_get(__u64 *len)
 {
 	__u32 zero = 0;
+	struct bench_frame *f = bpf_map_lookup_elem(&template, &zero);
 
-	return bpf_map_lookup_elem(&template, &zero);
+	if (!f)
+		return NULL;
+	*len = f->len;
+	barrier_var(*len);
+	return *len < 14 || *len > BENCH_FRAME_MAX ? NULL : f;
 }
 
 SEC("tc")
 int bench_restore(struct __sk_buff *skb)
 {
-	struct bench_frame *f = template_get();
+	struct bench_frame *f;
 	__u64 len;
 
+	f = template_get(&len);
 	if (!f)
-		return TC_ACT_SHOT;
-	len = f->len;
-	barrier_var(len);
-	if (len < 14 || len > BENCH_FRAME_MAX)
 		return TC_ACT_SHOT;
 	if (bpf_skb_change_tail(skb, len, 0))
 		return TC_ACT_SHOT;
@@ -92,14 +95,11 @@ struct {
 SEC("xdp")
 int bench_restore_xdp(struct xdp_md *ctx)
 {
-	struct bench_frame *f = template_get();
+	struct bench_frame *f;
 	__u64 len, now;
 
+	f = template_get(&len);
 	if (!f)
-		return XDP_ABORTED;
-	len = f->len;
-	barrier_var(len);
-	if (len < 14 || len > BENCH_FRAME_MAX)
 		return XDP_ABORTED;
 	now = ctx->data_end - ctx->data;
 	if (now != len && bpf_xdp_adjust_tail(ctx, (int)len - (int)now))
@@ -122,14 +122,11 @@ int bench_noop_xdp(struct xdp_md *ctx)
 SEC("xdp")
 int bench_inject(struct xdp_md *ctx)
 {
-	struct bench_frame *f = template_get();
+	struct bench_frame *f;
 	__u64 len;
 
-	if (!f)
-		return XDP_DROP;
-	len = f->len;
-	barrier_var(len);
-	if (len < 14 || len > BENCH_FRAME_MAX || ctx->data_end - ctx->data != len)
+	f = template_get(&len);
+	if (!f || ctx->data_end - ctx->data != len)
 		return XDP_DROP;
 	if (bpf_xdp_store_bytes(ctx, 0, f->bytes, len))
 		return XDP_DROP;
