@@ -201,9 +201,8 @@ def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
         peer_mac = ns.mac(PEER)
         for address in (BACKEND_V4, PEER_V4):
             ns.neighbour(HOOK, address, peer_mac)
-        with ProxyDataplane() as proxy, BackendDataplane() as backend, \
-                Link.tcx(BpfObject(lab_object("sink")).load().program("sink"), ns.index(PEER), Position()), \
-                run_statistics_enabled():
+        with ProxyDataplane() as proxy, BackendDataplane() as backend, BpfObject(lab_object("sink")).load() as sink, \
+                Link.tcx(sink.program("sink"), ns.index(PEER), Position()), run_statistics_enabled():
             common = dict(node_v6=NODE_V6, services={4: SERVICE}, rotation_s=ROTATION_S)
             proxy_config = lambda backend: testbed_config(  # noqa: E731
                 "proxy", interfaces=[HOOK], node_v4=NODE_V4, backends={4: [backend]}, salt_keys=[key], **common)
@@ -220,9 +219,10 @@ def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
                     return harness.repeated(case, repeat)
                 return harness.live(case, dataplanes[case.program], repeat)
 
-            results = {c.key: min(measure(c) for _ in range(rounds)) for c in cases(salt, epoch)}
+            paths = cases(salt, epoch)
+            results = {c.key: min(measure(c) for _ in range(rounds)) for c in paths}
             harness.set_part_inputs(SaltValue.of(epoch, salt))
-            syn = cases(salt, epoch)[0].frame
+            syn = next(c.frame for c in paths if c.key == "proxy_syn_ns")
             results |= {p.key: min(harness.part(p, syn, repeat) for _ in range(rounds)) for p in PARTS}
             proxy.apply(proxy_config(PEER_V4))
             results |= {c.key: min(measure(c) for _ in range(rounds)) for c in after_a_change(salt, epoch)}

@@ -33,6 +33,7 @@ def _napi_threads() -> set[int]:
                 pids.add(int(pid))
     return pids
 
+
 def _threaded_napi(ns, ifnames: tuple[str, ...], cpu: int, realtime: bool = False) -> None:
     """Receive work of `ifnames` in NAPI kernel threads pinned to `cpu` (a
     veth has NAPI once GRO is on); `realtime`: they preempt whatever else runs
