@@ -34,13 +34,13 @@ struct {
 	__type(value, struct sf_service);
 } protected_addrs SEC(".maps");
 
-/* Maglev lookup tables, SF_RING_SIZE slots per policy and configuration half. */
+/* Maglev lookup tables, SF_RING_SIZE slots per table and configuration half. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, SF_CONFIG_SLOTS * SF_MAX_POLICIES * SF_RING_SIZE);
+	__uint(max_entries, SF_CONFIG_SLOTS * SF_MAX_TABLES * SF_RING_SIZE);
 	__type(key, __u32);
 	__type(value, struct sf_ring_slot);
-} backend_slots SEC(".maps");
+} maglev_slots SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -539,7 +539,7 @@ static __always_inline const struct sf_endpoint *previous_backend(const struct p
 }
 
 static __always_inline int encap_forward(struct __sk_buff *skb, struct pkt *p,
-					 const struct sf_config *cfg)
+					 const struct sf_policy *pol, const struct sf_config *cfg)
 {
 	const struct sf_endpoint *be, *prev;
 	const struct sf_ring_slot *rs;
@@ -547,9 +547,11 @@ static __always_inline int encap_forward(struct __sk_buff *skb, struct pkt *p,
 
 	__u32 half = cfg->slot & (SF_CONFIG_SLOTS - 1);
 
+	if (pol->table >= SF_MAX_TABLES)
+		return drop(SF_CTR_NO_BACKEND);
 	p->flow_hash = flow_hash(&p->tuple);
-	slot = (half * SF_MAX_POLICIES + p->policy_id) * SF_RING_SIZE + p->flow_hash % SF_RING_SIZE;
-	rs = bpf_map_lookup_elem(&backend_slots, &slot);
+	slot = (half * SF_MAX_TABLES + pol->table) * SF_RING_SIZE + p->flow_hash % SF_RING_SIZE;
+	rs = bpf_map_lookup_elem(&maglev_slots, &slot);
 	if (!rs || rs->current >= SF_MAX_BACKENDS)
 		return drop(SF_CTR_NO_BACKEND);
 	slot = half * SF_MAX_BACKENDS + rs->current;
@@ -612,7 +614,7 @@ static __noinline int proxy_packet(struct __sk_buff *skb)
 	}
 	if (p.encap_flags & SF_ENCAP_F_UNGUARDED)
 		count(SF_CTR_FAIL_OPEN);
-	return encap_forward(skb, &p, cfg);
+	return encap_forward(skb, &p, pol, cfg);
 }
 
 SEC("tc")

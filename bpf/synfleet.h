@@ -7,14 +7,19 @@
 #ifndef SYNFLEET_H
 #define SYNFLEET_H
 
-#define SF_ABI_VERSION 5
+#define SF_ABI_VERSION 6
 
-#define SF_MAX_POLICIES 256
+/* Policy ids are cluster-wide (the encapsulation header carries one, 16 bits). */
+#define SF_MAX_POLICIES 8192
 #define SF_MAX_SERVICES 65536
 #define SF_MAX_BACKENDS 4096
 #define SF_MAX_PROXIES 4096
-/* Maglev table size per policy: a prime well above 100x a typical backend count. */
+/* Maglev table size: a prime well above 100x a typical backend count. */
 #define SF_RING_SIZE 4099
+/* Maglev tables per configuration half: one per backend set, which policies
+ * share (a backend pool's policies all send to its nodes), so the id space
+ * does not size the largest map. */
+#define SF_MAX_TABLES 256
 /* Salts by epoch, slot = epoch % SF_SALT_SLOTS: the agent keeps up to an hour
  * or more of future epochs loaded, so the data plane outlives its control plane. */
 #define SF_SALT_SLOTS 4096
@@ -118,7 +123,7 @@ struct sf_policy {
 	__u16 adv_mss_v6;
 	__u8 wscale;       /* window scale advertised for the server (attrs.rcv_wscale) */
 	__u8 flags;        /* SF_POLICY_* */
-	__u16 pad;
+	__u16 table;       /* proxies: the policy's backend set's Maglev table in `maglev_slots` */
 };
 
 struct sf_salt {
@@ -138,7 +143,7 @@ struct sf_config {
 	__s64 clock_offset_ns; /* correction for a node whose clock is known to be off */
 };
 
-/* A Maglev slot of `backend_slots`: indexes into the same half of `backends`.
+/* A Maglev slot of `maglev_slots`: indexes into the same half of `backends`.
  * `previous` is the backend the slot had before the last change of the
  * backend set, for as long as the policy's drain period keeps it. */
 struct sf_ring_slot {

@@ -149,11 +149,14 @@ def salts() -> Salts:
     return Salts(salts_for(UNIT_KEYS, range(e - 1, e + 2)))
 
 
+UNIT_BACKEND_SET = "unit"    # every policy's backends, on the unit proxy
+
+
 def unit_config(role: str, keys: list[MasterKey] | None = None) -> schema.DataplaneConfig:
     """Both programs in one namespace laid out like a proxy node: every policy,
     both service addresses, backends of both families."""
     proxy = role == "proxy"
-    policies = [p.model_copy(update={"backends": [BACKEND_V4, BACKEND_V6]}) if proxy else p
+    policies = [p.model_copy(update={"backend_set": UNIT_BACKEND_SET}) if proxy else p
                 for p in (POLICY_FULL, POLICY_PLAIN, POLICY_MONITOR)]
     return schema.DataplaneConfig.model_validate({
         "apiVersion": schema.API_VERSION, "kind": schema.KIND, "role": role,
@@ -162,7 +165,8 @@ def unit_config(role: str, keys: list[MasterKey] | None = None) -> schema.Datapl
                  "clockOffsetSeconds": UNIT_CLOCK_OFFSET_S,
                  "addresses": {"ipv4": PROXY_V4 if proxy else BACKEND_V4,
                                "ipv6": PROXY_V6 if proxy else BACKEND_V6}},
-        "policies": [p.model_dump(by_alias=True, mode="json") for p in policies],
+        "policies": [p.model_dump(by_alias=True, mode="json", exclude_none=True) for p in policies],
+        "backendSets": [{"name": UNIT_BACKEND_SET, "backends": [BACKEND_V4, BACKEND_V6]}] if proxy else [],
         "allowedProxies": [] if proxy else [PROXY_V4, PROXY_V6],
         "peerBackends": [] if proxy else [BACKEND_V4, BACKEND_V6, PEER_V4, PEER_V6],
         "saltKeys": contract.salt_key_entries(keys or []),
@@ -196,3 +200,11 @@ def agent_document(document: dict, ipv4: str | None, ipv6: str | None,
     """What a node's agent with these addresses builds from the ConfigMap's document."""
     addresses = {k: v for k, v in (("ipv4", ipv4), ("ipv6", ipv6)) if v}
     return schema.parse(contract.node_document(document, addresses, keys))
+
+
+def backend_set_of(document: dict, policy_name: str) -> dict:
+    """The backendSets entry a proxy document's policy (by name) sends to ({} if the policy is not there)."""
+    entry = next((p for p in document["policies"] if p["name"] == policy_name), None)
+    if entry is None:
+        return {}
+    return next(s for s in document["backendSets"] if s["name"] == entry["backendSet"])

@@ -15,12 +15,12 @@ PROXY = {
     "apiVersion": "synfleet.io/v1alpha1", "kind": "DataplaneConfig", "role": "proxy",
     "rotationSeconds": 60,
     "node": {"interfaces": ["eth0"], "addresses": {"ipv4": "198.18.0.1", "ipv6": "2001:db8:18::1"}},
-    "policies": [{"id": 1, "services": [{"address": "198.19.0.10", "port": 443}],
-                  "backends": ["198.18.0.11", "198.18.0.12"]}],
+    "policies": [{"id": 1, "services": [{"address": "198.19.0.10", "port": 443}], "backendSet": "web"}],
+    "backendSets": [{"name": "web", "backends": ["198.18.0.11", "198.18.0.12"]}],
     "saltKeys": [{"generation": 1, "fromEpoch": 0, "key": "00" * 32},
                  {"generation": 2, "fromEpoch": 101, "key": "11" * 32}],
 }
-BACKEND = {**PROXY, "role": "backend", "saltKeys": [],
+BACKEND = {**PROXY, "role": "backend", "saltKeys": [], "backendSets": [],
            "policies": [{"id": 1, "services": [{"address": "198.19.0.10", "port": 443}]}],
            "allowedProxies": ["198.18.0.1"]}
 
@@ -59,7 +59,6 @@ def test_a_document_survives_a_yaml_round_trip():
 def test_the_module_docstring_example_is_a_valid_proxy_document():
     example = schema.__doc__.split("\n\n", 1)[1]
     doc = yaml.safe_load(example)
-    doc["policies"][0]["backends"] = ["198.18.0.2", "198.18.0.3"]
     assert schema.parse({**doc, "allowedProxies": [], "peerBackends": []}).role is schema.Role.PROXY
 
 
@@ -75,7 +74,7 @@ def test_the_module_docstring_example_is_a_valid_proxy_document():
     (PROXY, "node.encapPort", 70000, "node.encapPort: Input should be less than or equal to 65535"),
     (PROXY, "node.colour", "blue", "node.colour: Extra inputs are not permitted"),
     (PROXY, "policies.0.id", 0, "policies[0].id: Input should be greater than or equal to 1"),
-    (PROXY, "policies.0.id", 256, "policies[0].id: Input should be less than 256"),
+    (PROXY, "policies.0.id", 8192, "policies[0].id: Input should be less than 8192"),
     (PROXY, "policies.0.mode", "audit", "policies[0].mode: Input should be 'enforce' or 'monitor'"),
     (PROXY, "policies.0.services.0.port", 0, "policies[0].services[0].port: Input should be greater"),
     (PROXY, "policies.0.services.0.address", "10.0.0.0/8", "policies[0].services[0].address"),
@@ -83,8 +82,12 @@ def test_the_module_docstring_example_is_a_valid_proxy_document():
     (PROXY, "policies.0.cookie", {"mssV6": [1000, 1420, 1440, 8940]}, "the kernel needs at least 1220"),
     (PROXY, "policies.0.cookie", {"windowScale": 15}, "policies[0].cookie.windowScale: Input should be less"),
     (PROXY, "policies.0.cookie", {"mtu": 1000}, "policies[0].cookie.mtu: Input should be greater"),
-    (PROXY, "policies.0.backends", [], "policies[0] (id 1): a proxy needs the policy's backends"),
-    (PROXY, "policies.0.backends", ["198.18.0.11", "198.18.0.11"], "a backend address is listed twice"),
+    (PROXY, "policies.0.backendSet", DELETE, "policies[0] (id 1): a proxy needs the policy's backendSet"),
+    (PROXY, "policies.0.backendSet", "api", "policies[0] (id 1): backendSet 'api' is not in backendSets (web)"),
+    (PROXY, "backendSets.0.backends", [], "backendSets[0].backends: List should have at least 1 item"),
+    (PROXY, "backendSets.0.backends", ["198.18.0.11", "198.18.0.11"], "a backend address is listed twice"),
+    (PROXY, "backendSets.0.drainSeconds", -1, "backendSets[0].drainSeconds: Input should be greater"),
+    (PROXY, "backendSets", [{"name": "web", "backends": ["198.18.0.11"]}] * 2, "backendSets ['web'] are listed twice"),
     (PROXY, "saltKeys", [], "a proxy needs saltKeys"),
     (PROXY, "saltKeys.0.key", "00" * 16, "saltKeys[0].key: String should match pattern"),
     (PROXY, "saltKeys.0.generation", 2, "saltKeys generations [2, 2] must be distinct"),
@@ -93,7 +96,8 @@ def test_the_module_docstring_example_is_a_valid_proxy_document():
     (PROXY, "allowedProxies", ["198.18.0.1"], "allowedProxies is for backends"),
     (BACKEND, "allowedProxies", [], "a backend needs allowedProxies"),
     (BACKEND, "saltKeys", PROXY["saltKeys"], "saltKeys are for proxies only"),
-    (BACKEND, "policies.0.backends", ["198.18.0.11"], "policies[].backends is for proxies"),
+    (BACKEND, "policies.0.backendSet", "web", "backendSets and policies[].backendSet are for proxies"),
+    (BACKEND, "backendSets", PROXY["backendSets"], "backendSets and policies[].backendSet are for proxies"),
     (BACKEND, "node.xdp", True, "node.xdp is for proxies"),
     (PROXY, "node.xdp", "sometimes", "node.xdp: Input should be a valid boolean"),
 ])

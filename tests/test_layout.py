@@ -6,6 +6,7 @@ import ctypes
 import re
 from pathlib import Path
 
+from synfleet import abi
 from synfleet.abi import BTF_MIRRORS, Counter
 from synfleet.bpf import BpfObject, object_path
 
@@ -17,6 +18,14 @@ def test_counter_enum_matches_the_c_header_name_for_name_in_order():
     names = re.findall(r"SF_CTR_([A-Z_]+),", body)
     assert names[-1] == "MAX"
     assert names[:-1] == [c.name for c in Counter]
+
+
+def test_every_limit_and_flag_the_python_side_mirrors_has_the_c_headers_value():
+    defines = {name: int(value.rstrip("u"), 0) for name, value in
+               re.findall(r"#define SF_(\w+) (0x[0-9a-fA-F]+u?|\d+)\b", HEADER.read_text())}
+    mirrored = {name: getattr(abi, name) for name in defines if hasattr(abi, name)}
+    assert {"MAX_POLICIES", "MAX_TABLES", "RING_SIZE", "MAX_BACKENDS", "ENCAP_F_CHAINED"} <= set(mirrored)
+    assert mirrored == {name: defines[name] for name in mirrored}
 
 
 def test_struct_mirrors_have_the_sizes_the_objects_btf_gives(unit_netns):

@@ -25,6 +25,7 @@ from conftest import (
     PORT_FULL,
     PROXY_V4,
     PROXY_V6,
+    UNIT_BACKEND_SET,
     UNIT_KEYS,
     addr_pair,
     tai_epoch,
@@ -44,6 +45,7 @@ from packets import (
     tcp_frame,
 )
 from synfleet.abi import ENCAP_F_VALIDATED, Counter
+from synfleet.config import schema
 from synfleet.cookie import CookieAttributes, FourTuple, cookie_make, synack_tsval
 from synfleet.dataplane.flow import maglev_table
 from synfleet.dataplane.programs import ProxyDataplane
@@ -298,10 +300,11 @@ def test_a_segment_too_big_without_dont_fragment_is_dropped(proxy):
 # ---- daisy chaining: the previous backend of a flow's slot (docs/dataplane.md) ----
 
 def with_backends(backends: list[str], drain_s: int = 300):
+    """The unit proxy's configuration, its one backend set changed."""
     cfg = unit_config("proxy", UNIT_KEYS)
     addresses = [ipaddress.ip_address(b) for b in backends]
-    return cfg.model_copy(update={"policies": [p.model_copy(update={"backends": addresses, "drain_seconds": drain_s})
-                                               for p in cfg.policies]})
+    return cfg.model_copy(update={"backend_sets": [s.model_copy(update={"backends": addresses, "drain_seconds": drain_s})
+                                                   for s in cfg.backend_sets]})
 
 
 @pytest.fixture
@@ -370,10 +373,10 @@ def test_a_restarted_agent_keeps_naming_the_previous_backends_its_pinned_table_h
             before.apply(with_backends([PEER_V4]))
             before.pin_maps(pins)
         with ProxyDataplane(pins) as after:
-            assert "backend_slots" in after.reused
+            assert {"maglev_slots", "policies"} <= set(after.reused)
             after.set_salts(salts)
             after.apply(with_backends([PEER_V4]))
-            assert after.previous_backends() == {pid: {ipaddress.ip_address(BACKEND_V4)} for pid in (1, 2, 3)}
+            assert after.previous_backends() == {UNIT_BACKEND_SET: {ipaddress.ip_address(BACKEND_V4)}}
             client, service = addr_pair(4)
             sent = decode_encap(after.program.test_run(
                 tcp_frame(client, service, 40000, PORT_FULL, flags="A", seq=5, ack=6)).data)
@@ -382,9 +385,10 @@ def test_a_restarted_agent_keeps_naming_the_previous_backends_its_pinned_table_h
         shutil.rmtree(pins)
 
 
-def test_after_a_restart_a_policy_the_previous_agent_did_not_serve_names_no_previous_backend(unit_netns, salts):
-    """The pinned table still holds what an earlier policy of the same id left:
-    not a generation of the new one."""
+def test_after_a_restart_a_backend_set_the_previous_agent_did_not_serve_names_no_previous_backend(unit_netns, salts):
+    """The pinned tables hold only the sets the previous agent served: a set
+    new to this agent (here the one policy 3 moves to) starts afresh, and
+    the set that stayed keeps naming its previous backend."""
     pins = f"/sys/fs/bpf/synfleet-test-{secrets.token_hex(3)}"
     os.mkdir(pins)
     moved = with_backends([PEER_V4])
@@ -392,13 +396,15 @@ def test_after_a_restart_a_policy_the_previous_agent_did_not_serve_names_no_prev
         with ProxyDataplane() as before:
             before.apply(with_backends([BACKEND_V4]))
             before.apply(moved)
-            before.apply(moved)
             before.apply(moved.model_copy(update={"policies": moved.policies[:2]}))   # policy 3 goes
             before.pin_maps(pins)
+        other = schema.BackendSetEntry(name="other", backends=[ipaddress.ip_address(PEER_V4)])
         with ProxyDataplane(pins) as after:
             after.set_salts(salts)
-            after.apply(moved)                                                     # and comes back
-            assert after.previous_backends() == {1: {ipaddress.ip_address(BACKEND_V4)},
-                                                 2: {ipaddress.ip_address(BACKEND_V4)}, 3: set()}
+            after.apply(moved.model_copy(update={                                 # and comes back elsewhere
+                "policies": moved.policies[:2] + [moved.policies[2].model_copy(update={"backend_set": "other"})],
+                "backend_sets": moved.backend_sets + [other]}))
+            assert after.previous_backends() == {UNIT_BACKEND_SET: {ipaddress.ip_address(BACKEND_V4)},
+                                                 "other": set()}
     finally:
         shutil.rmtree(pins)

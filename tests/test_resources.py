@@ -8,8 +8,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
-from conftest import agent_document
+from conftest import agent_document, backend_set_of
 from synfleet import contract
+from synfleet.abi import MAX_BACKENDS, MAX_POLICIES, MAX_TABLES
 from synfleet.config import schema
 from synfleet.config.schema import Role
 from synfleet.contract import condition
@@ -231,17 +232,17 @@ def test_policy_renders_into_both_pools_with_backends_and_allowed_proxies():
     assert entry["id"] == 1 and entry["name"] == "shop/web" and entry["mode"] == "monitor"
     assert {(s["address"], s["port"]) for s in entry["services"]} == {
         ("203.0.113.10", 443), ("203.0.113.10", 80), ("2001:db8::10", 443), ("2001:db8::10", 80)}
-    assert entry["backends"] == ["10.0.1.1", "10.0.1.2"]          # web-3 is not Ready
+    assert backend_set_of(proxy_doc, "shop/web") == {                # web-3 is not Ready
+        "name": "web", "backends": ["10.0.1.1", "10.0.1.2"], "drainSeconds": 300}
     assert entry["cookie"]["windowScale"] == 9 and entry["cookie"]["timestamps"] is False
-    assert "backends" not in backend_doc["policies"][0]
+    assert "backendSet" not in backend_doc["policies"][0] and "backendSets" not in backend_doc
     assert backend_doc["allowedProxies"] == ["10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"]
     assert proxy_doc["rotationSeconds"] == 60
     assert proxy_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080, "xdp": False}
     assert proxy_doc["failurePolicy"] == "open" and "failurePolicy" not in backend_doc
     assert backend_doc["node"] == {"interfaces": ["eth0"], "encapPort": 6080}
     assert out.policies["shop/web"].backends == 2 and out.policies["shop/web"].problem is None
-    # Daisy chaining: how long a flow follows its old backend, and who may hand flows on.
-    assert entry["drainSeconds"] == 300
+    # Daisy chaining: who may hand flows on.
     assert backend_doc["peerBackends"] == ["10.0.1.1", "10.0.1.2", "10.0.1.3"]
 
     cfg = agent_document(proxy_doc, "10.0.0.1", "fd00::1", salts.rotate([], 5, MINUTE, DAY))
@@ -281,7 +282,7 @@ def test_only_nodes_with_a_ready_backend_agent_receive_flows():
     agents = ready_agent_nodes(pods)
     assert agents == {"web": {"web-1"}}
     out = render(view(policy("a", addresses=["203.0.113.1"]), agents=agents), SETTINGS)
-    assert out.configs[(Role.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.1"]
+    assert backend_set_of(out.configs[(Role.PROXY, "edge")], "shop/a")["backends"] == ["10.0.1.1"]
     out = render(view(policy("a", addresses=["203.0.113.1"]), agents={}), SETTINGS)
     assert out.policies["shop/a"].problem.reason == "NoBackends"
     assert "Ready agent" in out.policies["shop/a"].problem.message
@@ -304,7 +305,7 @@ def test_local_traffic_policy_sends_only_to_nodes_hosting_a_ready_endpoint():
                              {"nodeName": "web-1", "conditions": {"ready": False}}]}]
     out = render(view(policy("a", service={"name": "shop"}), services={("shop", "shop"): svc}, slices=slices),
                  SETTINGS)
-    assert out.configs[(Role.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.2"]
+    assert backend_set_of(out.configs[(Role.PROXY, "edge")], "shop/a")["backends"] == ["10.0.1.2"]
 
 
 @pytest.mark.parametrize("spec, reason", [
@@ -343,6 +344,68 @@ def test_policy_ids_are_stable_and_collisions_go_to_the_oldest():
     b = policy("b", created="2026-01-02T00:00:00Z", policy_id=5)
     c = policy("c", created="2026-01-03T00:00:00Z")
     assert allocate_ids([c, b, a]) == {"shop/a": 5, "shop/b": 1, "shop/c": 2}
+
+
+def test_policy_ids_are_cluster_wide_up_to_the_data_planes_id_space():
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    many = [policy(f"p{i:04d}", created=(t0 + timedelta(seconds=i)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            for i in range(MAX_POLICIES)]
+    ids = allocate_ids(many)
+    assert sorted(i for i in ids.values() if i is not None) == list(range(1, MAX_POLICIES))
+    assert [key for key, i in ids.items() if i is None] == ["shop/p8191"]     # the newest waits
+
+
+def test_a_pools_policies_share_its_backend_set_and_a_local_service_has_its_own():
+    local = {"spec": {"externalIPs": ["198.51.100.7"], "externalTrafficPolicy": "Local"}}
+    slices = [{"metadata": {"namespace": "shop", "labels": {"kubernetes.io/service-name": "shop"}},
+               "endpoints": [{"nodeName": "web-2", "conditions": {"ready": True}}]}]
+    out = render(view(policy("a", addresses=["203.0.113.1"]), policy("b", addresses=["203.0.113.2"]),
+                      policy("c", service={"name": "shop"}, ports=[80]), policy("d", service={"name": "shop"}),
+                      services={("shop", "shop"): local}, slices=slices), SETTINGS)
+    doc = out.configs[(Role.PROXY, "edge")]
+    assert {p["name"]: p["backendSet"] for p in doc["policies"]} == {
+        "shop/a": "web", "shop/b": "web", "shop/c": "web/shop/shop", "shop/d": "web/shop/shop"}
+    assert doc["backendSets"] == [
+        {"name": "web", "backends": ["10.0.1.1", "10.0.1.2"], "drainSeconds": 300},
+        {"name": "web/shop/shop", "backends": ["10.0.1.2"], "drainSeconds": 300}]
+    validate_for_nodes(Role.PROXY, doc, NODES)
+
+
+def test_a_proxy_pool_beyond_its_backend_sets_refuses_the_newest_policy_and_says_why():
+    services = {("shop", f"s{i}"): {"spec": {"externalIPs": [f"198.51.{i // 250}.{i % 250 + 1}"],
+                                             "externalTrafficPolicy": "Local"}} for i in range(MAX_TABLES + 1)}
+    slices = [{"metadata": {"namespace": "shop", "labels": {"kubernetes.io/service-name": f"s{i}"}},
+               "endpoints": [{"nodeName": "web-1"}]} for i in range(MAX_TABLES + 1)]
+    out = render(view(*[policy(f"p{i:03d}", created=f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}Z",
+                               service={"name": f"s{i}"}) for i in range(MAX_TABLES + 1)],
+                      services=services, slices=slices), SETTINGS)
+    assert len(out.configs[(Role.PROXY, "edge")]["backendSets"]) == MAX_TABLES
+    refused = {k: o.problem for k, o in out.policies.items() if o.problem}
+    assert list(refused) == [f"shop/p{MAX_TABLES:03d}"]
+    assert refused[f"shop/p{MAX_TABLES:03d}"].reason == "TooManyBackendSets"
+    assert f"already serves {MAX_TABLES} backend sets" in refused[f"shop/p{MAX_TABLES:03d}"].message
+
+
+# The supported maximum (docs/operator.md, "Limits"): per pool 2,000 policies of
+# 4 service endpoints each; 4,096 backend nodes; 20 proxies.
+MAX_POOL_POLICIES = 2000
+
+
+def test_at_the_supported_maximum_each_pools_document_fits_in_its_configmap():
+    proxies = [node(f"edge-{i}", f"10.0.0.{i + 1}", f"fd00::{i + 1:x}", **{"synfleet.io/edge": "true"})
+               for i in range(20)]
+    backends = [node(f"web-{i}", f"10.1.{i // 250}.{i % 250 + 1}", f"fd00:1::{i + 1:x}", tier="web")
+                for i in range(MAX_BACKENDS)]
+    policies = [policy(f"p{i:04d}", addresses=[f"203.0.{i // 250}.{i % 250 + 1}", f"2001:db8::{i + 1:x}"],
+                       ports=[80, 443], cookie={"windowScale": 9}) for i in range(MAX_POOL_POLICIES)]
+    out = render(view(*policies, nodes=proxies + backends, agents={"web": {n.name for n in backends}}), SETTINGS)
+    assert not [o.problem for o in out.policies.values() if o.problem]
+    for (role, name), document in out.configs.items():
+        assert len(document["policies"]) == MAX_POOL_POLICIES
+        data = configmap(pool(role, name), SETTINGS, document)["data"]
+        # The API server's limit on a ConfigMap's data (422 "Too long" above it).
+        assert sum(len(k) + len(v.encode()) for k, v in data.items()) < 0.75 * 2**20, (role, name)
+        validate_for_nodes(role, document, proxies[:1] if role is Role.PROXY else backends[:1])
 
 
 def test_a_render_depends_on_the_services_policies_name_and_those_holding_a_protected_address():
@@ -466,7 +529,7 @@ def drained(name: str, *addresses: str, spec: dict | None = None, labels: dict |
 def test_a_draining_node_gets_no_new_flow_but_stays_a_peer(how, reason):
     nodes = [*NODES[:3], drained("web-2", "10.0.1.2", **how)]
     out = render(view(policy("web", addresses=["203.0.113.10"]), nodes=nodes), SETTINGS)
-    assert out.configs[(Role.PROXY, "edge")]["policies"][0]["backends"] == ["10.0.1.1"]
+    assert backend_set_of(out.configs[(Role.PROXY, "edge")], "shop/web")["backends"] == ["10.0.1.1"]
     assert out.configs[(Role.BACKEND, "web")]["peerBackends"] == ["10.0.1.1", "10.0.1.2"]
     assert nodes[-1].draining == reason
 

@@ -22,12 +22,13 @@ ENCAP_OVERHEAD = {4: 20 + 8 + ENCAP_HDR_LEN + ENCAP_PREVIOUS_LEN[4],
 ENCAP_SPORT_BASE = 49152
 ENCAP_SPORT_SPAN = 16384
 
-MAX_POLICIES = 256
+MAX_POLICIES = 8192
 MAX_SERVICES = 65536
 MAX_BACKENDS = 4096
 MAX_PROXIES = 4096
 CONFIG_SLOTS = 2
 RING_SIZE = 4099
+MAX_TABLES = 256
 SALT_SLOTS = 4096
 RING_NONE = 0xFFFF
 
@@ -117,7 +118,7 @@ class ServiceValue(ctypes.Structure):
 class PolicyValue(ctypes.Structure):
     _fields_ = [("mss_v4", ctypes.c_uint16 * 4), ("mss_v6", ctypes.c_uint16 * 4),
                 ("adv_mss_v4", ctypes.c_uint16), ("adv_mss_v6", ctypes.c_uint16),
-                ("wscale", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
+                ("wscale", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("table", ctypes.c_uint16)]
 
 
 class SaltValue(ctypes.Structure):

@@ -1,5 +1,6 @@
 """DataplaneConfig documents for the namespace testbeds: one service port,
-one policy per address family (ids 1 and 2), everything else at defaults."""
+one policy per address family (ids 1 and 2) and, on proxies, one backend set
+per family, everything else at defaults."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def testbed_config(role: str, *, interfaces: list[str], node_v4: str, node_v6: s
         policy = {"id": POLICY_IDS[family], "name": f"testbed/ipv{family}", "mode": mode,
                   "services": [{"address": address, "port": SERVICE_PORT}]}
         if role == "proxy":
-            policy["backends"] = (backends or {}).get(family, [])
+            policy["backendSet"] = f"ipv{family}"
         policies.append(policy)
     return schema.parse({
         "apiVersion": schema.API_VERSION, "kind": schema.KIND, "role": role,
@@ -35,6 +36,8 @@ def testbed_config(role: str, *, interfaces: list[str], node_v4: str, node_v6: s
                  "addresses": {"ipv4": node_v4, "ipv6": node_v6},
                  "clockOffsetSeconds": clock_offset_s, "xdp": xdp},
         "policies": policies,
+        **({"backendSets": [{"name": f"ipv{family}", "backends": (backends or {}).get(family, [])}
+                            for family in sorted(services)]} if role == "proxy" else {}),
         "allowedProxies": allowed_proxies or [],
         "peerBackends": peer_backends or [],
         **({"failurePolicy": failure_policy} if role == "proxy" else {}),

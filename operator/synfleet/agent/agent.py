@@ -326,7 +326,7 @@ class Agent:
         if ends is not None and ends <= self._last_tick:
             dp.apply(self.config)
             log.info("drain periods ended", extra={"previous_backends": {
-                pid: sorted(map(str, named)) for pid, named in dp.previous_backends().items() if named}})
+                name: sorted(map(str, named)) for name, named in dp.previous_backends().items() if named}})
 
     def _without_salt(self) -> str:
         if self.config.failure_policy is schema.FailurePolicy.OPEN:

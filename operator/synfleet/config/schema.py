@@ -18,8 +18,11 @@ operator renders the same document into a ConfigMap. One schema for both.
         mode: enforce                # or monitor
         services: [{address: 198.19.0.10, port: 443}]
         cookie: {windowScale: 7, timestamps: true, ecn: true, sack: true, mtu: 1500}
-        backends: [198.18.0.2, 198.18.0.3]      # proxies only
-        drainSeconds: 300            # proxies: a backend's flows follow it this long after a change
+        backendSet: web              # proxies only: the backendSets entry its connections go to
+    backendSets:                     # proxies only: one Maglev table each, shared by its policies
+      - name: web
+        backends: [198.18.0.2, 198.18.0.3]
+        drainSeconds: 300            # a backend's flows follow it this long after a change
     allowedProxies: [198.18.0.1]     # backends only
     peerBackends: [198.18.0.2, 198.18.0.3]      # backends only: who may hand on a flow (daisy chaining)
     saltKeys:                        # proxies only: the pool's master keys (synfleet.cookie.salts)
@@ -39,7 +42,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from synfleet.abi import ENCAP_OVERHEAD, MAX_BACKENDS, MAX_POLICIES, MAX_PROXIES, MAX_SERVICES
+from synfleet.abi import ENCAP_OVERHEAD, MAX_BACKENDS, MAX_POLICIES, MAX_PROXIES, MAX_SERVICES, MAX_TABLES
 from synfleet.cookie.salts import MasterKey
 
 API_VERSION = "synfleet.io/v1alpha1"
@@ -189,11 +192,9 @@ class PolicyEntry(_Strict):
     mode: Mode = Mode.ENFORCE
     services: list[ServiceEndpoint] = Field(min_length=1)
     cookie: Cookie = Field(default_factory=Cookie)
-    backends: list[IPAddress] = Field(default_factory=list, max_length=MAX_BACKENDS)
-    drain_seconds: int = Field(DEFAULT_DRAIN_SECONDS, alias="drainSeconds", ge=0, le=86400,
-                               description="proxies: how long a backend that left the set (or whose "
-                                           "flows moved to a newcomer) still gets its established "
-                                           "flows, handed on by the new owner (0: never)")
+    backend_set: str | None = Field(None, alias="backendSet", min_length=1,
+                                    description="proxies: the name of the backendSets entry whose "
+                                                "Maglev table picks each connection's backend")
 
     @field_validator("services")
     @classmethod
@@ -204,6 +205,17 @@ class PolicyEntry(_Strict):
                 raise ValueError(f"{s.address} port {s.port} is listed twice")
             seen.add((s.address, s.port))
         return services
+
+
+class BackendSetEntry(_Strict):
+    """Backends that policies share: one Maglev table on the proxy, however
+    many policies name it (a pool's policies all go to the same nodes)."""
+    name: str = Field(min_length=1, max_length=253)
+    backends: list[IPAddress] = Field(min_length=1, max_length=MAX_BACKENDS)
+    drain_seconds: int = Field(DEFAULT_DRAIN_SECONDS, alias="drainSeconds", ge=0, le=86400,
+                               description="how long a backend that left the set (or whose flows "
+                                           "moved to a newcomer) still gets its established flows, "
+                                           "handed on by the new owner (0: never)")
 
     @field_validator("backends")
     @classmethod
@@ -230,7 +242,8 @@ class DataplaneConfig(_Strict):
     role: Role
     rotation_seconds: int = Field(alias="rotationSeconds", ge=1, le=86400)
     node: Node
-    policies: list[PolicyEntry] = Field(default_factory=list, max_length=MAX_POLICIES)
+    policies: list[PolicyEntry] = Field(default_factory=list, max_length=MAX_POLICIES - 1)
+    backend_sets: list[BackendSetEntry] = Field(default_factory=list, alias="backendSets", max_length=MAX_TABLES)
     allowed_proxies: list[IPAddress] = Field(default_factory=list, alias="allowedProxies",
                                              max_length=MAX_PROXIES)
     peer_backends: list[IPAddress] = Field(default_factory=list, alias="peerBackends", max_length=MAX_BACKENDS,
@@ -261,9 +274,16 @@ class DataplaneConfig(_Strict):
         return self
 
     def _check_proxy(self) -> None:
+        names = [b.name for b in self.backend_sets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"backendSets {twice} are listed twice; give each set its own name")
         for i, p in enumerate(self.policies):
-            if not p.backends:
-                raise ValueError(f"policies[{i}] (id {p.id}): a proxy needs the policy's backends")
+            if p.backend_set is None:
+                raise ValueError(f"policies[{i}] (id {p.id}): a proxy needs the policy's backendSet")
+            if p.backend_set not in names:
+                raise ValueError(f"policies[{i}] (id {p.id}): backendSet {p.backend_set!r} is not in "
+                                 f"backendSets ({', '.join(names) or 'none'})")
         if self.allowed_proxies:
             raise ValueError("allowedProxies is for backends; remove it from a proxy's config")
         if self.peer_backends:
@@ -278,7 +298,7 @@ class DataplaneConfig(_Strict):
         if starts != sorted(set(starts)):
             raise ValueError(f"saltKeys: a later generation must start at a later epoch "
                              f"(generations {generations} start at {starts})")
-        families = {b.version for p in self.policies for b in p.backends}
+        families = {b.version for s in self.backend_sets for b in s.backends}
         for family, own in ((4, self.node.addresses.ipv4), (6, self.node.addresses.ipv6)):
             if family in families and own is None:
                 raise ValueError(f"IPv{family} backends need node.addresses.ipv{family} "
@@ -288,8 +308,9 @@ class DataplaneConfig(_Strict):
         if self.node.xdp:
             raise ValueError("node.xdp is for proxies (the XDP front answers SYNs); remove it "
                              "from a backend's config")
-        if any(p.backends for p in self.policies):
-            raise ValueError("policies[].backends is for proxies; remove it from a backend's config")
+        if any(p.backend_set for p in self.policies) or self.backend_sets:
+            raise ValueError("backendSets and policies[].backendSet are for proxies; remove them "
+                             "from a backend's config")
         if self.salt_keys:
             raise ValueError("saltKeys are for proxies only; a backend must not hold them")
         if self.policies and not self.allowed_proxies:

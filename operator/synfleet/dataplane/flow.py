@@ -1,4 +1,4 @@
-"""Maglev backend tables, which the agent writes into the proxy's backend_slots.
+"""Maglev backend tables, which the agent writes into the proxy's maglev_slots.
 The flow hash that picks a slot runs only in BPF (bpf/sf_flow.h)."""
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Backend table generations for daisy chaining (Beamer, NSDI 2018): when a
-policy's backend set changes, each Maglev slot whose backend changed keeps
-the backend it had as its *previous* one for the policy's drain period. The
+backend set changes, each Maglev slot whose backend changed keeps the
+backend it had as its *previous* one for the set's drain period. The
 proxy names that previous backend in the encapsulation of every segment that
 is not a handshake; a current backend with no socket for the flow hands the
 segment on to it (bpf/backend.bpf.c). No per-flow state anywhere: one
 previous backend per slot, one hop.
 
 Pure: the proxy's Dataplane writes what `next_table` returns into its
-backend_slots map.
+maglev_slots map.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Previous:
 
 @dataclass(frozen=True)
 class SlotTable:
-    """One policy's Maglev table: per slot, its backend and (while a drain
+    """One backend set's Maglev table: per slot, its backend and (while a drain
     period lasts) the backend it had before."""
 
     current: tuple[IPAddress, ...]

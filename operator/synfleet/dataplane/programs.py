@@ -26,7 +26,7 @@ from synfleet.dataplane.generations import Previous, SlotTable, next_table
 FLIP_GRACE_S = 0.05
 
 
-def policy_value(policy: schema.PolicyEntry, fail_open: bool) -> PolicyValue:
+def policy_value(policy: schema.PolicyEntry, fail_open: bool, table: int = 0) -> PolicyValue:
     c = policy.cookie
     flags = abi.POLICY_ACTIVE
     for on, bit in ((policy.mode is schema.Mode.ENFORCE, abi.POLICY_ENFORCE),
@@ -34,7 +34,7 @@ def policy_value(policy: schema.PolicyEntry, fail_open: bool) -> PolicyValue:
                     (c.sack, abi.POLICY_SACK), (fail_open, abi.POLICY_FAIL_OPEN)):
         flags |= bit if on else 0
     p = PolicyValue(adv_mss_v4=c.advertised_mss(4), adv_mss_v6=c.advertised_mss(6),
-               wscale=c.window_scale, flags=flags)
+                    wscale=c.window_scale, flags=flags, table=table)
     p.mss_v4[:] = c.mss_v4
     p.mss_v6[:] = c.mss_v6
     return p
@@ -112,6 +112,9 @@ class Dataplane:
         self.policies = TypedMap(self.obj.map("policies"), ctypes.c_uint32, PolicyValue)
         self.config = TypedMap(self.obj.map("node_config"), ctypes.c_uint32, ConfigValue)
         self._last_flip = 0.0
+        # Per half, the policy ids written active there (None: unknown, a
+        # previous agent's): only those are cleared, not all MAX_POLICIES ids.
+        self._ids_in_half: list[set[int] | None] = [None] * abi.CONFIG_SLOTS
 
     def close(self) -> None:
         self.obj.close()
@@ -157,12 +160,19 @@ class Dataplane:
         self._last_flip = time.monotonic()
         return target
 
+    def _table_of(self, policy: schema.PolicyEntry) -> int:
+        """The Maglev table the policy's connections use (proxies only)."""
+        return 0
+
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
-        by_id = {p.id: p for p in cfg.policies}
         fail_open = cfg.failure_policy is schema.FailurePolicy.OPEN
         base = slot * abi.MAX_POLICIES
-        for pid in range(abi.MAX_POLICIES):
-            self.policies.put(_u32(base + pid), policy_value(by_id[pid], fail_open) if pid in by_id else PolicyValue())
+        stale = self._ids_in_half[slot]
+        for pid in range(abi.MAX_POLICIES) if stale is None else stale - {p.id for p in cfg.policies}:
+            self.policies.put(_u32(base + pid), PolicyValue())
+        for p in cfg.policies:
+            self.policies.put(_u32(base + p.id), policy_value(p, fail_open, self._table_of(p)))
+        self._ids_in_half[slot] = {p.id for p in cfg.policies}
         _sync_keys(self.services, slot, {
             _keyed(Endpoint.of(s.address, s.port), slot): ServiceValue(p.id)
             for p in cfg.policies for s in p.services})
@@ -180,10 +190,12 @@ class ProxyDataplane(Dataplane):
 
     program_name = "synfleet_proxy"
     object_name = "proxy"
-    MAPS = Dataplane.MAPS + ("salts", "protected_addrs", "backend_slots", "backends")
+    MAPS = Dataplane.MAPS + ("salts", "protected_addrs", "maglev_slots", "backends")
     XDP_MAPS = Dataplane.MAPS + ("salts",)
-    # ABI 4 keeps thousands of epochs ahead where ABI 3 kept four.
-    OUTGROWN = Dataplane.OUTGROWN + ("salts",)
+    # ABI 4 keeps thousands of epochs ahead where ABI 3 kept four; ABI 6 has
+    # 8192 policy ids where ABI 5 had 256 (and tables by backend set, not by
+    # policy: the renamed maglev_slots).
+    OUTGROWN = Dataplane.OUTGROWN + ("salts", "policies")
 
     def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
         super().__init__(pins, objects_dir)
@@ -199,16 +211,17 @@ class ProxyDataplane(Dataplane):
             raise
         self.salts = TypedMap(self.obj.map("salts"), ctypes.c_uint32, SaltValue)
         self.protected_addrs = TypedMap(self.obj.map("protected_addrs"), Endpoint, ServiceValue)
-        self.slots = TypedMap(self.obj.map("backend_slots"), ctypes.c_uint32, RingSlotValue)
+        self.slots = TypedMap(self.obj.map("maglev_slots"), ctypes.c_uint32, RingSlotValue)
         self.backends = TypedMap(self.obj.map("backends"), ctypes.c_uint32, Endpoint)
         self._salt_slots: list[bytes] | None = None     # the salt map's slots as last written here
-        # Per policy id: the table the active half holds (None until this object's
+        # Per backend set: the table the active half holds (None until this object's
         # first apply), and the one being written; when the earliest previous
         # backend named stops being named (derived once per write, not per tick).
-        self._tables: dict[int, SlotTable] | None = None
-        self._written: dict[int, SlotTable] = {}
+        self._tables: dict[str, SlotTable] | None = None
+        self._written: dict[str, SlotTable] = {}
         self._expiry: float | None = None
         self._written_expiry: float | None = None
+        self._table_index: dict[str, int] = {}     # backend set -> its table in the half being written
 
     def close(self) -> None:
         self.xdp_obj.close()
@@ -249,29 +262,38 @@ class ProxyDataplane(Dataplane):
         the configuration again then, and the slot stops naming it."""
         return self._expiry
 
-    def previous_backends(self) -> dict[int, set]:
-        """Per policy id, the previous backends its slots still name."""
+    def previous_backends(self) -> dict[str, set]:
+        """Per backend set, the previous backends its slots still name."""
         now = time.monotonic()
-        return {pid: {a for a in t.previous_at(now) if a} for pid, t in (self._tables or {}).items()}
+        return {name: {a for a in t.previous_at(now) if a} for name, t in (self._tables or {}).items()}
 
-    def _tables_in_force(self, cfg: schema.DataplaneConfig, now: float) -> dict[int, SlotTable]:
+    def _tables_in_force(self, cfg: schema.DataplaneConfig, now: float) -> dict[str, SlotTable]:
         """The tables the active half holds: this object's own once it applied
         one; before that, after a restart, the previous agent's, read from the
-        pinned map for each policy it served (once: a policy added later starts
-        with no previous backends, whatever an earlier policy of its id left)."""
+        pinned map for each backend set it served (once: a set added later
+        starts with no previous backends, whatever an earlier set left)."""
         if self._tables is not None:
             return self._tables
-        return {p.id: t for p in cfg.policies if (t := self._table_in_maps(p.id, p.drain_seconds, now))}
-
-    def _table_in_maps(self, policy_id: int, drain_s: float, now: float) -> SlotTable | None:
-        """The active half's table of a policy, as the previous agent left it.
-        Its drain periods start again (their ends were in its memory)."""
-        if "backend_slots" not in self.reused or not self.applied():
-            return None
+        if "maglev_slots" not in self.reused or "policies" not in self.reused or not self.applied():
+            return {}
         half = self.active_slot()
-        if not self.policies.get(_u32(half * abi.MAX_POLICIES + policy_id)).flags & abi.POLICY_ACTIVE:
+        tables = {}
+        for s in cfg.backend_sets:
+            # The previous agent's table of the set: the one its policies used.
+            # A set none of whose policies it served starts afresh.
+            values = [self.policies.get(_u32(half * abi.MAX_POLICIES + p.id))
+                      for p in cfg.policies if p.backend_set == s.name]
+            found = {v.table for v in values if v.flags & abi.POLICY_ACTIVE}
+            if len(found) == 1 and (t := self._table_in_maps(half, found.pop(), s.drain_seconds, now)):
+                tables[s.name] = t
+        return tables
+
+    def _table_in_maps(self, half: int, table: int, drain_s: float, now: float) -> SlotTable | None:
+        """A table of the active half, as the previous agent left it. Its
+        drain periods start again (their ends were in its memory)."""
+        if table >= abi.MAX_TABLES:
             return None
-        base = (half * abi.MAX_POLICIES + policy_id) * abi.RING_SIZE
+        base = (half * abi.MAX_TABLES + table) * abi.RING_SIZE
         slots = [self.slots.get(_u32(base + i)) for i in range(abi.RING_SIZE)]
         if any(s.current >= abi.MAX_BACKENDS for s in slots):
             return None
@@ -285,17 +307,20 @@ class ProxyDataplane(Dataplane):
                          tuple(Previous(backend(s.previous), now + drain_s)
                                if s.previous < abi.MAX_BACKENDS else None for s in slots))
 
+    def _table_of(self, policy: schema.PolicyEntry) -> int:
+        return self._table_index[policy.backend_set]
+
     def _write_half(self, cfg: schema.DataplaneConfig, slot: int) -> None:
         now = time.monotonic()
         before = self._tables_in_force(cfg, now)
         tables = {}
-        for p in cfg.policies:
+        for s in cfg.backend_sets:
             # Sorted so that every proxy, whatever order its document lists the
             # backends in, builds the same table: a flow keeps its backend.
-            members = sorted(p.backends, key=_address_order)
+            members = sorted(s.backends, key=_address_order)
             owners = [members[m] for m in maglev_table([str(a) for a in members])]
-            tables[p.id] = next_table(before.get(p.id), owners, now, p.drain_seconds)
-        previous = {pid: t.previous_at(now) for pid, t in tables.items()}
+            tables[s.name] = next_table(before.get(s.name), owners, now, s.drain_seconds)
+        previous = {name: t.previous_at(now) for name, t in tables.items()}
         addresses = sorted({a for t in tables.values() for a in t.current} |
                            {a for named in previous.values() for a in named if a}, key=_address_order)
         if len(addresses) > abi.MAX_BACKENDS:
@@ -303,9 +328,10 @@ class ProxyDataplane(Dataplane):
         index = {a: i for i, a in enumerate(addresses)}
         for a, i in index.items():
             self.backends.put(_u32(slot * abi.MAX_BACKENDS + i), Endpoint.of(a))
-        for pid, t in tables.items():
-            base = (slot * abi.MAX_POLICIES + pid) * abi.RING_SIZE
-            for i, (current, prev) in enumerate(zip(t.current, previous[pid])):
+        self._table_index = {name: i for i, name in enumerate(tables)}
+        for name, t in tables.items():
+            base = (slot * abi.MAX_TABLES + self._table_index[name]) * abi.RING_SIZE
+            for i, (current, prev) in enumerate(zip(t.current, previous[name])):
                 self.slots.put(_u32(base + i), RingSlotValue(index[current],
                                                              index[prev] if prev else abi.RING_NONE))
         self._written = tables

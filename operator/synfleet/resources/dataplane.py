@@ -16,7 +16,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from synfleet import contract
-from synfleet.abi import MAX_POLICIES
+from synfleet.abi import MAX_POLICIES, MAX_TABLES
 from synfleet.config import schema
 from synfleet.config.schema import Role
 from synfleet.contract import POOL_KINDS
@@ -210,8 +210,12 @@ def _tenancy(p: SynProxyPolicy, addresses: list[str], proxy_pool: Pool,
 
 
 def _resolve(p: SynProxyPolicy, view: ClusterView, pools: dict[tuple[Role, str], Pool],
-             owners: dict[str, set[str]]) -> tuple[list[str], list[NodeInfo]] | Problem:
-    """The policy's protected addresses and its backend nodes, or why there are none."""
+             owners: dict[str, set[str]], pool_members: dict[str, list[NodeInfo]],
+             ) -> tuple[list[str], str, list[NodeInfo]] | Problem:
+    """The policy's protected addresses, its backend set's name and nodes, or
+    why there are none. A pool's policies share one set (one Maglev table on
+    the proxies); a Service with externalTrafficPolicy Local has its own, the
+    pool's nodes that host its endpoints."""
     for role, pool_name in ((Role.PROXY, p.spec.proxy_pool), (Role.BACKEND, p.spec.backend_pool)):
         if (role, pool_name) not in pools:
             return Problem(f"{POOL_KINDS[role]}NotFound", f"{POOL_KINDS[role]} {pool_name!r} does not exist")
@@ -219,7 +223,8 @@ def _resolve(p: SynProxyPolicy, view: ClusterView, pools: dict[tuple[Role, str],
             return Problem("Forbidden", f"{POOL_KINDS[role]} {pool_name!r} does not admit namespace "
                                         f"{p.namespace!r} (its spec.allowedNamespaces)")
     backend_pool = pools[(Role.BACKEND, p.spec.backend_pool)]
-    backends = members(backend_pool, view)
+    backends = pool_members[backend_pool.name]
+    backend_set = backend_pool.name
     addresses = list(p.spec.addresses)
     if p.spec.service is not None:
         svc = view.services.get((p.namespace, p.spec.service.name))
@@ -232,13 +237,14 @@ def _resolve(p: SynProxyPolicy, view: ClusterView, pools: dict[tuple[Role, str],
         if (svc.get("spec") or {}).get("externalTrafficPolicy") == "Local":
             hosting = endpoint_nodes(view.endpoint_slices, p.namespace, p.spec.service.name)
             backends = [n for n in backends if n.name in hosting]
+            backend_set = f"{backend_pool.name}/{p.namespace}/{p.spec.service.name}"
     refused = _tenancy(p, addresses, pools[(Role.PROXY, p.spec.proxy_pool)], owners)
     if refused is not None:
         return refused
     if not backends:
         return Problem("NoBackends", f"no Ready, undrained node of BackendPool {backend_pool.name!r} with a "
                                      f"Ready agent {'hosts an endpoint' if p.spec.service else 'has an address'}")
-    return addresses, backends
+    return addresses, backend_set, backends
 
 
 def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
@@ -247,8 +253,10 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
     outcomes: dict[str, PolicyOutcome] = {}
     entries: dict[tuple[Role, str], list[dict]] = {key: [] for key in pools}
     proxy_sources: dict[str, set[str]] = {}     # backend pool -> proxy pools feeding it
+    backend_sets: dict[str, dict[str, dict]] = {}  # proxy pool -> its backendSets by name
     owner: dict[tuple[str, int], str] = {}
     address_owners = view.address_owners()
+    pool_members = {p.name: members(p, view) for p in view.backend_pools}
 
     for p in sorted(view.policies, key=lambda p: (p.created, p.key)):
         pid = ids[p.key]
@@ -260,11 +268,11 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
             outcomes[p.key] = PolicyOutcome(pid, problem=Problem(
                 "Deleting", "deleting: waiting for the nodes to stop serving it"))
             continue
-        resolved = _resolve(p, view, pools, address_owners)
+        resolved = _resolve(p, view, pools, address_owners, pool_members)
         if isinstance(resolved, Problem):
             outcomes[p.key] = PolicyOutcome(pid, problem=resolved)
             continue
-        addresses, backends = resolved
+        addresses, set_name, backends = resolved
         endpoints = [(str(ipaddress.ip_address(a)), port) for a in addresses for port in p.spec.ports]
         clash = next((e for e in endpoints if e in owner), None)
         if clash:
@@ -272,14 +280,21 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
                 "Conflict", f"{clash[0]} port {clash[1]} is already protected by SynProxyPolicy "
                             f"{owner[clash]}"))
             continue
+        sets = backend_sets.setdefault(p.spec.proxy_pool, {})
+        if set_name not in sets and len(sets) == MAX_TABLES:
+            outcomes[p.key] = PolicyOutcome(pid, addresses, problem=Problem(
+                "TooManyBackendSets", f"ProxyPool {p.spec.proxy_pool!r} already serves {MAX_TABLES} backend "
+                                      f"sets (each BackendPool, and each externalTrafficPolicy: Local Service, is one)"))
+            continue
+        # One outer address per backend node; the outer family need not match the inner.
+        sets.setdefault(set_name, {"name": set_name, "backends": [n.ipv4 or n.ipv6 for n in backends],
+                                   "drainSeconds": pools[(Role.BACKEND, p.spec.backend_pool)].spec.drain_seconds})
         owner.update({e: p.key for e in endpoints})
         common = {"id": pid, "name": p.key, "mode": p.spec.mode.value,
                   "services": [{"address": a, "port": port} for a, port in endpoints],
-                  "cookie": p.spec.cookie.model_dump(mode="json", by_alias=True)}
-        # One outer address per backend node; the outer family need not match the inner.
-        entries[(Role.PROXY, p.spec.proxy_pool)].append(
-            {**common, "backends": [n.ipv4 or n.ipv6 for n in backends],
-             "drainSeconds": pools[(Role.BACKEND, p.spec.backend_pool)].spec.drain_seconds})
+                  # Defaults left out: the agent has the same (one Cookie model); it keeps the document small.
+                  "cookie": p.spec.cookie.model_dump(mode="json", by_alias=True, exclude_defaults=True)}
+        entries[(Role.PROXY, p.spec.proxy_pool)].append({**common, "backendSet": set_name})
         entries[(Role.BACKEND, p.spec.backend_pool)].append(common)
         proxy_sources.setdefault(p.spec.backend_pool, set()).add(p.spec.proxy_pool)
         outcomes[p.key] = PolicyOutcome(pid, addresses, len(backends))
@@ -294,6 +309,7 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
         if pool.spec.attach != schema.Attach():
             doc["node"]["attach"] = pool.spec.attach.model_dump(mode="json", by_alias=True, exclude_defaults=True)
         if role is Role.PROXY:
+            doc["backendSets"] = list(backend_sets.get(name, {}).values())
             doc["node"]["xdp"] = pool.spec.xdp
             doc["failurePolicy"] = pool.spec.failure_policy.value
         if role is Role.BACKEND:
