@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import require_bpf, require_kube
+from conftest import backend_set_of, require_bpf, require_kube
 from synfleet.bpf.links import tcx_programs
 from synfleet_lab.cluster.cgroups import CgroupTree, hierarchies
 from synfleet_lab.cluster.cluster import (
@@ -310,7 +310,7 @@ def established_on(cluster: LabCluster, node: str) -> int:
 def proxy_backends(cluster: LabCluster) -> list[str]:
     doc = yaml.safe_load(json.loads(cluster.kubectl(
         "get", "configmap", "-n", NAMESPACE, "synfleet-proxy-edge", "-o", "json").stdout)["data"]["dataplane.yaml"])
-    return doc["policies"][0]["backends"]
+    return backend_set_of(doc, doc["policies"][0]["name"])["backends"]
 
 
 def test_a_backend_node_leaving_the_pool_and_returning_loses_no_transfer(installed):

@@ -18,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import IPRoute
 
-from conftest import agent_document, require_bpf, require_kube, require_tool
+from conftest import agent_document, backend_set_of, require_bpf, require_kube, require_tool
 from fleet import synfleet_ingress_program, wait_for
 from kubecluster import KubeCluster, OperatorProcess, free_port
 from prometheus import Prometheus, dashboard_queries, rendered_rules
@@ -199,7 +199,7 @@ def test_pools_and_policy_become_daemonsets_salts_configmaps_and_rbac(fleet):
                          "the policy in the proxy ConfigMap", timeout=KUBE_TIMEOUT_S)
     (entry,) = proxy_doc["policies"]
     assert entry["name"] == f"{APP_NS}/web" and entry["mode"] == "enforce"
-    assert entry["backends"] == ["10.0.1.1", "10.0.1.2"]
+    assert backend_set_of(proxy_doc, entry["name"])["backends"] == ["10.0.1.1", "10.0.1.2"]
     assert {(s["address"], s["port"]) for s in entry["services"]} == {("203.0.113.10", 443), ("2001:db8::10", 443)}
     backend_doc = configmap_document(fleet, "synfleet-backend-web")
     assert backend_doc["allowedProxies"] == ["10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2"]
@@ -405,8 +405,7 @@ def test_policy_update_rerenders_and_deletes_clean_up(fleet):
 
 def test_backend_nodes_joining_failing_and_leaving_rerender_the_proxies(fleet):
     apply(fleet, web_policy())
-    backends = lambda: next(p["backends"] for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]  # noqa: E731
-                            if p["name"] == f"{APP_NS}/web")
+    backends = lambda: backend_set_of(configmap_document(fleet, "synfleet-proxy-edge"), f"{APP_NS}/web")["backends"]  # noqa: E731
     add_node(fleet, "web-3", ["10.0.1.3", "fd00:1::3"], **{"synfleet.io/backend": "web"})
     add_agent_pod(fleet, "backend", "web", "web-3", ready=False)
     report_rollout(fleet, "synfleet-backend-web", ready=2, desired=3)
@@ -439,8 +438,7 @@ def test_a_backend_node_cordoned_marked_or_relabelled_out_drains_and_the_pool_sa
     add_node(fleet, "web-3", ["10.0.1.3", "fd00:1::3"], **{"synfleet.io/backend": "web"})
     add_agent_pod(fleet, "backend", "web", "web-3", ready=True)
     report_rollout(fleet, "synfleet-backend-web", ready=3, desired=3)
-    entry = lambda: next((p for p in configmap_document(fleet, "synfleet-proxy-edge")["policies"]  # noqa: E731
-                          if p["name"] == f"{APP_NS}/drain"), {})
+    entry = lambda: backend_set_of(configmap_document(fleet, "synfleet-proxy-edge"), f"{APP_NS}/drain")  # noqa: E731
     pool_status = lambda: get(fleet, "backendpool", "web", None).get("status") or {}  # noqa: E731
     wait_for(lambda: entry().get("backends") == ["10.0.1.1", "10.0.1.2", "10.0.1.3"], "web-3 a member",
              timeout=KUBE_TIMEOUT_S)

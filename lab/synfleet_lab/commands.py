@@ -94,6 +94,37 @@ def _bench_http(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_operator(args: argparse.Namespace) -> int:
+    from synfleet_lab.bench.operator import Size, run
+
+    size = Size(nodes=args.nodes, proxies=args.proxies, backends=args.backends, pools=args.pools,
+                services=args.services, policies=args.policies, seconds=args.seconds,
+                quiet_seconds=args.quiet_seconds, unrelated_per_s=args.unrelated_rate,
+                changes_per_s=args.change_rate)
+    say = (lambda what: None) if args.json else (lambda what: print(f"synfleet bench operator: {what}", flush=True))
+    try:
+        result = run(size, progress=say)
+    except ValueError as err:
+        print(f"synfleet bench operator: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"\noperator at {size.nodes:,} nodes, {size.services:,} Services, {size.policies:,} policies "
+          f"(cluster written in {result['populate_s']:.0f} s; initial sync {result['initial_sync_s']:.1f} s)")
+    print(f"  policy change -> both ConfigMaps: p50 {result['render_p50_ms']:,.0f} ms, "
+          f"p99 {result['render_p99_ms']:,.0f} ms (aim <= {result['aims']['render_p99_ms']:,.0f}), "
+          f"max {result['render_max_ms']:,.0f} ms; {result['policy_changes_seen']} of "
+          f"{result['policy_changes']} seen")
+    print(f"  renders from {result['unrelated_updates_quiet']} unrelated updates: "
+          f"{result['renders_from_unrelated_events']} (aim 0)")
+    print(f"  API requests per policy change: {result['api_requests_per_policy_change']}")
+    print(f"  operator: peak RSS {result['operator_peak_rss_mib']:.0f} MiB "
+          f"(aim <= {result['aims']['operator_peak_rss_mib']:.0f}), CPU {result['operator_cpu_s_during_load']:.1f} s "
+          f"during the {size.seconds:g} s load, {result['operator_cpu_s_total']:.1f} s in all")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from synfleet_lab.check import run_check
 
@@ -203,6 +234,22 @@ def bench(sub: argparse._SubParsersAction) -> None:
     ht.add_argument("--rounds", type=int, default=3, help="alternating runs per path; medians reported")
     ht.add_argument("--json", action="store_true", help="print one JSON object")
     ht.set_defaults(func=_interruptible("bench http", _bench_http))
+    op = bench_sub.add_parser("operator", help="the operator at cluster scale against a real API server: "
+                              "policy change -> ConfigMap latency under unrelated churn, API requests, RSS")
+    op.add_argument("--nodes", type=int, default=2000, help="Nodes (default 2000)")
+    op.add_argument("--proxies", type=int, default=20, help="of them in proxy pools (default 20)")
+    op.add_argument("--backends", type=int, default=500, help="of them in backend pools (default 500)")
+    op.add_argument("--pools", type=int, default=4, help="proxy pools, and as many backend pools (default 4)")
+    op.add_argument("--services", type=int, default=20000, help="Services, each with an EndpointSlice (default 20000)")
+    op.add_argument("--policies", type=int, default=1000, help="policies, each protecting a Service (default 1000)")
+    op.add_argument("--seconds", type=float, default=60.0, help="length of the load phase (default 60)")
+    op.add_argument("--quiet-seconds", type=float, default=10.0,
+                    help="unrelated updates alone, before the load (default 10)")
+    op.add_argument("--unrelated-rate", type=float, default=50.0,
+                    help="unrelated Service/EndpointSlice updates per second (default 50)")
+    op.add_argument("--change-rate", type=float, default=5.0, help="policy changes per second (default 5)")
+    op.add_argument("--json", action="store_true", help="print one JSON object")
+    op.set_defaults(func=_interruptible("bench operator", _bench_operator))
 
 
 def cluster(sub: argparse._SubParsersAction) -> None:

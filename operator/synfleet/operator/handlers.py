@@ -3,6 +3,7 @@ and its tests live in synfleet.resources."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Mapping
@@ -12,8 +13,11 @@ import kopf
 from synfleet.config.schema import Role
 from synfleet.contract import GROUP, POOL_KINDS, VERSION
 from synfleet.kube import Kube
+from synfleet.operator import cache
+from synfleet.operator.cache import ClusterCache, endpoint_slice_fields, service_fields
 from synfleet.operator.reconcile import Reconciler
 from synfleet.resources.dataplane import NodeInfo
+from synfleet.resources.lifecycle import AgentReport
 from synfleet.resources.names import FINALIZER, MANAGED_BY
 
 SALT_CHECK_S = 5.0     # how often a proxy pool's salts are checked; keys are published epochs ahead
@@ -33,8 +37,56 @@ def _post_event(obj: dict, etype: str, reason: str, message: str) -> None:
     kopf.event(obj, type=etype, reason=reason, message=message)
 
 
+# ---- the caches (synfleet.operator.cache), one entry per object by its name;
+# async, so they run on kopf's event loop ----
+
+@kopf.index(GROUP, VERSION, "proxypools")
+async def proxy_pool_index(name, body, **_):
+    return {name: plain(body)}
+
+
+@kopf.index(GROUP, VERSION, "backendpools")
+async def backend_pool_index(name, body, **_):
+    return {name: plain(body)}
+
+
+@kopf.index(GROUP, VERSION, "synproxypolicies")
+async def policy_index(namespace, name, body, **_):
+    return {(namespace, name): plain(body)}
+
+
+@kopf.index("", "v1", "services")
+async def service_index(namespace, name, body, **_):
+    return {(namespace, name): service_fields(plain(body))}
+
+
+@kopf.index("discovery.k8s.io", "v1", "endpointslices")
+async def endpoint_slice_index(namespace, name, body, **_):
+    return {(namespace, name): endpoint_slice_fields(plain(body))}
+
+
+@kopf.index("", "v1", "nodes")
+async def node_index(name, body, **_):
+    return {name: NodeInfo.from_object(plain(body))}
+
+
+@kopf.index("", "v1", "namespaces")
+async def namespace_index(name, labels, **_):
+    return {name: dict(labels)}
+
+
+@kopf.index(GROUP, VERSION, "nodeagents")
+async def agent_report_index(namespace, name, body, memo: kopf.Memo, **_):
+    return {name: AgentReport.from_object(plain(body))} if namespace == memo.settings.namespace else {}
+
+
+@kopf.index("apps", "v1", "daemonsets", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+async def daemonset_index(namespace, name, body, memo: kopf.Memo, **_):
+    return {name: plain(body)} if namespace == memo.settings.namespace else {}
+
+
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs) -> None:
     # Peering: with two replicas the lower priority pauses while the higher one
     # lives (kopf freezes both on a tie, so the priority is random, not fixed).
     settings.peering.mandatory = True
@@ -43,8 +95,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.watching.server_timeout = 300
     # Pools and policies are deleted only once their nodes confirm (on.delete below).
     settings.persistence.finalizer = FINALIZER
-    memo.reconciler = Reconciler(Kube(field_manager=MANAGED_BY), memo.settings, memo.metrics, _post_event)
+    # kopf runs no handler before every index is filled: the cache is complete when one reads it.
+    indexes = ClusterCache(asyncio.get_running_loop(), {name: kwargs[name] for name in cache.INDEXES})
+    memo.reconciler = Reconciler(Kube(field_manager=MANAGED_BY, on_request=memo.metrics.api_request),
+                                 memo.settings, memo.metrics, _post_event, indexes)
     memo.node_fingerprints = {}
+    memo.agent_fingerprints = {}
 
 
 @kopf.on.resume(GROUP, VERSION, "proxypools")
@@ -99,8 +155,19 @@ def endpoint_slice_changed(body, memo: kopf.Memo, **_) -> None:
 @kopf.on.event(GROUP, VERSION, "synproxypolicies")
 @kopf.on.event("apps", "v1", "daemonsets", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 @kopf.on.event("", "v1", "namespaces")        # their labels decide which pools admit their policies
-@kopf.on.event(GROUP, VERSION, "nodeagents")   # the agents' reports: the pools' Nodes column
 def rerender(memo: kopf.Memo, **_) -> None:
+    memo.reconciler.request_render()
+
+
+@kopf.on.event(GROUP, VERSION, "nodeagents")
+def agent_reported(type, body, memo: kopf.Memo, **_) -> None:
+    # The agents' reports make the pools' Nodes column; their counters, refreshed
+    # every minute on every node, do not.
+    uid = body["metadata"]["uid"]
+    fingerprint = None if type == "DELETED" else AgentReport.from_object(plain(body))
+    if memo.agent_fingerprints.get(uid) == fingerprint:
+        return
+    memo.agent_fingerprints[uid] = fingerprint
     memo.reconciler.request_render()
 
 

@@ -18,6 +18,9 @@ class OperatorMetrics:
         self.unrelated_events = Counter("synfleet_operator_unrelated_events",
                                         "Service and EndpointSlice events no policy depends on: no render",
                                         ["kind"], registry=self.registry)
+        self.api_requests = Counter("synfleet_operator_api_requests",
+                                    "requests to the API server by verb and kind (kopf's own watches, "
+                                    "finalizers and Events not included)", ["verb", "kind"], registry=self.registry)
         self.errors = Counter("synfleet_operator_errors", "reconcile and render failures", ["stage"],
                               registry=self.registry)
         self.rotations = Counter("synfleet_operator_salt_rotations", "salt Secret updates", ["pool"],
@@ -27,6 +30,9 @@ class OperatorMetrics:
         self._last_rotation: dict[str, float] = {}
         self._pools_ready: dict[tuple[str, str], bool] = {}
         self.registry.register(self)
+
+    def api_request(self, verb: str, kind: str) -> None:
+        self.api_requests.labels(verb, kind).inc()
 
     def pools_ready(self, ready: dict[tuple[str, str], bool]) -> None:
         """Every pool's Ready condition as the last render reported it, by (kind, name)."""

@@ -1,6 +1,7 @@
-"""What the handlers call: read the cluster, build with synfleet.resources,
-write back. Every write is a server-side apply or a status patch made only when
-the content changed, so repeating any step is harmless."""
+"""What the handlers call: read the cluster (kopf's indexes, through
+synfleet.operator.cache), build with synfleet.resources, write back. Every
+write is a server-side apply or a status patch made only when the content
+changed, so repeating any step is harmless."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from kubernetes.client.exceptions import ApiException
 
 from synfleet import contract
 from synfleet.config.schema import ConfigError, Role
-from synfleet.contract import API_VERSION, NODE_AGENT_KIND, POOL_KINDS
+from synfleet.contract import POOL_KINDS
 from synfleet.cookie import current_epoch, key_for
 from synfleet.kube import Kube
+from synfleet.operator.cache import ClusterCache, Snapshot
 from synfleet.operator.metrics import OperatorMetrics
 from synfleet.resources import agents, lifecycle, names, salts
 from synfleet.resources.agents import OperatorSettings
@@ -50,8 +52,9 @@ EventPoster = Callable[[dict, str, str, str], None]
 
 class Reconciler:
     def __init__(self, kube: Kube, settings: OperatorSettings, metrics: OperatorMetrics,
-                 post_event: EventPoster) -> None:
+                 post_event: EventPoster, cache: ClusterCache) -> None:
         self.kube = kube
+        self.cache = cache
         self.settings = settings
         self.metrics = metrics
         self.post_event = post_event
@@ -61,12 +64,19 @@ class Reconciler:
         # and each Service's addresses as last seen (a change away from a claimed one matters).
         self._interest: ServiceInterest | None = None
         self._service_addresses: dict[tuple[str, str], set[str]] = {}
+        # The cache learns of this operator's own writes only when their watch
+        # event arrives: until then, what was written stands for the object's
+        # status (by uid: the resourceVersion it was written over, and the status),
+        # and a ConfigMap whose document is unchanged is not sent again (by pool uid).
+        self._statuses: dict[str, tuple[str | None, dict]] = {}
+        self._documents: dict[str, dict] = {}
 
     # ---- pools ----
 
     def ensure_pool(self, role: Role, body: dict) -> None:
         pool = Pool.from_object(role, body)
         self.metrics.reconciles.labels(POOL_KINDS[role]).inc()
+        self._documents.pop(pool.uid, None)      # its ConfigMap is written again, whatever it holds
         for obj in agents.agent_objects(pool, self.settings, self._proxy_selectors()):
             self.kube.apply(obj)
         if role is Role.PROXY:
@@ -76,14 +86,13 @@ class Reconciler:
 
     def _proxy_selectors(self) -> list[dict[str, str]]:
         # A retiring proxy pool keeps its nodes until it is gone (pool_gone runs this again).
-        return [Pool.from_object(Role.PROXY, o).spec.node_selector
-                for o in self.kube.list(API_VERSION, POOL_KINDS[Role.PROXY])]
+        return [Pool.from_object(Role.PROXY, o).spec.node_selector for o in self.cache.proxy_pools().values()]
 
     def keep_backends_off_proxies(self) -> None:
         """Backend pools' DaemonSets follow the proxy pools' nodeSelectors
         (see agents.not_on_proxy_nodes); run when a proxy pool comes, changes or goes."""
         selectors = self._proxy_selectors()
-        for obj in self.kube.list(API_VERSION, POOL_KINDS[Role.BACKEND]):
+        for obj in self.cache.backend_pools().values():
             if not obj["metadata"].get("deletionTimestamp"):
                 self.kube.apply(agents.daemonset(Pool.from_object(Role.BACKEND, obj), self.settings, selectors))
 
@@ -138,7 +147,7 @@ class Reconciler:
             log.info("%s %s: no node left to detach (its agents' reports: %s)", pool.kind, pool.name,
                      [(r.node, "retired" if r.retired else "serving") for r in reports
                       if (r.role, r.pool) == (pool.role, pool.name)] or "none")
-        self._report(body, lifecycle.retiring_status(pool, waiting, _conditions(body)), False)
+        self._report(body, lifecycle.retiring_status(pool, waiting, self._conditions(body)), False)
         return self._still_waiting(body, waiting, f"detach {pool.kind} {pool.name}'s programs",
                                    f"`synfleet agent uninstall --instance {pool.name}` on them")
 
@@ -148,8 +157,9 @@ class Reconciler:
         policy = SynProxyPolicy.from_object(body)
         self.request_render()
         reports, nodes, waiting = self._agent_reports(), self._nodes(), []
+        pools = {Role.PROXY: self.cache.proxy_pools(), Role.BACKEND: self.cache.backend_pools()}
         for role, pool_name in ((Role.PROXY, policy.spec.proxy_pool), (Role.BACKEND, policy.spec.backend_pool)):
-            obj = self.kube.get(API_VERSION, POOL_KINDS[role], pool_name)
+            obj = pools[role].get(pool_name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 continue        # a pool that goes takes everything with it
             pool = Pool.from_object(role, obj)
@@ -172,11 +182,10 @@ class Reconciler:
         return f"waiting for node(s) {', '.join(waiting)} to {what}"
 
     def _agent_reports(self) -> list[AgentReport]:
-        return [AgentReport.from_object(o) for o in self.kube.list(API_VERSION, NODE_AGENT_KIND,
-                                                                    self.settings.namespace)]
+        return self.cache.agent_reports()
 
     def _nodes(self) -> list[NodeInfo]:
-        return [NodeInfo.from_object(n) for n in self.kube.list("v1", "Node")]
+        return self.cache.nodes()
 
     # ---- the whole fleet ----
 
@@ -214,38 +223,39 @@ class Reconciler:
             finally:
                 self._render_lock.release()
 
-    def _read_view(self) -> tuple[ClusterView, dict[str, dict], dict[tuple[Role, str], dict]]:
+    def _read_view(self) -> tuple[ClusterView, Snapshot, dict[str, dict], dict[tuple[Role, str], dict]]:
+        seen = self.cache.snapshot()
         # A pool being deleted is retiring (retire_pool): it serves no policy.
-        pool_objs = {(role, o["metadata"]["name"]): o for role in Role
-                     for o in self.kube.list(API_VERSION, POOL_KINDS[role])
-                     if not o["metadata"].get("deletionTimestamp")}
-        policy_objs = {f'{o["metadata"]["namespace"]}/{o["metadata"]["name"]}': o
-                       for o in self.kube.list(API_VERSION, "SynProxyPolicy")}
+        pool_objs = {(role, name): o for role, pools in ((Role.PROXY, seen.proxy_pools),
+                                                         (Role.BACKEND, seen.backend_pools))
+                     for name, o in pools.items() if not o["metadata"].get("deletionTimestamp")}
+        policy_objs = {f"{namespace}/{name}": o for (namespace, name), o in seen.policies.items()}
         policies = [SynProxyPolicy.from_object(o) for o in policy_objs.values()]
-        # Every Service: whose namespace an address belongs to is part of the view.
-        services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in self.kube.list("v1", "Service")}
-        slices = []
-        for ref in sorted({(p.namespace, p.spec.service.name) for p in policies if p.spec.service is not None}):
-            if ref in services:
-                slices += self.kube.list("discovery.k8s.io/v1", "EndpointSlice", ref[0],
-                                         label_selector=f"kubernetes.io/service-name={ref[1]}")
+        named = {(p.namespace, p.spec.service.name) for p in policies if p.spec.service is not None}
         view = ClusterView(
             proxy_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is Role.PROXY],
             backend_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is Role.BACKEND],
             policies=policies,
-            nodes=self._nodes(),
-            services=services, endpoint_slices=slices,
-            namespace_labels={n["metadata"]["name"]: n["metadata"].get("labels") or {}
-                              for n in self.kube.list("v1", "Namespace")},
+            nodes=list(seen.nodes.values()),
+            # Every Service: whose namespace an address belongs to is part of the view.
+            services=seen.services,
+            endpoint_slices=[s for s in seen.endpoint_slices.values()
+                             if (s["metadata"]["namespace"],
+                                 s["metadata"]["labels"].get("kubernetes.io/service-name")) in named],
+            namespace_labels=seen.namespace_labels,
             # The agents' DaemonSet status changes with their pods' readiness,
-            # and that event renders: no cluster-wide pod watch is needed.
+            # and that event renders: no cluster-wide pod watch is needed, and
+            # this one list is of the operator's namespace, by label.
             ready_backend_agents=ready_agent_nodes(self.kube.list(
                 "v1", "Pod", self.settings.namespace,
                 label_selector=names.MANAGED_SELECTOR)))
-        return view, policy_objs, pool_objs
+        return view, seen, policy_objs, pool_objs
 
     def _render_once(self) -> None:
-        view, policy_objs, pool_objs = self._read_view()
+        view, seen, policy_objs, pool_objs = self._read_view()
+        live = {o["metadata"]["uid"] for o in [*policy_objs.values(), *pool_objs.values()]}
+        self._statuses = {uid: w for uid, w in self._statuses.items() if uid in live}
+        self._documents = {uid: d for uid, d in self._documents.items() if uid in live}
         rendered = render(view, self.settings)
         self._interest = ServiceInterest.of(view, rendered)
         self.metrics.renders.inc()
@@ -260,8 +270,11 @@ class Reconciler:
                 problems[key] = Problem("InvalidDataplaneConfig", str(err))
                 self.metrics.errors.labels("validate").inc()
                 continue
+            if self._documents.get(pool.uid) == document:
+                continue
             try:
                 self.kube.apply(configmap(pool, self.settings, document))
+                self._documents[pool.uid] = document
             except ApiException as err:
                 # Too large, refused by admission, the API server unreachable: the
                 # previous ConfigMap stays, and the pool and its policies say so.
@@ -270,10 +283,8 @@ class Reconciler:
                                         f"the last configuration written")
                 self.metrics.errors.labels("write").inc()
 
-        daemonsets = {d["metadata"]["name"]: d for d in self.kube.list(
-            "apps/v1", "DaemonSet", self.settings.namespace,
-            label_selector=names.MANAGED_SELECTOR)}
-        reports = Counter((r.role, r.pool) for r in self._agent_reports() if r.ready)
+        daemonsets = seen.daemonsets
+        reports = Counter((r.role, r.pool) for r in seen.agent_reports.values() if r.ready)
         rollouts = {key: Rollout.from_daemonset(daemonsets.get(names.agent_name(*key)), reports.get(key, 0))
                     for key in pools}
         generations = {name: self._generation_in_force(pool) for (role, name), pool in pools.items()
@@ -283,11 +294,11 @@ class Reconciler:
         for key, pool in pools.items():
             obj = pool_objs[key]
             shared = proxy_nodes_in(pool, view) if pool.role is Role.BACKEND else []
-            status = pool_status(pool, rollouts[key], problems.get(key), _conditions(obj),
+            status = pool_status(pool, rollouts[key], problems.get(key), self._conditions(obj),
                                  generations.get(pool.name), shared)
             if pool.role is Role.BACKEND:
                 status |= drain_report(pool, [n for n in view.nodes if selects(pool, n)], members(pool, view),
-                                       obj.get("status") or {}, now)
+                                       self._status(obj), now)
             ready = self._report(obj, status, problems.get(key) is not None or bool(shared))
             pools_ready[(POOL_KINDS[pool.role], pool.name)] = ready == "True"
         self.metrics.pools_ready(pools_ready)
@@ -303,7 +314,7 @@ class Reconciler:
             missing = Rollout()
             status = policy_status(p, outcome, rollouts.get((Role.PROXY, p.spec.proxy_pool), missing),
                                    rollouts.get((Role.BACKEND, p.spec.backend_pool), missing),
-                                   generations.get(p.spec.proxy_pool), _conditions(obj))
+                                   generations.get(p.spec.proxy_pool), self._conditions(obj))
             ready_count[self._report(obj, status, outcome.problem is not None)] += 1
         for state, count in ready_count.items():
             self.metrics.policies.labels(state).set(count)
@@ -314,16 +325,29 @@ class Reconciler:
         key = key_for(contract.secret_salt_keys(secret), current_epoch(pool.spec.salt.rotation_seconds))
         return key.generation if key else None
 
+    def _status(self, obj: dict) -> dict:
+        """The object's status: as the cache has it, or as this operator wrote
+        it over the version the cache still has."""
+        meta = obj["metadata"]
+        written = self._statuses.get(meta["uid"])
+        if written is not None and written[0] == meta.get("resourceVersion"):
+            return written[1]
+        return obj.get("status") or {}
+
+    def _conditions(self, obj: dict) -> list[dict]:
+        return self._status(obj).get("conditions") or []
+
     def _report(self, obj: dict, status: dict, degraded: bool) -> str:
         """Write the status if it changed, with an Event when Ready changes
         status or reason; returns the Ready status."""
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-        before = next((c for c in _conditions(obj) if c["type"] == "Ready"), {})
+        current = self._status(obj)
+        before = next((c for c in current.get("conditions") or [] if c["type"] == "Ready"), {})
         if (before.get("status"), before.get("reason")) != (ready["status"], ready["reason"]):
             self.post_event(obj, "Warning" if degraded else "Normal", ready["reason"], ready["message"])
-        current = obj.get("status") or {}
         if any(current.get(k) != v for k, v in status.items()):
             self.kube.patch_status(obj, status)
+            self._statuses[obj["metadata"]["uid"]] = (obj["metadata"].get("resourceVersion"), {**current, **status})
         return ready["status"]
 
 
@@ -333,6 +357,3 @@ def _api_message(err: ApiException) -> str:
     except (TypeError, ValueError, KeyError):
         return f"{err.status} {err.reason}"
 
-
-def _conditions(obj: dict) -> list[dict]:
-    return (obj.get("status") or {}).get("conditions") or []
