@@ -42,6 +42,7 @@ AGENT_SA = "bench-agent"
 WRITERS = 8
 SYNC_TIMEOUT_S = 600.0
 SETTLE_TIMEOUT_S = 60.0
+WATCH_S = 10
 AIMS = {"render_p99_ms": 2000.0, "operator_peak_rss_mib": 300.0, "renders_from_unrelated_events": 0}
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -66,6 +67,10 @@ class Size:
             raise ValueError("every policy protects its own Service, and unrelated ones must remain")
         if min(self.proxies, self.backends) < self.pools:
             raise ValueError(f"each of the {self.pools} pools needs a node")
+
+
+class NotFound(LookupError):
+    pass
 
 
 class Api:
@@ -98,6 +103,8 @@ class Api:
                 if attempt == 2:
                     raise
                 continue
+            if resp.status == 404:
+                raise NotFound(f"{method} {path}")
             if resp.status >= 300:
                 raise RuntimeError(f"{method} {path}: {resp.status} {payload[:300]!r}")
             return json.loads(payload)
@@ -110,25 +117,24 @@ class Api:
         return self.request("PATCH", path, body, "application/merge-patch+json")
 
     def watch(self, path: str, resource_version: str, stop: threading.Event):
-        """Watch events of a collection until `stop` (the stream is reopened when the server ends it)."""
+        """Watch events of a collection until `stop` (checked at least every
+        WATCH_S: the server ends each stream then, and it is reopened)."""
         while not stop.is_set():
-            conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=5)
+            conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=WATCH_S + 30)
             try:
-                conn.request("GET", f"{path}?watch=true&allowWatchBookmarks=true&timeoutSeconds=60"
+                conn.request("GET", f"{path}?watch=true&allowWatchBookmarks=true&timeoutSeconds={WATCH_S}"
                                     f"&resourceVersion={resource_version}",
                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
                 resp = conn.getresponse()
-                while not stop.is_set():
-                    try:
-                        line = resp.readline()
-                    except TimeoutError:
-                        continue
-                    if not line:
-                        break
+                for line in resp:
                     event = json.loads(line)
                     resource_version = event["object"]["metadata"].get("resourceVersion", resource_version)
                     if event["type"] in ("ADDED", "MODIFIED"):
                         yield event["object"]
+                    if stop.is_set():
+                        return
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.5)     # reopened from the last version seen
             finally:
                 conn.close()
 
@@ -231,6 +237,18 @@ def _pools(api: Api, size: Size) -> None:
                 "spec": {"nodeSelector": {label: name}, "interface": "eth0"}})
 
 
+def _eventually(request, timeout: float = SETTLE_TIMEOUT_S):
+    """The request's answer once the object exists (the operator writes it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return request()
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _rollouts(api: Api, size: Size) -> None:
     """What the DaemonSet controller would report once every agent runs."""
     for k in range(size.pools):
@@ -238,7 +256,7 @@ def _rollouts(api: Api, size: Size) -> None:
             pool = f"edge-{k}" if role is Role.PROXY else f"web-{k}"
             n = len(range(k, label_count, size.pools))
             path = f"/apis/apps/v1/namespaces/{NAMESPACE}/daemonsets/{names.agent_name(role, pool)}"
-            generation = api.request("GET", path)["metadata"]["generation"]
+            generation = _eventually(lambda: api.request("GET", path))["metadata"]["generation"]
             api.patch(path + "/status", {"status": {
                 "currentNumberScheduled": n, "desiredNumberScheduled": n, "numberMisscheduled": 0,
                 "numberReady": n, "updatedNumberScheduled": n, "numberAvailable": n,

@@ -99,8 +99,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs) 
     indexes = ClusterCache(asyncio.get_running_loop(), {name: kwargs[name] for name in cache.INDEXES})
     memo.reconciler = Reconciler(Kube(field_manager=MANAGED_BY, on_request=memo.metrics.api_request),
                                  memo.settings, memo.metrics, _post_event, indexes)
-    memo.node_fingerprints = {}
-    memo.agent_fingerprints = {}
+    memo.seen = {}     # by uid: what a render reads of each policy, NodeAgent and Node
 
 
 @kopf.on.resume(GROUP, VERSION, "proxypools")
@@ -152,22 +151,43 @@ def endpoint_slice_changed(body, memo: kopf.Memo, **_) -> None:
     memo.reconciler.endpoint_slice_changed(plain(body))
 
 
-@kopf.on.event(GROUP, VERSION, "synproxypolicies")
-@kopf.on.event("apps", "v1", "daemonsets", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-@kopf.on.event("", "v1", "namespaces")        # their labels decide which pools admit their policies
-def rerender(memo: kopf.Memo, **_) -> None:
+def _render_if_changed(memo: kopf.Memo, type: str, body, read) -> None:
+    """Render when what a render reads of the object (`read(body)`) changed
+    since its last event, or the object went."""
+    uid = body["metadata"]["uid"]
+    if type == "DELETED":
+        memo.seen.pop(uid, None)
+    elif memo.seen.get(uid) == (seen := read(plain(body))):
+        return
+    else:
+        memo.seen[uid] = seen
     memo.reconciler.request_render()
+
+
+@kopf.on.event(GROUP, VERSION, "synproxypolicies")
+def policy_changed(type, body, memo: kopf.Memo, **_) -> None:
+    # Its status is this operator's own writing, and kopf's finalizer changes
+    # nothing rendered: only a new spec or its deletion matters.
+    _render_if_changed(memo, type, body, lambda b: (b["metadata"].get("generation"),
+                                                    b["metadata"].get("deletionTimestamp")))
 
 
 @kopf.on.event(GROUP, VERSION, "nodeagents")
 def agent_reported(type, body, memo: kopf.Memo, **_) -> None:
     # The agents' reports make the pools' Nodes column; their counters, refreshed
     # every minute on every node, do not.
-    uid = body["metadata"]["uid"]
-    fingerprint = None if type == "DELETED" else AgentReport.from_object(plain(body))
-    if memo.agent_fingerprints.get(uid) == fingerprint:
-        return
-    memo.agent_fingerprints[uid] = fingerprint
+    _render_if_changed(memo, type, body, AgentReport.from_object)
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_changed(type, body, memo: kopf.Memo, **_) -> None:
+    # Nodes heartbeat constantly; only labels, addresses and readiness matter.
+    _render_if_changed(memo, type, body, NodeInfo.from_object)
+
+
+@kopf.on.event("apps", "v1", "daemonsets", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+@kopf.on.event("", "v1", "namespaces")        # their labels decide which pools admit their policies
+def rerender(memo: kopf.Memo, **_) -> None:
     memo.reconciler.request_render()
 
 
@@ -180,14 +200,3 @@ def pool_gone(type, body, memo: kopf.Memo, **_) -> None:
             memo.metrics.forget_pool(body["metadata"]["name"])
             memo.reconciler.keep_backends_off_proxies()
         memo.reconciler.request_render()
-
-
-@kopf.on.event("", "v1", "nodes")
-def node_changed(type, body, memo: kopf.Memo, **_) -> None:
-    # Nodes heartbeat constantly; only labels, addresses and readiness matter.
-    name = body["metadata"]["name"]
-    fingerprint = None if type == "DELETED" else NodeInfo.from_object(plain(body))
-    if memo.node_fingerprints.get(name) == fingerprint:
-        return
-    memo.node_fingerprints[name] = fingerprint
-    memo.reconciler.request_render()

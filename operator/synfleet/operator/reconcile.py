@@ -70,6 +70,9 @@ class Reconciler:
         # and a ConfigMap whose document is unchanged is not sent again (by pool uid).
         self._statuses: dict[str, tuple[str | None, dict]] = {}
         self._documents: dict[str, dict] = {}
+        # Each proxy pool's master keys as its salt check last found or wrote them
+        # (every SALT_CHECK_S): what a render reports as the generation in force.
+        self._master_keys: dict[str, list] = {}
 
     # ---- pools ----
 
@@ -113,8 +116,10 @@ class Reconciler:
         else:
             wanted = salts.rotate(published, now, spec.rotation_seconds, spec.master_rotation_seconds)
         if wanted == published:
+            self._master_keys[pool.name] = published
             return False
         self.kube.apply(salts.secret(pool, self.settings, wanted))
+        self._master_keys[pool.name] = wanted
         self.metrics.rotated(pool.name)
         log.info("master keys published for pool %s: generations %s (current epoch %d)", pool.name,
                  {k.generation: k.from_epoch for k in wanted}, now)
@@ -321,8 +326,11 @@ class Reconciler:
 
     def _generation_in_force(self, pool: Pool) -> int | None:
         """The generation of the pool's master key that covers the current epoch, if any."""
-        secret = self.kube.get("v1", "Secret", names.salts_secret_name(pool.name), self.settings.namespace)
-        key = key_for(contract.secret_salt_keys(secret), current_epoch(pool.spec.salt.rotation_seconds))
+        keys = self._master_keys.get(pool.name)
+        if keys is None:
+            keys = contract.secret_salt_keys(self.kube.get("v1", "Secret", names.salts_secret_name(pool.name),
+                                                           self.settings.namespace))
+        key = key_for(keys, current_epoch(pool.spec.salt.rotation_seconds))
         return key.generation if key else None
 
     def _status(self, obj: dict) -> dict:
