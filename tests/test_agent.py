@@ -43,7 +43,7 @@ from synfleet.agent.pins import DEFAULT_ROOT, XDP_PIN, PinDir
 from synfleet.bpf import BpfObject, Map, XdpHook
 from synfleet.config import schema
 from synfleet.cookie import salts_for
-from synfleet.dataplane.programs import ProxyDataplane
+from synfleet.dataplane.programs import ProxyDataplane, dataplane_for
 from synfleet_lab.objects import lab_object
 from synfleet_lab.testbed.fabric import Fabric
 from synfleet_lab.testbed.fleetlab import AgentProcess, Node
@@ -359,6 +359,25 @@ def test_an_upgrade_that_enlarges_a_map_keeps_the_previous_program_until_a_confi
     assert not os.path.exists(dropped_pin), "a map no program uses any more stayed pinned"
     with node.ns.entered(), ProxyDataplane(node.pins()) as dp:
         assert dp.published_salts() == node.salts()
+
+
+@pytest.mark.parametrize("role", list(schema.Role))
+def test_the_policy_table_an_abi_5_agent_pinned_is_replaced_by_the_larger_one_not_refused(role):
+    """ABI 5 had 256 policy ids (2 x 256 entries); re-using that pin would fail
+    the load, and the agent would stay on the old program for good."""
+    require_bpf()
+    pins = os.path.join("/sys/fs/bpf", f"synfleet-test-{os.getpid()}-{role.value}")
+    os.mkdir(pins)
+    try:
+        subprocess.run(["bpftool", "map", "create", os.path.join(pins, "policies"), "type", "array", "key", "4",
+                        "value", str(ctypes.sizeof(abi.PolicyValue)), "entries", "512", "name", "policies"],
+                       check=True)
+        with dataplane_for(role, pins) as dp:
+            assert "policies" in dp.fresh
+            dp.pin_maps(pins)
+        assert pinned_max_entries(os.path.join(pins, "policies")) == abi.CONFIG_SLOTS * abi.MAX_POLICIES
+    finally:
+        subprocess.run(["rm", "-rf", pins], check=True)
 
 
 def test_the_conntrack_exemption_names_every_protected_service_in_both_directions():

@@ -14,6 +14,7 @@ from synfleet.abi import MAX_BACKENDS, MAX_POLICIES, MAX_TABLES
 from synfleet.config import schema
 from synfleet.config.schema import Role
 from synfleet.contract import condition
+from synfleet.operator.cache import endpoint_slice_fields, service_fields
 from synfleet.resources import agents, lifecycle, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
@@ -406,6 +407,37 @@ def test_at_the_supported_maximum_each_pools_document_fits_in_its_configmap():
         # The API server's limit on a ConfigMap's data (422 "Too long" above it).
         assert sum(len(k) + len(v.encode()) for k, v in data.items()) < 0.75 * 2**20, (role, name)
         validate_for_nodes(role, document, proxies[:1] if role is Role.PROXY else backends[:1])
+
+
+def test_a_render_from_the_operators_trimmed_services_and_slices_is_the_render_from_the_full_objects():
+    """The operator's cache keeps only what a render reads of Services and
+    EndpointSlices (synfleet.operator.cache): the same documents and outcomes."""
+    meta = {"uid": "u", "resourceVersion": "9", "managedFields": [{"manager": "kubectl"}], "annotations": {"a": "b"}}
+    services = {
+        ("shop", "lb"): {"metadata": {"name": "lb", "namespace": "shop", **meta},
+                         "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.7", "clusterIPs": ["10.96.0.7"],
+                                  "externalTrafficPolicy": "Local", "ports": [{"port": 443}], "selector": {"app": "x"}},
+                         "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7", "ipMode": "VIP"},
+                                                                 {"hostname": "lb.example"}]}}},
+        ("shop", "ext"): {"metadata": {"name": "ext", "namespace": "shop", **meta},
+                          "spec": {"clusterIP": "None", "externalIPs": ["198.51.100.8"]}},
+        ("other", "taken"): {"metadata": {"name": "taken", "namespace": "other", **meta},
+                             "spec": {"clusterIP": "10.96.0.9", "externalIPs": ["203.0.113.9"]}}}
+    slices = [{"metadata": {"name": "lb-1", "namespace": "shop", **meta,
+                            "labels": {"kubernetes.io/service-name": "lb", "endpointslice.kubernetes.io/managed-by": "x"}},
+               "addressType": "IPv4", "ports": [{"port": 8443}],
+               "endpoints": [{"addresses": ["10.244.0.2"], "nodeName": "web-2", "conditions": {"ready": True}},
+                             {"addresses": ["10.244.0.3"], "nodeName": "web-1", "conditions": {"ready": False}},
+                             {"addresses": ["10.244.0.4"], "nodeName": "web-1"},
+                             {"addresses": ["10.244.0.5"]}]}]
+    policies = [policy("a", service={"name": "lb", "addressTypes": ["LoadBalancer", "ClusterIP"]}),
+                policy("b", service={"name": "ext"}), policy("c", addresses=["203.0.113.9"])]
+    full = render(view(*policies, services=services, slices=slices), SETTINGS)
+    trimmed = render(view(*policies, services={k: service_fields(v) for k, v in services.items()},
+                          slices=[endpoint_slice_fields(s) for s in slices]), SETTINGS)
+    assert trimmed == full
+    assert full.policies["shop/c"].problem.reason == "AddressNotAllowed"
+    assert backend_set_of(full.configs[(Role.PROXY, "edge")], "shop/a")["backends"] == ["10.0.1.1", "10.0.1.2"]
 
 
 def test_a_render_depends_on_the_services_policies_name_and_those_holding_a_protected_address():

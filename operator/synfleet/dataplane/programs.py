@@ -83,8 +83,9 @@ class Dataplane:
     object_name: str
     MAPS: tuple[str, ...] = ("counters", "active", "node_config", "services", "policies")
     # Maps an upgrade may enlarge whose contents can start over: an agent built
-    # with fewer counters pinned a smaller `counters` map.
-    OUTGROWN: tuple[str, ...] = ("counters",)
+    # with fewer counters pinned a smaller `counters` map; ABI 6 has 8192 policy
+    # ids where ABI 5 had 256.
+    OUTGROWN: tuple[str, ...] = ("counters", "policies")
 
     def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
         self.obj = BpfObject(object_path(self.object_name, objects_dir))
@@ -192,10 +193,9 @@ class ProxyDataplane(Dataplane):
     object_name = "proxy"
     MAPS = Dataplane.MAPS + ("salts", "protected_addrs", "maglev_slots", "backends")
     XDP_MAPS = Dataplane.MAPS + ("salts",)
-    # ABI 4 keeps thousands of epochs ahead where ABI 3 kept four; ABI 6 has
-    # 8192 policy ids where ABI 5 had 256 (and tables by backend set, not by
-    # policy: the renamed maglev_slots).
-    OUTGROWN = Dataplane.OUTGROWN + ("salts", "policies")
+    # ABI 4 keeps thousands of epochs ahead where ABI 3 kept four. (ABI 6's
+    # tables are per backend set, not per policy: a new map, maglev_slots.)
+    OUTGROWN = Dataplane.OUTGROWN + ("salts",)
 
     def __init__(self, pins: str | None = None, objects_dir: str | None = None) -> None:
         super().__init__(pins, objects_dir)
