@@ -4,11 +4,15 @@ and liveness endpoints."""
 from __future__ import annotations
 
 import logging
+import os
+import random
+import socket
 from dataclasses import dataclass
 
 import kopf
 from prometheus_client import start_http_server
 
+from synfleet.operator.cache import Peering
 from synfleet.operator.metrics import OperatorMetrics
 from synfleet.resources.agents import OperatorSettings
 
@@ -31,5 +35,10 @@ def run(opts: OperatorOptions) -> None:
     metrics = OperatorMetrics()
     if opts.metrics_port:
         start_http_server(opts.metrics_port, registry=metrics.registry)
-    kopf.run(clusterwide=True, peering_name=opts.peering, liveness_endpoint=opts.liveness,
-             memo=kopf.Memo(settings=opts.settings, metrics=metrics))
+    # Who this replica is among its peers: kopf pauses its handlers by this, the
+    # cache its renders (a tie pauses both: the priority is random, not fixed).
+    peering = Peering(name=opts.peering, priority=random.randint(1, 2**31 - 1),
+                      identity=os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}")
+    kopf.run(clusterwide=True, peering_name=opts.peering, identity=peering.identity,
+             liveness_endpoint=opts.liveness,
+             memo=kopf.Memo(settings=opts.settings, metrics=metrics, peering=peering))

@@ -6,7 +6,6 @@ changed, so repeating any step is harmless."""
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import logging
 import threading
@@ -31,6 +30,7 @@ from synfleet.resources.dataplane import (
     NodeInfo,
     Problem,
     ServiceInterest,
+    canonical,
     configmap,
     members,
     proxy_nodes_in,
@@ -45,6 +45,7 @@ from synfleet.resources.model import Pool, SynProxyPolicy
 from synfleet.resources.status import Rollout, drain_report, policy_status, pool_status
 
 log = logging.getLogger("synfleet.operator")
+RENDER_RETRY_S = 5.0
 
 # (object, type "Normal"/"Warning", reason, message) -> posts a Kubernetes Event
 EventPoster = Callable[[dict, str, str, str], None]
@@ -60,10 +61,9 @@ class Reconciler:
         self.post_event = post_event
         self._render_lock = threading.Lock()
         self._dirty = threading.Event()
-        # What the last render depended on (None: no render yet, everything matters),
-        # and each Service's addresses as last seen (a change away from a claimed one matters).
+        threading.Thread(target=self._render_loop, name="render", daemon=True).start()
+        # What the last render depended on (None: no render yet, everything matters).
         self._interest: ServiceInterest | None = None
-        self._service_addresses: dict[tuple[str, str], set[str]] = {}
         # The cache learns of this operator's own writes only when their watch
         # event arrives: until then, what was written stands for the object's
         # status (by uid: the resourceVersion it was written over, and the status),
@@ -80,21 +80,28 @@ class Reconciler:
         pool = Pool.from_object(role, body)
         self.metrics.reconciles.labels(POOL_KINDS[role]).inc()
         self._documents.pop(pool.uid, None)      # its ConfigMap is written again, whatever it holds
-        for obj in agents.agent_objects(pool, self.settings, self._proxy_selectors()):
+        for obj in agents.agent_objects(pool, self.settings, self._proxy_selectors(pool)):
             self.kube.apply(obj)
         if role is Role.PROXY:
             self._publish_salts(pool)
-            self.keep_backends_off_proxies()
+            self.keep_backends_off_proxies(pool)
         self.request_render()
 
-    def _proxy_selectors(self) -> list[dict[str, str]]:
+    def _proxy_selectors(self, changed: Pool | None = None) -> list[dict[str, str]]:
+        """Every proxy pool's nodeSelector; `changed` as it is now (the cache
+        may not have its watch event yet)."""
+        self.cache.wait_ready()
         # A retiring proxy pool keeps its nodes until it is gone (pool_gone runs this again).
-        return [Pool.from_object(Role.PROXY, o).spec.node_selector for o in self.cache.proxy_pools().values()]
+        selectors = {name: Pool.from_object(Role.PROXY, o).spec.node_selector
+                     for name, o in self.cache.proxy_pools().items()}
+        if changed is not None and changed.role is Role.PROXY:
+            selectors[changed.name] = changed.spec.node_selector
+        return list(selectors.values())
 
-    def keep_backends_off_proxies(self) -> None:
+    def keep_backends_off_proxies(self, changed: Pool | None = None) -> None:
         """Backend pools' DaemonSets follow the proxy pools' nodeSelectors
         (see agents.not_on_proxy_nodes); run when a proxy pool comes, changes or goes."""
-        selectors = self._proxy_selectors()
+        selectors = self._proxy_selectors(changed)
         for obj in self.cache.backend_pools().values():
             if not obj["metadata"].get("deletionTimestamp"):
                 self.kube.apply(agents.daemonset(Pool.from_object(Role.BACKEND, obj), self.settings, selectors))
@@ -146,6 +153,7 @@ class Reconciler:
                 log.info("retiring %s %s: its agents detach from their nodes", pool.kind, pool.name)
         if retiring:
             self.request_render()     # its policies lose the pool
+        self.cache.wait_ready()
         reports = self._agent_reports()
         waiting = lifecycle.unretired(pool, reports, self._nodes())
         if not waiting:
@@ -160,6 +168,7 @@ class Reconciler:
         """Render the policy out of its pools; None once every serving agent of
         those pools applied the result (or the teardown timeout passed)."""
         policy = SynProxyPolicy.from_object(body)
+        self.cache.wait_ready()
         self.request_render()
         reports, nodes, waiting = self._agent_reports(), self._nodes(), []
         pools = {Role.PROXY: self.cache.proxy_pools(), Role.BACKEND: self.cache.backend_pools()}
@@ -194,17 +203,23 @@ class Reconciler:
 
     # ---- the whole fleet ----
 
-    def service_changed(self, body: dict, deleted: bool) -> None:
-        """A Service event: a render only if the last one depended on it."""
-        key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        now = {str(ipaddress.ip_address(a)) for a in service_addresses(body, ALL_ADDRESS_TYPES)}
-        before = self._service_addresses.pop(key, set())
-        if not deleted:
-            self._service_addresses[key] = now
-        self._render_if(self._interest is None or self._interest.service(key, now | before), "service")
+    def service_changed(self, old: dict | None, new: dict | None) -> None:
+        """A Service changed (None: absent before, or gone): a render only if
+        the last one depended on it, by name or by an address it had or has."""
+        meta = (new or old)["metadata"]
+        addresses = {canonical(a) for s in (old, new) if s for a in service_addresses(s, ALL_ADDRESS_TYPES)}
+        self._render_if(self._interest is None or
+                        self._interest.service((meta["namespace"], meta["name"]), addresses), "service")
 
-    def endpoint_slice_changed(self, body: dict) -> None:
-        self._render_if(self._interest is None or self._interest.endpoint_slice(body), "endpointslice")
+    def endpoint_slice_changed(self, old: dict | None, new: dict | None) -> None:
+        self._render_if(self._interest is None or self._interest.endpoint_slice(new or old), "endpointslice")
+
+    def pool_gone(self, role: Role, name: str) -> None:
+        """What a pool made goes with it (owner references); its policies turn Degraded."""
+        if role is Role.PROXY:
+            self.metrics.forget_pool(name)
+            self.keep_backends_off_proxies()
+        self.request_render()
 
     def _render_if(self, matters: bool, kind: str) -> None:
         if matters:
@@ -213,20 +228,26 @@ class Reconciler:
             self.metrics.unrelated_events.labels(kind).inc()
 
     def request_render(self) -> None:
-        """Render now, or make the render in progress run once more: bursts of
-        events (start-up, a node storm) coalesce instead of queueing."""
+        """Have the render thread render (once more, if it is rendering now):
+        bursts of events (start-up, a node storm) coalesce instead of queueing,
+        and no informer or handler waits for a render."""
         self._dirty.set()
-        while self._dirty.is_set():
-            if not self._render_lock.acquire(blocking=False):
-                return      # the holder sees the flag and renders again
-            try:
+
+    def _render_loop(self) -> None:
+        while self._dirty.wait():
+            # Renders start once the cache is synced, in the active replica only;
+            # the cache requests one when either becomes true.
+            if not (self.cache.ready() and self.cache.active()):
                 self._dirty.clear()
-                self._render_once()
-            except Exception:
-                self.metrics.errors.labels("render").inc()
-                raise
-            finally:
-                self._render_lock.release()
+                continue
+            with self._render_lock:
+                self._dirty.clear()
+                try:
+                    self._render_once()
+                except Exception:      # the next event, or RETRY_S, renders again
+                    log.exception("render failed")
+                    self.metrics.errors.labels("render").inc()
+                    threading.Timer(RENDER_RETRY_S, self.request_render).start()
 
     def _read_view(self) -> tuple[ClusterView, Snapshot, dict[str, dict], dict[tuple[Role, str], dict]]:
         seen = self.cache.snapshot()
@@ -248,12 +269,7 @@ class Reconciler:
                              if (s["metadata"]["namespace"],
                                  s["metadata"]["labels"].get("kubernetes.io/service-name")) in named],
             namespace_labels=seen.namespace_labels,
-            # The agents' DaemonSet status changes with their pods' readiness,
-            # and that event renders: no cluster-wide pod watch is needed, and
-            # this one list is of the operator's namespace, by label.
-            ready_backend_agents=ready_agent_nodes(self.kube.list(
-                "v1", "Pod", self.settings.namespace,
-                label_selector=names.MANAGED_SELECTOR)))
+            ready_backend_agents=ready_agent_nodes(list(seen.agent_pods.values())))
         return view, seen, policy_objs, pool_objs
 
     def _render_once(self) -> None:
@@ -354,7 +370,12 @@ class Reconciler:
         if (before.get("status"), before.get("reason")) != (ready["status"], ready["reason"]):
             self.post_event(obj, "Warning" if degraded else "Normal", ready["reason"], ready["message"])
         if any(current.get(k) != v for k, v in status.items()):
-            self.kube.patch_status(obj, status)
+            try:
+                self.kube.patch_status(obj, status)
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                return ready["status"]     # deleted since the cache saw it: its DELETED event renders again
             self._statuses[obj["metadata"]["uid"]] = (obj["metadata"].get("resourceVersion"), {**current, **status})
         return ready["status"]
 

@@ -12,6 +12,7 @@ schema, as each node's agent will see it, before it is returned."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -26,6 +27,13 @@ from synfleet.resources.agents import OperatorSettings, owner_reference
 from synfleet.resources.model import Pool, SynProxyPolicy
 
 BACKEND_ROTATION_S = 60   # schema-required; a backend never derives an epoch
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def canonical(address: str) -> str:
+    """One spelling per address (IPv6 has many). Cached: a render compares
+    every Service's addresses, the same strings render after render."""
+    return str(ipaddress.ip_address(address))
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,7 @@ class ClusterView:
         owners: dict[str, set[str]] = {}
         for (namespace, _), svc in self.services.items():
             for a in service_addresses(svc, ALL_ADDRESS_TYPES):
-                owners.setdefault(str(ipaddress.ip_address(a)), set()).add(namespace)
+                owners.setdefault(canonical(a), set()).add(namespace)
         return owners
 
 
@@ -198,7 +206,7 @@ def _tenancy(p: SynProxyPolicy, addresses: list[str], proxy_pool: Pool,
     to the Service's namespace (first come does not win), and the proxy pool
     may limit what `addresses` names."""
     for a in addresses:
-        address = str(ipaddress.ip_address(a))
+        address = canonical(a)
         holders = owners.get(address, set())
         if holders and p.namespace not in holders:
             return Problem("AddressNotAllowed", f"{address} is an address of a Service in namespace "
@@ -273,7 +281,7 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
             outcomes[p.key] = PolicyOutcome(pid, problem=resolved)
             continue
         addresses, set_name, backends = resolved
-        endpoints = [(str(ipaddress.ip_address(a)), port) for a in addresses for port in p.spec.ports]
+        endpoints = [(canonical(a), port) for a in addresses for port in p.spec.ports]
         clash = next((e for e in endpoints if e in owner), None)
         if clash:
             outcomes[p.key] = PolicyOutcome(pid, addresses, problem=Problem(
@@ -339,8 +347,8 @@ class ServiceInterest:
     @classmethod
     def of(cls, view: ClusterView, rendered: Rendered) -> "ServiceInterest":
         named = {(p.namespace, p.spec.service.name) for p in view.policies if p.spec.service is not None}
-        addresses = {str(ipaddress.ip_address(a)) for p in view.policies for a in p.spec.addresses}
-        addresses |= {str(ipaddress.ip_address(a)) for o in rendered.policies.values() for a in o.addresses}
+        addresses = {canonical(a) for p in view.policies for a in p.spec.addresses}
+        addresses |= {canonical(a) for o in rendered.policies.values() for a in o.addresses}
         return cls(frozenset(named), frozenset(addresses))
 
     def service(self, key: tuple[str, str], addresses: set[str]) -> bool:
