@@ -609,6 +609,8 @@ def test_with_two_replicas_only_one_acts_and_the_other_takes_over(fleet, operato
             fleet, "clusterkopfpeering", RELEASE, namespace=None).get("status") or {}))
             and {operator.peer_id, standby.peer_id} <= p.keys() and p, "both replicas in the peering", timeout=KUBE_TIMEOUT_S)
         assert peers[operator.peer_id]["priority"] != peers[standby.peer_id]["priority"]
+        time.sleep(2)     # the lower one saw the higher in the peering and paused
+        renders = {op: op.metric("synfleet_operator_renders_total") for op in (operator, standby)}
         apply(fleet, proxy_pool("twin"))
         published = "master keys published for pool twin:"
         wait_for(lambda: published in operator.log() or published in standby.log(),
@@ -618,6 +620,9 @@ def test_with_two_replicas_only_one_acts_and_the_other_takes_over(fleet, operato
         assert len(actors) == 1, "both replicas acted"
         (active,) = actors
         idle = standby if active is operator else operator
+        # Renders follow informers, not kopf's handlers, and pause by the same rule.
+        assert active.metric("synfleet_operator_renders_total") > renders[active]
+        assert idle.metric("synfleet_operator_renders_total") == renders[idle], "the paused replica rendered"
 
         active.stop()      # SIGTERM: it leaves the peering, the other resumes at once
         apply(fleet, proxy_pool("twin2"))

@@ -14,7 +14,7 @@ from synfleet.abi import MAX_BACKENDS, MAX_POLICIES, MAX_TABLES
 from synfleet.config import schema
 from synfleet.config.schema import Role
 from synfleet.contract import condition
-from synfleet.operator.cache import endpoint_slice_fields, service_fields
+from synfleet.operator.cache import endpoint_slice_fields, outranked, service_fields
 from synfleet.resources import agents, lifecycle, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
@@ -438,6 +438,22 @@ def test_a_render_from_the_operators_trimmed_services_and_slices_is_the_render_f
     assert trimmed == full
     assert full.policies["shop/c"].problem.reason == "AddressNotAllowed"
     assert backend_set_of(full.configs[(Role.PROXY, "edge")], "shop/a")["backends"] == ["10.0.1.1", "10.0.1.2"]
+
+
+def test_a_replica_renders_only_while_no_live_peer_has_its_priority_or_more():
+    """kopf's peering rule, which pauses its handlers, applied to renders."""
+    now = datetime(2026, 12, 3, 12, 0, 0, tzinfo=timezone.utc)
+    seen = lambda ago: (now - timedelta(seconds=ago)).isoformat()  # noqa: E731
+    peering = {"status": {"me": {"priority": 50, "lifetime": 60, "lastseen": seen(1)},
+                          "lower": {"priority": 10, "lifetime": 60, "lastseen": seen(1)},
+                          "higher-dead": {"priority": 90, "lifetime": 60, "lastseen": seen(61)}}}
+    assert not outranked(peering, "me", 50, now)
+    assert not outranked(None, "me", 50, now), "no peering object yet: nobody outranks"
+    peering["status"]["higher"] = {"priority": 90, "lifetime": 60, "lastseen": seen(59)}
+    assert outranked(peering, "me", 50, now)
+    assert not outranked(peering, "higher", 90, now)
+    peering["status"]["tie"] = {"priority": 90, "lifetime": 60, "lastseen": seen(0)}
+    assert outranked(peering, "higher", 90, now), "kopf pauses both replicas of a tie"
 
 
 def test_a_render_depends_on_the_services_policies_name_and_those_holding_a_protected_address():

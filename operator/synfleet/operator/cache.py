@@ -171,7 +171,8 @@ class ClusterCache:
         replica becomes the active one (a peer's lifetime ends with no event)."""
         rendering = False
         while not self._stop.wait(READINESS_CHECK_S):
-            if not self._ready.is_set() and all(i.synced.is_set() for i in self._informers.values()):
+            if not self._ready.is_set() and all(i.synced.is_set() for i in [*self._informers.values(),
+                                                                            self._peering]):
                 self._ready.set()
                 log.info("caches synced: %s", {k: len(i.items()) for k, i in self._informers.items()})
             now = self._ready.is_set() and self.active()
