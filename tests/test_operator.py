@@ -191,6 +191,10 @@ def test_chart_installs_crds_rbac_peering_and_the_operator_deployment(kube):
     assert can("create", "daemonsets", "-n", NAMESPACE) == "yes"
     assert can("create", "daemonsets", "-n", APP_NS) == "no"
     assert can("get", "secrets", "-n", APP_NS) == "no"
+    # The agents' objects are watched in the release namespace only.
+    assert can("watch", "daemonsets", "-n", APP_NS) == "no" and can("watch", "pods", "-n", APP_NS) == "no"
+    assert can("watch", "nodeagents.synfleet.io", "-n", APP_NS) == "no"
+    assert can("watch", "nodeagents.synfleet.io", "-n", NAMESPACE) == "yes"
 
 
 def test_pools_and_policy_become_daemonsets_salts_configmaps_and_rbac(fleet):

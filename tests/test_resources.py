@@ -18,6 +18,7 @@ from synfleet.operator.cache import endpoint_slice_fields, outranked, service_fi
 from synfleet.resources import agents, lifecycle, names, salts
 from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
+    AddressOwners,
     ClusterView,
     NodeInfo,
     Problem,
@@ -438,6 +439,25 @@ def test_a_render_from_the_operators_trimmed_services_and_slices_is_the_render_f
     assert trimmed == full
     assert full.policies["shop/c"].problem.reason == "AddressNotAllowed"
     assert backend_set_of(full.configs[(Role.PROXY, "edge")], "shop/a")["backends"] == ["10.0.1.1", "10.0.1.2"]
+
+
+def test_address_owners_kept_service_by_service_are_those_a_render_would_compute():
+    svc = lambda ns, name, *ips: {"metadata": {"namespace": ns, "name": name},  # noqa: E731
+                                  "spec": {"clusterIP": "None", "externalIPs": list(ips)}}
+    history = [(None, svc("a", "x", "198.51.100.1", "2001:DB8::1")), (None, svc("b", "y", "198.51.100.1")),
+               (None, svc("a", "z", "2001:db8::1")),
+               (svc("a", "x", "198.51.100.1", "2001:DB8::1"), svc("a", "x", "198.51.100.2")),
+               (svc("b", "y", "198.51.100.1"), None)]
+    owners, services = AddressOwners(), {}
+    for old, new in history:
+        owners.update(old, new)
+        key = ((old or new)["metadata"]["namespace"], (old or new)["metadata"]["name"])
+        if new is None:
+            services.pop(key)
+        else:
+            services[key] = new
+        assert owners.current() == view(services=services).address_owners()
+    assert owners.current() == {"198.51.100.2": {"a"}, "2001:db8::1": {"a"}}
 
 
 def test_a_replica_renders_only_while_no_live_peer_has_its_priority_or_more():

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections import Counter
 from typing import Annotated, Literal
 
 import yaml
@@ -254,8 +255,8 @@ class DataplaneConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DataplaneConfig":
-        ids = [p.id for p in self.policies]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        ids = Counter(p.id for p in self.policies)
+        dupes = sorted(i for i, n in ids.items() if n > 1)
         if dupes:
             raise ValueError(f"policy ids {dupes} are used twice; give each policy its own id")
         owner: dict[tuple, int] = {}
@@ -274,8 +275,8 @@ class DataplaneConfig(_Strict):
         return self
 
     def _check_proxy(self) -> None:
-        names = [b.name for b in self.backend_sets]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        names = Counter(b.name for b in self.backend_sets)
+        twice = sorted(n for n, count in names.items() if count > 1)
         if twice:
             raise ValueError(f"backendSets {twice} are listed twice; give each set its own name")
         for i, p in enumerate(self.policies):

@@ -26,7 +26,7 @@ from synfleet.config.schema import Role
 from synfleet.contract import API_VERSION, NODE_AGENT_KIND, POOL_KINDS, parse_timestamp
 from synfleet.kube import Informer, Kube
 from synfleet.resources import names
-from synfleet.resources.dataplane import NodeInfo
+from synfleet.resources.dataplane import AddressOwners, NodeInfo
 from synfleet.resources.lifecycle import AgentReport
 
 log = logging.getLogger("synfleet.operator")
@@ -96,6 +96,7 @@ class Snapshot:
     agent_reports: dict[str, AgentReport]
     daemonsets: dict[str, dict]
     agent_pods: dict[str, dict]
+    address_owners: dict[str, frozenset[str]]
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,13 @@ class ClusterCache:
         def changed(old, new) -> None:
             on_change()
 
+        owners, owners_lock = AddressOwners(), threading.Lock()
+
+        def service(old: dict | None, new: dict | None) -> None:
+            with owners_lock:
+                owners.update(old, new)
+            on_service(old, new)
+
         def policy(old: dict | None, new: dict | None) -> None:
             # Its status is this operator's own writing, and kopf's finalizer
             # changes nothing rendered: only a new spec or its deletion matters.
@@ -135,7 +143,7 @@ class ClusterCache:
             "proxy_pools": Informer(kube, API_VERSION, POOL_KINDS[Role.PROXY], on_change=pool(Role.PROXY)),
             "backend_pools": Informer(kube, API_VERSION, POOL_KINDS[Role.BACKEND], on_change=pool(Role.BACKEND)),
             "policies": Informer(kube, API_VERSION, "SynProxyPolicy", on_change=policy),
-            "services": Informer(kube, "v1", "Service", keep=service_fields, on_change=on_service),
+            "services": Informer(kube, "v1", "Service", keep=service_fields, on_change=service),
             "endpoint_slices": Informer(kube, "discovery.k8s.io/v1", "EndpointSlice", keep=endpoint_slice_fields,
                                         on_change=on_endpoint_slice),
             # Nodes heartbeat constantly; only labels, addresses and readiness are kept.
@@ -152,6 +160,7 @@ class ClusterCache:
         }
         self._peering = Informer(kube, PEERING_API_VERSION, PEERING_KIND, on_change=changed)
         self.on_change = on_change
+        self._owners, self._owners_lock = owners, owners_lock
         self._stop = threading.Event()
         self._ready = threading.Event()
 
@@ -197,8 +206,10 @@ class ClusterCache:
         items = {field: i.items() for field, i in self._informers.items()}
         cluster_scoped = ("proxy_pools", "backend_pools", "nodes", "namespace_labels")
         by_name = ("agent_reports", "daemonsets", "agent_pods")     # all in the operator's namespace
+        with self._owners_lock:
+            owners = self._owners.current()
         return Snapshot(**{field: {key[1]: v for key, v in found.items()} if field in cluster_scoped + by_name
-                           else found for field, found in items.items()})
+                           else found for field, found in items.items()}, address_owners=owners)
 
     def proxy_pools(self) -> dict[str, dict]:
         return {name: o for (_, name), o in self._informers["proxy_pools"].items().items()}

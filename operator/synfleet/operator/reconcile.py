@@ -36,7 +36,6 @@ from synfleet.resources.dataplane import (
     proxy_nodes_in,
     ready_agent_nodes,
     render,
-    selects,
     service_addresses,
     validate_for_nodes,
 )
@@ -269,6 +268,7 @@ class Reconciler:
                              if (s["metadata"]["namespace"],
                                  s["metadata"]["labels"].get("kubernetes.io/service-name")) in named],
             namespace_labels=seen.namespace_labels,
+            owners=seen.address_owners,
             ready_backend_agents=ready_agent_nodes(list(seen.agent_pods.values())))
         return view, seen, policy_objs, pool_objs
 
@@ -285,7 +285,7 @@ class Reconciler:
         for key, document in rendered.configs.items():
             pool = pools[key]
             try:
-                validate_for_nodes(pool.role, document, [n for n in view.nodes if selects(pool, n)])
+                validate_for_nodes(pool.role, document, view.selected(pool))
             except ConfigError as err:
                 # The previous ConfigMap stays: agents keep the last good configuration.
                 problems[key] = Problem("InvalidDataplaneConfig", str(err))
@@ -318,7 +318,7 @@ class Reconciler:
             status = pool_status(pool, rollouts[key], problems.get(key), self._conditions(obj),
                                  generations.get(pool.name), shared)
             if pool.role is Role.BACKEND:
-                status |= drain_report(pool, [n for n in view.nodes if selects(pool, n)], members(pool, view),
+                status |= drain_report(pool, view.selected(pool), members(pool, view),
                                        self._status(obj), now)
             ready = self._report(obj, status, problems.get(key) is not None or bool(shared))
             pools_ready[(POOL_KINDS[pool.role], pool.name)] = ready == "True"

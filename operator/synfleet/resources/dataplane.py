@@ -102,8 +102,8 @@ def selects(pool: Pool, node: NodeInfo) -> bool:
 def proxy_nodes_in(backend_pool: Pool, view: "ClusterView") -> list[str]:
     """Nodes the backend pool selects that a proxy pool selects too: they run
     the proxy (agents.not_on_proxy_nodes), and the backend pool says so."""
-    return sorted(n.name for n in view.nodes if selects(backend_pool, n)
-                  and any(selects(p, n) for p in view.proxy_pools))
+    proxies = {n.name for p in view.proxy_pools for n in view.selected(p)}
+    return sorted(n.name for n in view.selected(backend_pool) if n.name in proxies)
 
 
 @dataclass(frozen=True)
@@ -133,14 +133,58 @@ class ClusterView:
     # accept a validated handshake, so only they go into the proxies' tables.
     ready_backend_agents: dict[str, set[str]] = field(default_factory=dict)
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    # What address_owners() returns, when the caller keeps it up to date itself
+    # (the operator's cache does, Service by Service, instead of every render).
+    owners: dict[str, frozenset[str]] | None = None
+    _selected: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def address_owners(self) -> dict[str, set[str]]:
+    def address_owners(self) -> dict[str, frozenset[str]]:
         """Each Service address (any type) -> the namespaces whose Services carry it."""
+        if self.owners is not None:
+            return self.owners
         owners: dict[str, set[str]] = {}
         for (namespace, _), svc in self.services.items():
             for a in service_addresses(svc, ALL_ADDRESS_TYPES):
                 owners.setdefault(canonical(a), set()).add(namespace)
-        return owners
+        return {a: frozenset(n) for a, n in owners.items()}
+
+    def selected(self, pool: Pool) -> list[NodeInfo]:
+        """The nodes the pool's nodeSelector selects (once per view: a render asks often)."""
+        key = (pool.role, pool.name)
+        if key not in self._selected:
+            self._selected[key] = [n for n in self.nodes if selects(pool, n)]
+        return self._selected[key]
+
+
+class AddressOwners:
+    """ClusterView.address_owners kept up to date Service by Service (a
+    cluster's tens of thousands of addresses are not parsed every render).
+    Not thread-safe: its caller serializes update() and current()."""
+
+    def __init__(self) -> None:
+        self._holders: dict[str, set[tuple[str, str]]] = {}
+        self._owners: dict[str, frozenset[str]] = {}
+
+    def update(self, old: dict | None, new: dict | None) -> None:
+        """A Service changed from `old` to `new` (None: absent)."""
+        for service, present in ((old, False), (new, True)):
+            if service is None:
+                continue
+            key = (service["metadata"]["namespace"], service["metadata"]["name"])
+            for a in {canonical(a) for a in service_addresses(service, ALL_ADDRESS_TYPES)}:
+                holders = self._holders.setdefault(a, set())
+                if present:
+                    holders.add(key)
+                else:
+                    holders.discard(key)
+                if holders:
+                    self._owners[a] = frozenset(ns for ns, _ in holders)
+                else:
+                    del self._holders[a]
+                    self._owners.pop(a, None)
+
+    def current(self) -> dict[str, frozenset[str]]:
+        return dict(self._owners)
 
 
 def members(backend_pool: Pool, view: "ClusterView") -> list[NodeInfo]:
@@ -148,7 +192,7 @@ def members(backend_pool: Pool, view: "ClusterView") -> list[NodeInfo]:
     Ready, with an address and a Ready agent (only those accept a validated
     handshake), and not draining."""
     agents = view.ready_backend_agents.get(backend_pool.name, set())
-    return [n for n in view.nodes if selects(backend_pool, n) and n.ready and n.addresses
+    return [n for n in view.selected(backend_pool) if n.ready and n.addresses
             and n.name in agents and not n.draining]
 
 
@@ -321,15 +365,19 @@ def render(view: ClusterView, settings: OperatorSettings) -> Rendered:
             doc["node"]["xdp"] = pool.spec.xdp
             doc["failurePolicy"] = pool.spec.failure_policy.value
         if role is Role.BACKEND:
-            sources = sorted({a for n in view.nodes for proxy in proxy_sources.get(name, ())
-                              if (Role.PROXY, proxy) in pools and selects(pools[(Role.PROXY, proxy)], n)
-                              for a in n.addresses}, key=lambda a: (ipaddress.ip_address(a).version, a))
+            sources = sorted({a for proxy in proxy_sources.get(name, ()) if (Role.PROXY, proxy) in pools
+                              for n in view.selected(pools[(Role.PROXY, proxy)]) for a in n.addresses},
+                             key=_ipv4_first)
             doc["allowedProxies"] = sources
             # Every node of the pool, draining or not: any may hand another a flow it owned.
-            doc["peerBackends"] = sorted({n.ipv4 or n.ipv6 for n in view.nodes if selects(pool, n) and n.addresses},
-                                         key=lambda a: (ipaddress.ip_address(a).version, a))
+            doc["peerBackends"] = sorted({n.ipv4 or n.ipv6 for n in view.selected(pool) if n.addresses},
+                                         key=_ipv4_first)
         configs[(role, name)] = doc
     return Rendered(configs=configs, policies=outcomes)
+
+
+def _ipv4_first(address: str) -> tuple[bool, str]:
+    return ":" in address, address
 
 
 ALL_ADDRESS_TYPES = ["LoadBalancer", "ExternalIP", "ClusterIP"]
