@@ -103,7 +103,7 @@ class Informer:
     (None for absent) from its own thread whenever what is kept changes;
     `synced` is set once the first list is in."""
 
-    PAGE = 500
+    PAGE = 100
     WATCH_S = 300
     MAX_BACKOFF_S = 30.0
 

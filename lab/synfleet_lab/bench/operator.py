@@ -319,10 +319,29 @@ class Operator:
         return (int(fields[11]) + int(fields[12])) / self.ticks
 
     def peak_rss_mib(self) -> float:
+        return self._status_mib("VmHWM")
+
+    def rss_mib(self) -> float:
+        return self._status_mib("VmRSS")
+
+    def _status_mib(self, field: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM")
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+        raise RuntimeError(f"no {field}")
+
+
+def _settled(op: Operator, quiet_s: float = 3.0) -> None:
+    """Until the operator's render count has not moved for `quiet_s`."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last, since = op.metric_sum("synfleet_operator_renders_total"), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the operator still rendering after {SETTLE_TIMEOUT_S:.0f} s with no change made")
+        time.sleep(0.5)
+        now = op.metric_sum("synfleet_operator_renders_total")
+        if now != last:
+            last, since = now, time.monotonic()
 
 
 def _paced(rate: float, seconds: float, step) -> int:
@@ -340,12 +359,18 @@ def _paced(rate: float, seconds: float, step) -> int:
 
 
 def _unrelated(api: Api, size: Size, n: int) -> None:
-    i = size.policies + n // 2 % (size.services - size.policies)
+    """An update of an unprotected Service or its EndpointSlice that changes what
+    a render could read: an external address comes or goes, an endpoint's
+    readiness flips (a label change would not even reach the operator's cache)."""
+    unprotected = size.services - size.policies
+    i = size.policies + n // 2 % unprotected
+    turn = n // 2 // unprotected          # how often this Service came round before
     ns, name = _service_namespace(i), _service_name(i)
     if n % 2 == 0:
-        api.patch(f"/api/v1/namespaces/{ns}/services/{name}", {"metadata": {"labels": {"bench-tick": str(n)}}})
+        ips = [] if turn % 2 else [f"192.0.2.{i % 250 + 1}"]
+        api.patch(f"/api/v1/namespaces/{ns}/services/{name}", {"spec": {"externalIPs": ips or None}})
     else:
-        slice_ = _endpoint_slice(i, size.proxies + i % size.backends, ready=n // 2 % 2 == 1)
+        slice_ = _endpoint_slice(i, size.proxies + i % size.backends, ready=turn % 2 == 1)
         api.patch(f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/{slice_['metadata']['name']}",
                   {"endpoints": slice_["endpoints"]})
 
@@ -398,9 +423,11 @@ def run(size: Size, progress=lambda what: None) -> dict:
                                    f"rendered after {SYNC_TIMEOUT_S:.0f} s")
             time.sleep(0.2)
         initial_sync_s = time.monotonic() - started
+        rss = {"synced": op.rss_mib()}
         progress(f"every policy rendered after {initial_sync_s:.1f} s; reporting the agents' rollouts")
         _rollouts(api, size)
-        time.sleep(3)     # the renders those status changes cause, before the quiet phase counts
+        _settled(op)      # the renders those status changes cause (every policy's Nodes column), before counting
+        rss["rolled_out"] = op.rss_mib()
 
         progress(f"quiet phase: {size.unrelated_per_s:g} unrelated updates/s for {size.quiet_seconds:g} s")
         renders0 = op.metric_sum("synfleet_operator_renders_total")
@@ -448,6 +475,7 @@ def run(size: Size, progress=lambda what: None) -> dict:
             "operator_cpu_s_during_load": round(load_cpu_s, 2),
             "operator_cpu_s_total": round(op.cpu_s(), 2),
             "operator_peak_rss_mib": round(op.peak_rss_mib(), 1),
+            "operator_rss_mib": {**rss, "end": op.rss_mib()},
             "aims": AIMS,
         }
         result["met"] = {"render_p99_ms": result["render_p99_ms"] <= AIMS["render_p99_ms"],

@@ -158,7 +158,8 @@ class ClusterCache:
             "agent_pods": Informer(kube, "v1", "Pod", namespace, managed, keep=agent_pod_fields,
                                    on_change=changed),
         }
-        self._peering = Informer(kube, PEERING_API_VERSION, PEERING_KIND, on_change=changed)
+        # Read by active(): the readiness thread renders when this replica becomes the active one.
+        self._peering = Informer(kube, PEERING_API_VERSION, PEERING_KIND)
         self.on_change = on_change
         self._owners, self._owners_lock = owners, owners_lock
         self._stop = threading.Event()
