@@ -11,6 +11,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 from kubernetes.client.exceptions import ApiException
@@ -45,6 +46,7 @@ from synfleet.resources.status import Rollout, drain_report, policy_status, pool
 
 log = logging.getLogger("synfleet.operator")
 RENDER_RETRY_S = 5.0
+CONFIGMAP_WRITERS = 8
 
 # (object, type "Normal"/"Warning", reason, message) -> posts a Kubernetes Event
 EventPoster = Callable[[dict, str, str, str], None]
@@ -60,6 +62,7 @@ class Reconciler:
         self.post_event = post_event
         self._render_lock = threading.Lock()
         self._dirty = threading.Event()
+        self._writers = ThreadPoolExecutor(CONFIGMAP_WRITERS, thread_name_prefix="configmap")
         threading.Thread(target=self._render_loop, name="render", daemon=True).start()
         # What the last render depended on (None: no render yet, everything matters).
         self._interest: ServiceInterest | None = None
@@ -282,6 +285,7 @@ class Reconciler:
         self.metrics.renders.inc()
         pools = {(p.role, p.name): p for p in view.proxy_pools + view.backend_pools}
         problems: dict[tuple[Role, str], Problem] = {}
+        changed = []
         for key, document in rendered.configs.items():
             pool = pools[key]
             try:
@@ -291,18 +295,19 @@ class Reconciler:
                 problems[key] = Problem("InvalidDataplaneConfig", str(err))
                 self.metrics.errors.labels("validate").inc()
                 continue
-            if self._documents.get(pool.uid) == document:
-                continue
-            try:
-                self.kube.apply(configmap(pool, self.settings, document))
+            if self._documents.get(pool.uid) != document:
+                changed.append((key, pool, document))
+        # The pools' ConfigMaps at once: the API server spends its time on each large one.
+        for (key, pool, document), err in zip(changed, self._writers.map(self._write_configmap, changed)):
+            if err is None:
                 self._documents[pool.uid] = document
-            except ApiException as err:
-                # Too large, refused by admission, the API server unreachable: the
-                # previous ConfigMap stays, and the pool and its policies say so.
-                problems[key] = Problem("DataplaneConfigNotWritten", f"{pool.kind} {pool.name!r}'s data-plane "
-                                        f"ConfigMap could not be written ({_api_message(err)}); its nodes keep "
-                                        f"the last configuration written")
-                self.metrics.errors.labels("write").inc()
+                continue
+            # Too large, refused by admission, the API server unreachable: the
+            # previous ConfigMap stays, and the pool and its policies say so.
+            problems[key] = Problem("DataplaneConfigNotWritten", f"{pool.kind} {pool.name!r}'s data-plane "
+                                    f"ConfigMap could not be written ({_api_message(err)}); its nodes keep "
+                                    f"the last configuration written")
+            self.metrics.errors.labels("write").inc()
 
         daemonsets = seen.daemonsets
         reports = Counter((r.role, r.pool) for r in seen.agent_reports.values() if r.ready)
@@ -339,6 +344,14 @@ class Reconciler:
             ready_count[self._report(obj, status, outcome.problem is not None)] += 1
         for state, count in ready_count.items():
             self.metrics.policies.labels(state).set(count)
+
+    def _write_configmap(self, change: tuple) -> ApiException | None:
+        _, pool, document = change
+        try:
+            self.kube.apply(configmap(pool, self.settings, document))
+        except ApiException as err:
+            return err
+        return None
 
     def _generation_in_force(self, pool: Pool) -> int | None:
         """The generation of the pool's master key that covers the current epoch, if any."""
