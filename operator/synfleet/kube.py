@@ -67,17 +67,21 @@ class Kube:
         return self._send("PATCH", path, obj, "application/apply-patch+yaml",
                           {"fieldManager": self.field_manager, "force": "true"})
 
-    def _send(self, method: str, path: str, body: dict, content_type: str, query: dict | None = None) -> dict:
-        """A write in raw JSON: the dynamic client's objects cost a large
-        ConfigMap tens of milliseconds to build and convert back."""
+    def raw(self, method: str, path: str, query: dict | None, timeout: tuple[float, float],
+            body: dict | None = None, content_type: str | None = None):
+        """A request as the client's credentials allow; the urllib3 response, unread."""
         config = self.api.configuration
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        headers = {"Accept": "application/json", **({"Content-Type": content_type} if content_type else {})}
         auth = config.auth_settings().get("BearerToken")
         if auth:
             headers["Authorization"] = auth["value"]
         url = config.host + path + ("?" + urlencode(query) if query else "")
-        resp = self.api.call_api(method, url, header_params=headers, body=body,
-                                 _request_timeout=(10, 60)).response
+        return self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=timeout).response
+
+    def _send(self, method: str, path: str, body: dict, content_type: str, query: dict | None = None) -> dict:
+        """A write in raw JSON: the dynamic client's objects cost a large
+        ConfigMap tens of milliseconds to build and convert back."""
+        resp = self.raw(method, path, query, (10, 60), body, content_type)
         data = resp.data
         if resp.status >= 300:
             err = ApiException(status=resp.status, reason=resp.reason)
@@ -154,16 +158,10 @@ class Informer:
             return dict(self._items)
 
     def _get(self, query: dict, timeout: tuple[float, float]):
-        config = self.kube.api.configuration
-        headers = {"Accept": "application/json"}
-        auth = config.auth_settings().get("BearerToken")
-        if auth:
-            headers["Authorization"] = auth["value"]
         if self.selector:
             query = {**query, "labelSelector": self.selector}
         self.kube.on_request("watch" if query.get("watch") else "list", self.kind)
-        resp = self.kube.api.call_api("GET", config.host + self.path + "?" + urlencode(query),
-                                      header_params=headers, _request_timeout=timeout).response
+        resp = self.kube.raw("GET", self.path, query, timeout)
         if resp.status == 410:
             resp.release_conn()
             raise Gone()

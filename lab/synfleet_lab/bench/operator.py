@@ -314,6 +314,20 @@ class Operator:
             total += sum(s.value for s in family.samples if s.name == name)
         return total
 
+    def errors(self) -> dict[str, int]:
+        return self._by_label("synfleet_operator_errors_total", "stage")
+
+    def render_requests(self) -> dict[str, int]:
+        return self._by_label("synfleet_operator_render_requests_total", "cause")
+
+    def _by_label(self, sample_name: str, label: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for family in text_string_to_metric_families(self.proc.metrics()):
+            for sample in family.samples:
+                if sample.name == sample_name:
+                    found[sample.labels[label]] = int(sample.value)
+        return found
+
     def cpu_s(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / self.ticks
@@ -332,16 +346,15 @@ class Operator:
 
 
 def _settled(op: Operator, quiet_s: float = 3.0) -> None:
-    """Until the operator's render count has not moved for `quiet_s`."""
+    """Until the operator has had no render running or asked for during `quiet_s`."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    last, since = op.metric_sum("synfleet_operator_renders_total"), time.monotonic()
+    since = time.monotonic()
     while time.monotonic() - since < quiet_s:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the operator still rendering after {SETTLE_TIMEOUT_S:.0f} s with no change made")
-        time.sleep(0.5)
-        now = op.metric_sum("synfleet_operator_renders_total")
-        if now != last:
-            last, since = now, time.monotonic()
+        time.sleep(0.2)
+        if op.metric_sum("synfleet_operator_render_pending"):
+            since = time.monotonic()
 
 
 def _paced(rate: float, seconds: float, step) -> int:
@@ -431,10 +444,13 @@ def run(size: Size, progress=lambda what: None) -> dict:
 
         progress(f"quiet phase: {size.unrelated_per_s:g} unrelated updates/s for {size.quiet_seconds:g} s")
         renders0 = op.metric_sum("synfleet_operator_renders_total")
+        causes0 = op.render_requests()
         unrelated0 = op.metric_sum("synfleet_operator_unrelated_events_total")
         quiet = _paced(size.unrelated_per_s, size.quiet_seconds, lambda n: _unrelated(api, size, n))
         time.sleep(2)
         quiet_renders = op.metric_sum("synfleet_operator_renders_total") - renders0
+        quiet_causes = {cause: n - causes0.get(cause, 0) for cause, n in op.render_requests().items()
+                        if n != causes0.get(cause, 0)}
         unrelated_seen = op.metric_sum("synfleet_operator_unrelated_events_total") - unrelated0
 
         progress(f"load phase: {size.unrelated_per_s:g} unrelated updates/s and {size.changes_per_s:g} "
@@ -470,12 +486,16 @@ def run(size: Size, progress=lambda what: None) -> dict:
             "render_max_ms": round(max(ms, default=float("nan")), 1),
             "unrelated_updates_quiet": quiet, "unrelated_events_seen_quiet": int(unrelated_seen),
             "renders_from_unrelated_events": int(quiet_renders),
+            "render_requests_quiet": quiet_causes,
             "renders_during_load": int(renders),
             "api_requests_per_policy_change": round(requests / sent, 2) if sent else None,
             "operator_cpu_s_during_load": round(load_cpu_s, 2),
             "operator_cpu_s_total": round(op.cpu_s(), 2),
             "operator_peak_rss_mib": round(op.peak_rss_mib(), 1),
             "operator_rss_mib": {**rss, "end": op.rss_mib()},
+            "operator_errors": op.errors(),
+            "operator_log_errors": [line for line in proc.log().splitlines()
+                                    if " ERROR " in line or " WARNING synfleet" in line][-20:],
             "aims": AIMS,
         }
         result["met"] = {"render_p99_ms": result["render_p99_ms"] <= AIMS["render_p99_ms"],

@@ -113,12 +113,12 @@ class ClusterCache:
                  on_service: Callable[[dict | None, dict | None], None],
                  on_endpoint_slice: Callable[[dict | None, dict | None], None],
                  on_pool_gone: Callable[[Role, str], None],
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[str], None]) -> None:
         self.peering = peering
         managed = names.MANAGED_SELECTOR
 
-        def changed(old, new) -> None:
-            on_change()
+        def changed(kind: str) -> Callable[[object, object], None]:
+            return lambda old, new: on_change(kind)
 
         owners, owners_lock = AddressOwners(), threading.Lock()
 
@@ -131,7 +131,7 @@ class ClusterCache:
             # Its status is this operator's own writing, and kopf's finalizer
             # changes nothing rendered: only a new spec or its deletion matters.
             if old is None or new is None or _spec_or_deletion(old) != _spec_or_deletion(new):
-                on_change()
+                on_change("policy")
 
         def pool(role: Role) -> Callable[[dict | None, dict | None], None]:
             def react(old: dict | None, new: dict | None) -> None:
@@ -147,16 +147,17 @@ class ClusterCache:
             "endpoint_slices": Informer(kube, "discovery.k8s.io/v1", "EndpointSlice", keep=endpoint_slice_fields,
                                         on_change=on_endpoint_slice),
             # Nodes heartbeat constantly; only labels, addresses and readiness are kept.
-            "nodes": Informer(kube, "v1", "Node", keep=NodeInfo.from_object, on_change=changed),
+            "nodes": Informer(kube, "v1", "Node", keep=NodeInfo.from_object, on_change=changed("node")),
             # Their labels decide which pools admit their policies.
             "namespace_labels": Informer(kube, "v1", "Namespace",
-                                         keep=lambda o: dict(o["metadata"].get("labels") or {}), on_change=changed),
+                                         keep=lambda o: dict(o["metadata"].get("labels") or {}),
+                                         on_change=changed("namespace")),
             # Readiness, retirement, applied version: not the counters every agent refreshes each minute.
             "agent_reports": Informer(kube, API_VERSION, NODE_AGENT_KIND, namespace,
-                                      keep=AgentReport.from_object, on_change=changed),
-            "daemonsets": Informer(kube, "apps/v1", "DaemonSet", namespace, managed, on_change=changed),
+                                      keep=AgentReport.from_object, on_change=changed("nodeagent")),
+            "daemonsets": Informer(kube, "apps/v1", "DaemonSet", namespace, managed, on_change=changed("daemonset")),
             "agent_pods": Informer(kube, "v1", "Pod", namespace, managed, keep=agent_pod_fields,
-                                   on_change=changed),
+                                   on_change=changed("agent_pod")),
         }
         # Read by active(): the readiness thread renders when this replica becomes the active one.
         self._peering = Informer(kube, PEERING_API_VERSION, PEERING_KIND)
@@ -187,7 +188,7 @@ class ClusterCache:
                 log.info("caches synced: %s", {k: len(i.items()) for k, i in self._informers.items()})
             now = self._ready.is_set() and self.active()
             if now and not rendering:
-                self.on_change()
+                self.on_change("active")      # synced, or the peer that outranked it is gone
             rendering = now
 
     def ready(self) -> bool:

@@ -47,7 +47,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
                          on_service=lambda old, new: reconciler.service_changed(old, new),
                          on_endpoint_slice=lambda old, new: reconciler.endpoint_slice_changed(old, new),
                          on_pool_gone=lambda role, name: reconciler.pool_gone(role, name),
-                         on_change=lambda: reconciler.request_render())
+                         on_change=lambda cause: reconciler.request_render(cause))
     # Renders run in the informers' threads, outside kopf's context: Events go through our client.
     post_event = partial(kube.post_event, component=MANAGED_BY)
     reconciler = memo.reconciler = Reconciler(kube, memo.settings, memo.metrics, post_event, cache)

@@ -13,6 +13,11 @@ class OperatorMetrics:
         self.registry = CollectorRegistry()
         self.renders = Counter("synfleet_operator_renders", "data-plane renders of the whole fleet",
                                registry=self.registry)
+        self.render_requests = Counter("synfleet_operator_render_requests",
+                                       "what asked for a render (many coalesce into one)", ["cause"],
+                                       registry=self.registry)
+        self.render_pending = Gauge("synfleet_operator_render_pending",
+                                    "1 while a render runs or is asked for", registry=self.registry)
         self.reconciles = Counter("synfleet_operator_reconciles", "pool reconciles", ["kind"],
                                   registry=self.registry)
         self.unrelated_events = Counter("synfleet_operator_unrelated_events",

@@ -63,6 +63,7 @@ class Reconciler:
         self._render_lock = threading.Lock()
         self._dirty = threading.Event()
         self._writers = ThreadPoolExecutor(CONFIGMAP_WRITERS, thread_name_prefix="configmap")
+        metrics.render_pending.set_function(lambda: int(self._dirty.is_set() or self._render_lock.locked()))
         threading.Thread(target=self._render_loop, name="render", daemon=True).start()
         # What the last render depended on (None: no render yet, everything matters).
         self._interest: ServiceInterest | None = None
@@ -87,7 +88,7 @@ class Reconciler:
         if role is Role.PROXY:
             self._publish_salts(pool)
             self.keep_backends_off_proxies(pool)
-        self.request_render()
+        self.request_render("pool")
 
     def _proxy_selectors(self, changed: Pool | None = None) -> list[dict[str, str]]:
         """Every proxy pool's nodeSelector; `changed` as it is now (the cache
@@ -112,7 +113,7 @@ class Reconciler:
         """Publish the master keys the pool needs now (a no-op but for a new
         generation); a change is rendered so that statuses show it."""
         if self._publish_salts(Pool.from_object(Role.PROXY, body)):
-            self.request_render()
+            self.request_render("salts")
 
     def _publish_salts(self, pool: Pool) -> bool:
         """Whether the pool's Secret had to change."""
@@ -154,7 +155,7 @@ class Reconciler:
                                           f"{pool.kind} {pool.name} is being deleted"))
                 log.info("retiring %s %s: its agents detach from their nodes", pool.kind, pool.name)
         if retiring:
-            self.request_render()     # its policies lose the pool
+            self.request_render("retire")     # its policies lose the pool
         self.cache.wait_ready()
         reports = self._agent_reports()
         waiting = lifecycle.unretired(pool, reports, self._nodes())
@@ -171,7 +172,7 @@ class Reconciler:
         those pools applied the result (or the teardown timeout passed)."""
         policy = SynProxyPolicy.from_object(body)
         self.cache.wait_ready()
-        self.request_render()
+        self.request_render("retire")
         reports, nodes, waiting = self._agent_reports(), self._nodes(), []
         pools = {Role.PROXY: self.cache.proxy_pools(), Role.BACKEND: self.cache.backend_pools()}
         for role, pool_name in ((Role.PROXY, policy.spec.proxy_pool), (Role.BACKEND, policy.spec.backend_pool)):
@@ -221,18 +222,19 @@ class Reconciler:
         if role is Role.PROXY:
             self.metrics.forget_pool(name)
             self.keep_backends_off_proxies()
-        self.request_render()
+        self.request_render("pool")
 
     def _render_if(self, matters: bool, kind: str) -> None:
         if matters:
-            self.request_render()
+            self.request_render(kind)
         else:
             self.metrics.unrelated_events.labels(kind).inc()
 
-    def request_render(self) -> None:
+    def request_render(self, cause: str) -> None:
         """Have the render thread render (once more, if it is rendering now):
         bursts of events (start-up, a node storm) coalesce instead of queueing,
-        and no informer or handler waits for a render."""
+        and no informer or handler waits for a render. `cause` is counted."""
+        self.metrics.render_requests.labels(cause).inc()
         self._dirty.set()
 
     def _render_loop(self) -> None:
@@ -249,7 +251,7 @@ class Reconciler:
                 except Exception:      # the next event, or RETRY_S, renders again
                     log.exception("render failed")
                     self.metrics.errors.labels("render").inc()
-                    threading.Timer(RENDER_RETRY_S, self.request_render).start()
+                    threading.Timer(RENDER_RETRY_S, self.request_render, ("retry",)).start()
 
     def _read_view(self) -> tuple[ClusterView, Snapshot, dict[str, dict], dict[tuple[Role, str], dict]]:
         seen = self.cache.snapshot()
