@@ -137,8 +137,8 @@ class Agent:
     def _swap_in(self) -> None:
         """Pin the maps and put the new programs on the hooks. A configuration
         error must not leave the interfaces with the old programs forever: the
-        new ones read the same maps, swap them in."""
-        self._swap_pending = False
+        new ones read the same maps, swap them in. Readiness says the upgrade
+        waits until the hooks run the new program, not only until it began."""
         self.dataplane.pin_maps(self.pins.path)
         self.pins.pin_program(self.dataplane.program)
         if isinstance(self.dataplane, ProxyDataplane):
@@ -150,7 +150,8 @@ class Agent:
                                 keep_prefixes=("tcx-", "xdp-"))
         if stale:
             log.info("unpinned maps of the previous release", extra={"maps": stale})
-        self._reconcile_hooks()
+        self._reconcile_hooks(swapping=True)
+        self._swap_pending = False
 
     def _wanted(self) -> tuple[list[str], list[str]]:
         """The interfaces whose TC ingress, and whose XDP slot, should run ours."""
@@ -160,12 +161,13 @@ class Agent:
         xdp = [n for n in interfaces if self.config.node.xdp and n not in self._xdp_off]
         return interfaces, xdp
 
-    def _reconcile_hooks(self) -> None:
+    def _reconcile_hooks(self, swapping: bool = False) -> None:
         """Make the kernel run our programs where wanted and nowhere else, and
         record what it shows. Cheap and idempotent: runs on every link event
         and every tick, so a recreated interface or a detached program is back
-        within a tick, and readiness never trusts memory."""
-        if self._swap_pending or self.retired or self.dataplane is None:
+        within a tick, and readiness never trusts memory. While an upgrade
+        waits, only its swap (`swapping`) touches the hooks."""
+        if (self._swap_pending and not swapping) or self.retired or self.dataplane is None:
             return
         interfaces, xdp = self._wanted()
         tc = {n: self.hooks.ensure_tc(n, self.dataplane.program, self._ours) for n in interfaces}

@@ -181,6 +181,10 @@ class Reconciler:
                 continue        # a pool that goes takes everything with it
             pool = Pool.from_object(role, obj)
             cm = self.kube.get("v1", "ConfigMap", names.agent_name(role, pool_name), self.settings.namespace)
+            if _names_policy(cm, policy.key):
+                # The render thread has not written it out yet: nothing the nodes applied counts.
+                waiting.append(f"{pool.kind} {pool.name} (its ConfigMap, not yet rendered without it)")
+                continue
             waiting += [f"{n} ({pool.kind} {pool.name})" for n in
                         lifecycle.not_applied(pool, reports, nodes, contract.configmap_version(cm))]
         return self._still_waiting(body, waiting, f"stop serving SynProxyPolicy {policy.key}",
@@ -393,6 +397,15 @@ class Reconciler:
                 return ready["status"]     # deleted since the cache saw it: its DELETED event renders again
             self._statuses[obj["metadata"]["uid"]] = (obj["metadata"].get("resourceVersion"), {**current, **status})
         return ready["status"]
+
+
+def _names_policy(configmap: dict | None, key: str) -> bool:
+    """Whether the pool's ConfigMap still serves the policy (namespace/name)."""
+    try:
+        document = contract.configmap_document(configmap, key)
+    except ConfigError:
+        return False
+    return any(p.get("name") == key for p in document.get("policies") or [])
 
 
 def _api_message(err: ApiException) -> str:
