@@ -41,6 +41,29 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def free_port_pair(host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> int:
+    """A port whose next one is free too (etcd's peer port is its client
+    port + 1): a flake when a busy machine's connection held the next one."""
+    for _ in range(100):
+        held = socket.socket()
+        try:
+            held.bind((host, 0))
+            port = held.getsockname()[1]
+            if {port, port + 1} & avoid:
+                continue
+            following = socket.socket()
+            try:
+                following.bind((host, port + 1))
+                return port
+            except OSError:
+                continue
+            finally:
+                following.close()
+        finally:
+            held.close()
+    raise OSError(f"no two consecutive free ports on {host}")
+
+
 def stop_process(proc: subprocess.Popen | None) -> None:
     if proc and proc.poll() is None:
         proc.terminate()
@@ -60,7 +83,8 @@ class ControlPlane:
         self.address = address
         self.nodes = nodes
         self.tokens = tokens or {}
-        self.port, self._etcd_port = free_ports(2, address)
+        self.port = free_ports(1, address)[0]
+        self._etcd_port = free_port_pair(address, avoid=frozenset({self.port}))
         self.url = f"https://{address}:{self.port}"
         self.kubeconfig = workdir / "admin.kubeconfig"
         self.ca_file = workdir / "certs" / "apiserver.crt"
