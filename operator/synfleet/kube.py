@@ -1,5 +1,5 @@
 """A small generic Kubernetes client over the official client's DynamicClient:
-get, list, server-side apply, status patch, and informers (list + watch). Shared by the operator and
+get, server-side apply, status patch, Events, and informers (list + watch). Shared by the operator and
 the agent's cluster mode; it knows nothing of either."""
 
 from __future__ import annotations
@@ -51,12 +51,6 @@ class Kube:
             if err.status == 404:
                 return None
             raise
-
-    def list(self, api_version: str, kind: str, namespace: str | None = None,
-             label_selector: str | None = None) -> list[dict]:
-        self.on_request("list", kind)
-        found = self.resource(api_version, kind).get(namespace=namespace, label_selector=label_selector)
-        return found.to_dict().get("items") or []
 
     def apply(self, obj: dict) -> dict:
         """Server-side apply as this client's field manager: idempotent, so a

@@ -205,19 +205,21 @@ class ClusterCache:
 
     def snapshot(self) -> Snapshot:
         """Every kind as its informer has it now, by name ((namespace, name) where namespaced)."""
-        items = {field: i.items() for field, i in self._informers.items()}
-        cluster_scoped = ("proxy_pools", "backend_pools", "nodes", "namespace_labels")
-        by_name = ("agent_reports", "daemonsets", "agent_pods")     # all in the operator's namespace
+        namespaced = ("policies", "services", "endpoint_slices")
         with self._owners_lock:
             owners = self._owners.current()
-        return Snapshot(**{field: {key[1]: v for key, v in found.items()} if field in cluster_scoped + by_name
-                           else found for field, found in items.items()}, address_owners=owners)
+        return Snapshot(**{field: self._informers[field].items() if field in namespaced else self._by_name(field)
+                           for field in self._informers}, address_owners=owners)
+
+    def _by_name(self, field: str) -> dict:
+        """A cluster-scoped kind, or one of the operator's own namespace, by name alone."""
+        return {name: o for (_, name), o in self._informers[field].items().items()}
 
     def proxy_pools(self) -> dict[str, dict]:
-        return {name: o for (_, name), o in self._informers["proxy_pools"].items().items()}
+        return self._by_name("proxy_pools")
 
     def backend_pools(self) -> dict[str, dict]:
-        return {name: o for (_, name), o in self._informers["backend_pools"].items().items()}
+        return self._by_name("backend_pools")
 
     def agent_reports(self) -> list[AgentReport]:
         return list(self._informers["agent_reports"].items().values())

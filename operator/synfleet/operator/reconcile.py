@@ -28,7 +28,6 @@ from synfleet.resources.agents import OperatorSettings
 from synfleet.resources.dataplane import (
     ALL_ADDRESS_TYPES,
     ClusterView,
-    NodeInfo,
     Problem,
     ServiceInterest,
     canonical,
@@ -40,7 +39,6 @@ from synfleet.resources.dataplane import (
     service_addresses,
     validate_for_nodes,
 )
-from synfleet.resources.lifecycle import AgentReport
 from synfleet.resources.model import Pool, SynProxyPolicy
 from synfleet.resources.status import Rollout, drain_report, policy_status, pool_status
 
@@ -157,8 +155,8 @@ class Reconciler:
         if retiring:
             self.request_render("retire")     # its policies lose the pool
         self.cache.wait_ready()
-        reports = self._agent_reports()
-        waiting = lifecycle.unretired(pool, reports, self._nodes())
+        reports = self.cache.agent_reports()
+        waiting = lifecycle.unretired(pool, reports, self.cache.nodes())
         if not waiting:
             log.info("%s %s: no node left to detach (its agents' reports: %s)", pool.kind, pool.name,
                      [(r.node, "retired" if r.retired else "serving") for r in reports
@@ -173,7 +171,7 @@ class Reconciler:
         policy = SynProxyPolicy.from_object(body)
         self.cache.wait_ready()
         self.request_render("retire")
-        reports, nodes, waiting = self._agent_reports(), self._nodes(), []
+        reports, nodes, waiting = self.cache.agent_reports(), self.cache.nodes(), []
         pools = {Role.PROXY: self.cache.proxy_pools(), Role.BACKEND: self.cache.backend_pools()}
         for role, pool_name in ((Role.PROXY, policy.spec.proxy_pool), (Role.BACKEND, policy.spec.backend_pool)):
             obj = pools[role].get(pool_name)
@@ -201,12 +199,6 @@ class Reconciler:
             self.post_event(obj, "Warning", "TeardownTimeout", message)
             return None
         return f"waiting for node(s) {', '.join(waiting)} to {what}"
-
-    def _agent_reports(self) -> list[AgentReport]:
-        return self.cache.agent_reports()
-
-    def _nodes(self) -> list[NodeInfo]:
-        return self.cache.nodes()
 
     # ---- the whole fleet ----
 
