@@ -68,7 +68,7 @@ def test_bench_dataplane_times_every_path_and_part_and_cleans_up():
 
     before = state()
     out = subprocess.run([sys.executable, "-m", "synfleet.cli", "bench", "dataplane", "--json", "--repeat", "20000",
-                          "--rounds", "1"], capture_output=True, text=True, timeout=120)
+                          "--rounds", "3"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     paths = {c.key for c in cases(bytes(16), 0) + after_a_change(bytes(16), 0)}

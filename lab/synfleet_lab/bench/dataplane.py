@@ -16,6 +16,7 @@ import ctypes
 import ipaddress
 import platform
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from synfleet.abi import Counter, SaltValue
@@ -112,16 +113,15 @@ class Harness:
         r = self.restore[hook].test_run(frame, repeat=repeat)
         return r.retval, r.duration_ns
 
-    def repeated(self, case: Case, repeat: int) -> float:
+    def repeated(self, case: Case, repeat: int, rounds: int) -> float:
         hook = "xdp" if case.program == "proxy_xdp" else "tc"
         program = self.programs[case.program]
         retval, _ = self._repeated_run(hook, case.frame, program, 1)
         if retval != case.expect:
             raise RuntimeError(f"{case.key}: verdict {retval}, expected {case.expect}: "
                                "the benchmark would not measure the intended path")
-        _, with_prog = self._repeated_run(hook, case.frame, program, repeat)
-        _, restore_only = self._repeated_run(hook, case.frame, self.noop[hook], repeat)
-        return max(with_prog - restore_only, 0)
+        return _above_baseline(lambda: self._repeated_run(hook, case.frame, program, repeat)[1],
+                               lambda: self._repeated_run(hook, case.frame, self.noop[hook], repeat)[1], rounds)
 
     def _live_ns(self, program: Program, frame: bytes, packets: int) -> float:
         self._set_template(frame)
@@ -134,27 +134,41 @@ class Harness:
             raise RuntimeError(f"{program.name} ran {after.runs - before.runs} times for {packets} packets")
         return (after.run_time_ns - before.run_time_ns) / (after.runs - before.runs)
 
-    def live(self, case: Case, dataplane: ProxyDataplane | BackendDataplane, packets: int) -> float:
-        before = dataplane.counter_values()[case.proof]
-        ns = self._live_ns(self.programs[case.program], case.frame, packets)
-        moved = dataplane.counter_values()[case.proof] - before
-        if moved != packets:
-            raise RuntimeError(f"{case.key}: {case.proof.name.lower()} moved {moved} times for {packets} "
-                               "packets: the benchmark would not measure the intended path")
-        return max(ns - self._live_ns(self.noop["tc"], case.frame, packets), 0)
+    def live(self, case: Case, dataplane: ProxyDataplane | BackendDataplane, packets: int, rounds: int) -> float:
+        def timed() -> float:
+            before = dataplane.counter_values()[case.proof]
+            ns = self._live_ns(self.programs[case.program], case.frame, packets)
+            moved = dataplane.counter_values()[case.proof] - before
+            if moved != packets:
+                raise RuntimeError(f"{case.key}: {case.proof.name.lower()} moved {moved} times for {packets} "
+                                   "packets: the benchmark would not measure the intended path")
+            return ns
+        return _above_baseline(timed, lambda: self._live_ns(self.noop["tc"], case.frame, packets), rounds)
 
-    def part(self, part: Part, frame: bytes, repeat: int) -> float:
+    def part(self, part: Part, frame: bytes, repeat: int, rounds: int) -> float:
         program = self.obj.program(part.program)
-        r = program.test_run(frame, repeat=repeat)
-        if r.retval != TC_ACT_OK:
-            raise RuntimeError(f"{part.key}: verdict {r.retval}: the part did not run through")
-        return max(r.duration_ns - self.noop["tc"].test_run(frame, repeat=repeat).duration_ns, 0)
+
+        def timed() -> int:
+            r = program.test_run(frame, repeat=repeat)
+            if r.retval != TC_ACT_OK:
+                raise RuntimeError(f"{part.key}: verdict {r.retval}: the part did not run through")
+            return r.duration_ns
+        return _above_baseline(timed, lambda: self.noop["tc"].test_run(frame, repeat=repeat).duration_ns, rounds)
 
     def set_part_inputs(self, salt: SaltValue) -> None:
         src, dst = (int.from_bytes(ipaddress.ip_address(a).packed, "little") for a in (NODE_V4, BACKEND_V4))
         self.part_inputs.put(ctypes.c_uint32(0), _PartInput(
             rotation_ns=ROTATION_S * 10**9, salt=salt, addr=(ctypes.c_uint64 * 4)(src << 32 | dst),
             ports=0x50009C40, ifindex=self.ifindex, src=src, dst=dst))
+
+
+def _above_baseline(timed: Callable[[], float], baseline: Callable[[], float], rounds: int) -> float:
+    """The best of `rounds` timings less the best of as many baseline timings,
+    taken alternately. Each side's best is its least disturbed run; pairing a
+    run with one baseline run instead lets a single preempted baseline cancel
+    a ~30 ns piece out entirely."""
+    runs = [(timed(), baseline()) for _ in range(rounds)]
+    return max(min(r for r, _ in runs) - min(b for _, b in runs), 0)
 
 
 def cases(salt: bytes, epoch: int) -> list[Case]:
@@ -216,14 +230,14 @@ def run(repeat: int = 1_000_000, rounds: int = 3) -> dict:
 
             def measure(case: Case) -> float:
                 if case.proof is None:
-                    return harness.repeated(case, repeat)
-                return harness.live(case, dataplanes[case.program], repeat)
+                    return harness.repeated(case, repeat, rounds)
+                return harness.live(case, dataplanes[case.program], repeat, rounds)
 
             paths = cases(salt, epoch)
-            results = {c.key: min(measure(c) for _ in range(rounds)) for c in paths}
+            results = {c.key: measure(c) for c in paths}
             harness.set_part_inputs(SaltValue.of(epoch, salt))
             syn = next(c.frame for c in paths if c.key == "proxy_syn_ns")
-            results |= {p.key: min(harness.part(p, syn, repeat) for _ in range(rounds)) for p in PARTS}
+            results |= {p.key: harness.part(p, syn, repeat, rounds) for p in PARTS}
             proxy.apply(proxy_config(PEER_V4))
-            results |= {c.key: min(measure(c) for _ in range(rounds)) for c in after_a_change(salt, epoch)}
+            results |= {c.key: measure(c) for c in after_a_change(salt, epoch)}
     return results | {"repeat": repeat, "kernel": platform.release(), "cpu": cpu_model()}
