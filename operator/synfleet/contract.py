@@ -11,8 +11,7 @@ import hashlib
 import ipaddress
 from datetime import datetime, timezone
 
-import yaml
-
+from synfleet.config import yamltext
 from synfleet.config.schema import ConfigError, Role
 from synfleet.cookie.salts import MasterKey
 
@@ -40,7 +39,7 @@ SALTS_KEY = "salts.yaml"          # the proxy pool's Secret: rotationSeconds and
 
 
 def configmap_data(document: dict, retire: str | None = None) -> dict[str, str]:
-    data = {CONFIG_KEY: yaml.safe_dump(document, sort_keys=False)}
+    data = {CONFIG_KEY: yamltext.dump(document)}
     if retire:
         data[RETIRE_KEY] = retire
     return data
@@ -66,8 +65,8 @@ def configmap_document(configmap: dict | None, name: str) -> dict:
     if not text:
         raise ConfigError(f"ConfigMap {name} has no key {CONFIG_KEY}")
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+        document = yamltext.load(text)
+    except yamltext.YAMLError as err:
         raise ConfigError(f"ConfigMap {name}: not YAML: {err}") from None
     if not isinstance(document, dict) or not isinstance(document.get("node"), dict):
         raise ConfigError(f"ConfigMap {name}: expected a DataplaneConfig with a node section")
@@ -82,12 +81,12 @@ def salt_key_entries(keys: list[MasterKey]) -> list[dict]:
 
 def secret_data(rotation_seconds: int, keys: list[MasterKey]) -> dict[str, str]:
     document = {"rotationSeconds": rotation_seconds, "saltKeys": salt_key_entries(keys)}
-    return {SALTS_KEY: base64.b64encode(yaml.safe_dump(document, sort_keys=False).encode()).decode()}
+    return {SALTS_KEY: base64.b64encode(yamltext.dump(document).encode()).decode()}
 
 
 def _secret_document(secret: dict | None) -> dict:
     data = ((secret or {}).get("data") or {}).get(SALTS_KEY)
-    return (yaml.safe_load(base64.b64decode(data)) or {}) if data else {}
+    return (yamltext.load(base64.b64decode(data)) or {}) if data else {}
 
 
 def secret_rotation_seconds(secret: dict | None) -> int | None:

@@ -25,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from synfleet import contract
+from synfleet.config import yamltext
 from synfleet.config.schema import Role
 from synfleet.resources import names
 from synfleet_lab.cluster.controlplane import ADMIN_TOKEN, ControlPlane
@@ -44,7 +44,6 @@ SYNC_TIMEOUT_S = 600.0
 SETTLE_TIMEOUT_S = 60.0
 WATCH_S = 10
 AIMS = {"render_p99_ms": 2000.0, "operator_peak_rss_mib": 300.0, "renders_from_unrelated_events": 0}
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -287,7 +286,7 @@ class Changes:
         text = (configmap.get("data") or {}).get(contract.CONFIG_KEY)
         if not text:
             return
-        modes = {p["name"]: p["mode"] for p in yaml.load(text, Loader=_Loader).get("policies") or []}
+        modes = {p["name"]: p["mode"] for p in yamltext.load(text).get("policies") or []}
         now = time.monotonic()
         with self.lock:
             self.rendered[name] = set(modes)

@@ -12,10 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from synfleet import contract
 from synfleet.agent.inotify import FileWatch
+from synfleet.config import yamltext
 from synfleet.config.schema import ConfigError
 from synfleet.kube import Kube, api_client
 
@@ -167,8 +166,7 @@ class KubeSource:
             if secret is None:
                 raise ConfigError(f"Secret {self.opts.namespace}/{self.opts.secret} does not exist (yet)")
             keys = contract.secret_salt_keys(secret)
-        return yaml.safe_dump(contract.node_document(document, contract.node_addresses(self._addresses), keys),
-                              sort_keys=False)
+        return yamltext.dump(contract.node_document(document, contract.node_addresses(self._addresses), keys))
 
     def close(self) -> None:
         self._stop.set()

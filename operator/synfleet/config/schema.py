@@ -40,10 +40,10 @@ import ipaddress
 from collections import Counter
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synfleet.abi import ENCAP_OVERHEAD, MAX_BACKENDS, MAX_POLICIES, MAX_PROXIES, MAX_SERVICES, MAX_TABLES
+from synfleet.config import yamltext
 from synfleet.cookie.salts import MasterKey
 
 API_VERSION = "synfleet.io/v1alpha1"
@@ -325,7 +325,7 @@ class DataplaneConfig(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_document(), sort_keys=False)
+        return yamltext.dump(self.to_document())
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -353,8 +353,8 @@ def parse(document: object) -> DataplaneConfig:
 
 def loads(text: str) -> DataplaneConfig:
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+        document = yamltext.load(text)
+    except yamltext.YAMLError as err:
         raise ConfigError(f"not YAML: {err}") from None
     return parse(document)
 
