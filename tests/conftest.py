@@ -86,14 +86,18 @@ UNIT_CLOCK_OFFSET_S = _mid_epoch_clock_offset(ROTATION_S)
 
 def require_kube() -> None:
     """The operator tests build a real kube-apiserver with Go (or reuse a cached
-    build) and need openssl; CI sets SYNFLEET_REQUIRE_KUBE=1 so they never skip there."""
-    from synfleet_lab.cluster.binaries import cached
+    build) and need openssl; CI sets SYNFLEET_REQUIRE_KUBE=1 so they never skip there.
+    The control plane is built here, once per machine, and not inside a test's
+    timed subprocess: on a fresh 2-vCPU machine the build alone takes ~10 min."""
+    from synfleet_lab.cluster.binaries import cached, kube_binaries, kube_tools
 
     missing = [tool for tool in ("openssl",) if shutil.which(tool) is None]
     if shutil.which("go") is None and cached() is None:
         missing.append("go (to build kube-apiserver)")
     if missing:
         skip_unless_required("SYNFLEET_REQUIRE_KUBE", "Kubernetes", f"needs {', '.join(missing)}")
+    kube_binaries()
+    kube_tools()
 
 
 def require_image_builder() -> None:

@@ -8,6 +8,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 
 from synfleet.bpf.libbpf import in_callback, interrupt_after_call
 from synfleet_lab.bench.flood import GENERATORS
@@ -103,7 +104,7 @@ def _bench_operator(args: argparse.Namespace) -> int:
                 changes_per_s=args.change_rate)
     say = (lambda what: None) if args.json else (lambda what: print(f"synfleet bench operator: {what}", flush=True))
     try:
-        result = run(size, progress=say)
+        result = run(size, progress=say, profile=Path(args.profile) if args.profile else None)
     except ValueError as err:
         print(f"synfleet bench operator: {err}", file=sys.stderr)
         return 2
@@ -248,6 +249,8 @@ def bench(sub: argparse._SubParsersAction) -> None:
     op.add_argument("--unrelated-rate", type=float, default=50.0,
                     help="unrelated Service/EndpointSlice updates per second (default 50)")
     op.add_argument("--change-rate", type=float, default=5.0, help="policy changes per second (default 5)")
+    op.add_argument("--profile", metavar="FILE", help="write py-spy's samples of the operator during the load "
+                                                       "phase to FILE (collapsed stacks, every thread)")
     op.add_argument("--json", action="store_true", help="print one JSON object")
     op.set_defaults(func=_interruptible("bench operator", _bench_operator))
 

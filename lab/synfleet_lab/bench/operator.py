@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import ssl
+import subprocess
 import tempfile
 import threading
 import time
@@ -319,12 +320,16 @@ class Operator:
     def render_requests(self) -> dict[str, int]:
         return self._by_label("synfleet_operator_render_requests_total", "cause")
 
-    def _by_label(self, sample_name: str, label: str) -> dict[str, int]:
+    def api_requests(self) -> dict[str, int]:
+        """By "verb kind" (e.g. "apply ConfigMap")."""
+        return self._by_label("synfleet_operator_api_requests_total", "verb", "kind")
+
+    def _by_label(self, sample_name: str, *labels: str) -> dict[str, int]:
         found: dict[str, int] = {}
         for family in text_string_to_metric_families(self.proc.metrics()):
             for sample in family.samples:
                 if sample.name == sample_name:
-                    found[sample.labels[label]] = int(sample.value)
+                    found[" ".join(sample.labels[label] for label in labels)] = int(sample.value)
         return found
 
     def cpu_s(self) -> float:
@@ -336,6 +341,21 @@ class Operator:
 
     def rss_mib(self) -> float:
         return self._status_mib("VmRSS")
+
+    def rss_parts_mib(self) -> dict[str, float]:
+        """What the resident memory is made of (/proc/pid/smaps): the malloc
+        heap, other anonymous mappings (Python's object arenas, thread arenas
+        and stacks) and mapped files (the interpreter and its libraries)."""
+        parts = {"heap": 0, "anonymous": 0, "files": 0}
+        part = "anonymous"
+        for line in Path(f"/proc/{self.proc.pid}/smaps").read_text().splitlines():
+            fields = line.split()
+            if "-" in fields[0] and ":" not in fields[0]:    # a mapping's first line: its range and path
+                path = fields[5] if len(fields) > 5 else ""
+                part = "heap" if path == "[heap]" else "files" if path.startswith("/") else "anonymous"
+            elif fields[0] == "Rss:":
+                parts[part] += int(fields[1])
+        return {k: round(v / 1024, 1) for k, v in parts.items()}
 
     def _status_mib(self, field: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -392,7 +412,18 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def run(size: Size, progress=lambda what: None) -> dict:
+def _profiler(pid: int, path: Path, seconds: float) -> subprocess.Popen:
+    """py-spy sampling the operator for `seconds`: every thread's stacks, idle
+    ones too (a render waiting on the API server is where its time goes), as
+    collapsed stacks (flamegraph.pl's input; one line per stack and count)."""
+    if shutil.which("py-spy") is None:
+        raise ValueError("--profile needs py-spy (pip install py-spy)")
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds) + 1),
+                             "--threads", "--idle", "--format", "raw", "--output", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run(size: Size, progress=lambda what: None, profile: Path | None = None) -> dict:
     size.check()
     workdir = Path(tempfile.mkdtemp(prefix="synfleet-bench-operator-"))
     cluster = ControlPlane(workdir)
@@ -440,6 +471,7 @@ def run(size: Size, progress=lambda what: None) -> dict:
         _rollouts(api, size)
         _settled(op)      # the renders those status changes cause (every policy's Nodes column), before counting
         rss["rolled_out"] = op.rss_mib()
+        rss["rolled_out_parts"] = op.rss_parts_mib()
 
         progress(f"quiet phase: {size.unrelated_per_s:g} unrelated updates/s for {size.quiet_seconds:g} s")
         renders0 = op.metric_sum("synfleet_operator_renders_total")
@@ -454,7 +486,7 @@ def run(size: Size, progress=lambda what: None) -> dict:
 
         progress(f"load phase: {size.unrelated_per_s:g} unrelated updates/s and {size.changes_per_s:g} "
                  f"policy changes/s for {size.seconds:g} s")
-        requests0 = op.metric_sum("synfleet_operator_api_requests_total")
+        requests0 = op.api_requests()
         renders0 = op.metric_sum("synfleet_operator_renders_total")
         cpu0 = op.cpu_s()
         offset = quiet
@@ -466,17 +498,20 @@ def run(size: Size, progress=lambda what: None) -> dict:
             api.patch(f"/apis/{contract.API_VERSION}/namespaces/{_service_namespace(i)}/synproxypolicies/"
                       f"{_policy_name(i)}", {"spec": {"mode": mode}})
 
+        profiler = _profiler(proc.pid, profile, size.seconds) if profile else None
         background = threading.Thread(target=lambda: _paced(
             size.unrelated_per_s, size.seconds, lambda n: _unrelated(api, size, offset + n)), daemon=True)
         background.start()
         sent = _paced(size.changes_per_s, size.seconds, change)
         background.join()
         load_cpu_s = op.cpu_s() - cpu0
+        if profiler is not None:
+            profiler.wait(timeout=30)
         settle = time.monotonic() + SETTLE_TIMEOUT_S
         while changes.pending and time.monotonic() < settle:
             time.sleep(0.2)
         renders = op.metric_sum("synfleet_operator_renders_total") - renders0
-        requests = op.metric_sum("synfleet_operator_api_requests_total") - requests0
+        requests = {k: n - requests0.get(k, 0) for k, n in op.api_requests().items() if n != requests0.get(k, 0)}
         ms = [s * 1000 for s in changes.latencies]
         result = {
             "size": asdict(size), "populate_s": round(populate_s, 1), "initial_sync_s": round(initial_sync_s, 2),
@@ -487,11 +522,12 @@ def run(size: Size, progress=lambda what: None) -> dict:
             "renders_from_unrelated_events": int(quiet_renders),
             "render_requests_quiet": quiet_causes,
             "renders_during_load": int(renders),
-            "api_requests_per_policy_change": round(requests / sent, 2) if sent else None,
+            "api_requests_per_policy_change": round(sum(requests.values()) / sent, 2) if sent else None,
+            "api_requests_during_load": requests,
             "operator_cpu_s_during_load": round(load_cpu_s, 2),
             "operator_cpu_s_total": round(op.cpu_s(), 2),
             "operator_peak_rss_mib": round(op.peak_rss_mib(), 1),
-            "operator_rss_mib": {**rss, "end": op.rss_mib()},
+            "operator_rss_mib": {**rss, "end": op.rss_mib(), "end_parts": op.rss_parts_mib()},
             "operator_errors": op.errors(),
             "operator_log_errors": [line for line in proc.log().splitlines()
                                     if " ERROR " in line or " WARNING synfleet" in line][-20:],

@@ -327,7 +327,7 @@ class Reconciler:
             pools_ready[(POOL_KINDS[pool.role], pool.name)] = ready == "True"
         self.metrics.pools_ready(pools_ready)
 
-        ready_count = {"True": 0, "False": 0}
+        reports = []
         for p in view.policies:
             obj = policy_objs[p.key]
             outcome = rendered.policies[p.key]
@@ -339,9 +339,11 @@ class Reconciler:
             status = policy_status(p, outcome, rollouts.get((Role.PROXY, p.spec.proxy_pool), missing),
                                    rollouts.get((Role.BACKEND, p.spec.backend_pool), missing),
                                    generations.get(p.spec.proxy_pool), self._conditions(obj))
-            ready_count[self._report(obj, status, outcome.problem is not None)] += 1
-        for state, count in ready_count.items():
-            self.metrics.policies.labels(state).set(count)
+            reports.append((obj, status, outcome.problem is not None))
+        # Side by side, like the ConfigMaps: a burst of policy changes is as many status patches.
+        ready_count = Counter(self._writers.map(lambda report: self._report(*report), reports))
+        for state in ("True", "False"):
+            self.metrics.policies.labels(state).set(ready_count[state])
 
     def _write_configmap(self, change: tuple) -> ApiException | None:
         _, pool, document = change
