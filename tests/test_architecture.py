@@ -34,7 +34,7 @@ MAY_IMPORT = {
     "cli": {"agent", "config", "operator", "resources"},
 }
 # Third-party distributions the product's wheel requires, by the name it imports.
-DISTRIBUTIONS = {"kopf": "kopf", "kubernetes": "kubernetes", "prometheus_client": "prometheus-client",
+DISTRIBUTIONS = {"aiohttp": "aiohttp", "kopf": "kopf", "kubernetes": "kubernetes", "prometheus_client": "prometheus-client",
                  "pydantic": "pydantic", "pyroute2": "pyroute2", "yaml": "PyYAML"}
 
 

@@ -415,11 +415,12 @@ def _percentile(values: list[float], q: float) -> float:
 def _profiler(pid: int, path: Path, seconds: float) -> subprocess.Popen:
     """py-spy sampling the operator for `seconds`: every thread's stacks, idle
     ones too (a render waiting on the API server is where its time goes), as
-    collapsed stacks (flamegraph.pl's input; one line per stack and count)."""
+    collapsed stacks (flamegraph.pl's input; one line per stack and count).
+    Without pausing the operator for each sample: paused, its p50 was 4x longer."""
     if shutil.which("py-spy") is None:
         raise ValueError("--profile needs py-spy (pip install py-spy)")
     return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds) + 1),
-                             "--threads", "--idle", "--format", "raw", "--output", str(path)],
+                             "--threads", "--idle", "--nonblocking", "--format", "raw", "--output", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
