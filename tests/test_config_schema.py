@@ -8,7 +8,7 @@ import copy
 import pytest
 import yaml
 
-from synfleet.config import schema
+from synfleet.config import schema, yamltext
 from synfleet.cookie import MasterKey
 
 PROXY = {
@@ -54,6 +54,19 @@ def test_minimal_documents_parse_with_defaults():
 def test_a_document_survives_a_yaml_round_trip():
     cfg = schema.parse(PROXY)
     assert schema.loads(cfg.to_yaml()) == cfg
+
+
+def test_a_compact_document_is_yaml_that_any_yaml_reader_reads_alike():
+    """The operator writes pool documents as JSON: an agent of any version reads them."""
+    text = yamltext.dump_compact(PROXY | {"note": "naïve: {quoted} 'text'"})
+    assert "\n" not in text
+    assert yaml.safe_load(text) == yamltext.load(text) == yamltext.load(text.encode()) == \
+        PROXY | {"note": "naïve: {quoted} 'text'"}
+    assert schema.loads(yamltext.dump_compact(PROXY)) == schema.parse(PROXY)
+
+
+def test_a_yaml_flow_mapping_that_is_not_json_is_read_as_yaml():
+    assert yamltext.load("{role: proxy, rotationSeconds: 60}") == {"role": "proxy", "rotationSeconds": 60}
 
 
 def test_the_module_docstring_example_is_a_valid_proxy_document():

@@ -29,7 +29,7 @@ LABEL_NODE = "synfleet.io/node"
 ANNOTATION_DRAINING = "synfleet.io/draining"
 LABEL_EXCLUDE_FROM_LB = "node.kubernetes.io/exclude-from-external-load-balancers"
 
-CONFIG_KEY = "dataplane.yaml"     # the pool's ConfigMap: the document minus node addresses and salts
+CONFIG_KEY = "dataplane.yaml"     # the pool's ConfigMap: the document minus node addresses and salts, as JSON (YAML)
 # Also in the pool's ConfigMap, once the pool is being deleted: why. Every agent
 # that reads it detaches its hooks, removes its pins and reports Retired. A
 # stopping agent (SIGTERM: a restart or an upgrade) keeps the data plane; only
@@ -39,7 +39,7 @@ SALTS_KEY = "salts.yaml"          # the proxy pool's Secret: rotationSeconds and
 
 
 def configmap_data(document: dict, retire: str | None = None) -> dict[str, str]:
-    data = {CONFIG_KEY: yamltext.dump(document)}
+    data = {CONFIG_KEY: yamltext.dump_compact(document)}
     if retire:
         data[RETIRE_KEY] = retire
     return data

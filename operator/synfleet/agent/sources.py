@@ -166,7 +166,7 @@ class KubeSource:
             if secret is None:
                 raise ConfigError(f"Secret {self.opts.namespace}/{self.opts.secret} does not exist (yet)")
             keys = contract.secret_salt_keys(secret)
-        return yamltext.dump(contract.node_document(document, contract.node_addresses(self._addresses), keys))
+        return yamltext.dump_compact(contract.node_document(document, contract.node_addresses(self._addresses), keys))
 
     def close(self) -> None:
         self._stop.set()

@@ -30,6 +30,7 @@ from synfleet.resources.dataplane import (
     ClusterView,
     Problem,
     ServiceInterest,
+    address_shapes,
     canonical,
     configmap,
     members,
@@ -71,6 +72,13 @@ class Reconciler:
         # and a ConfigMap whose document is unchanged is not sent again (by pool uid).
         self._statuses: dict[str, tuple[str | None, dict]] = {}
         self._documents: dict[str, dict] = {}
+        # What each pool's document last passed validation as (by pool uid):
+        # the document and its nodes' address shapes. A render under policy
+        # churn validates only the pools whose document changed.
+        self._validated: dict[str, tuple[dict, frozenset]] = {}
+        # Each policy's model as of its resourceVersion (by uid): a thousand
+        # policies are not validated again every render.
+        self._policies: dict[str, tuple[str | None, SynProxyPolicy]] = {}
         # Each proxy pool's master keys as its salt check last found or wrote them
         # (every SALT_CHECK_S): what a render reports as the generation in force.
         self._master_keys: dict[str, list] = {}
@@ -256,7 +264,7 @@ class Reconciler:
                                                          (Role.BACKEND, seen.backend_pools))
                      for name, o in pools.items() if not o["metadata"].get("deletionTimestamp")}
         policy_objs = {f"{namespace}/{name}": o for (namespace, name), o in seen.policies.items()}
-        policies = [SynProxyPolicy.from_object(o) for o in policy_objs.values()]
+        policies = [self._policy_model(o) for o in policy_objs.values()]
         named = {(p.namespace, p.spec.service.name) for p in policies if p.spec.service is not None}
         view = ClusterView(
             proxy_pools=[Pool.from_object(r, o) for (r, _), o in pool_objs.items() if r is Role.PROXY],
@@ -273,11 +281,20 @@ class Reconciler:
             ready_backend_agents=ready_agent_nodes(list(seen.agent_pods.values())))
         return view, seen, policy_objs, pool_objs
 
+    def _policy_model(self, obj: dict) -> SynProxyPolicy:
+        meta = obj["metadata"]
+        known = self._policies.get(meta["uid"])
+        if known is None or known[0] != meta.get("resourceVersion"):
+            known = self._policies[meta["uid"]] = (meta.get("resourceVersion"), SynProxyPolicy.from_object(obj))
+        return known[1]
+
     def _render_once(self) -> None:
         view, seen, policy_objs, pool_objs = self._read_view()
         live = {o["metadata"]["uid"] for o in [*policy_objs.values(), *pool_objs.values()]}
         self._statuses = {uid: w for uid, w in self._statuses.items() if uid in live}
         self._documents = {uid: d for uid, d in self._documents.items() if uid in live}
+        self._validated = {uid: v for uid, v in self._validated.items() if uid in live}
+        self._policies = {uid: m for uid, m in self._policies.items() if uid in live}
         rendered = render(view, self.settings)
         self._interest = ServiceInterest.of(view, rendered)
         self.metrics.renders.inc()
@@ -286,13 +303,16 @@ class Reconciler:
         changed = []
         for key, document in rendered.configs.items():
             pool = pools[key]
-            try:
-                validate_for_nodes(pool.role, document, view.selected(pool))
-            except ConfigError as err:
-                # The previous ConfigMap stays: agents keep the last good configuration.
-                problems[key] = Problem("InvalidDataplaneConfig", str(err))
-                self.metrics.errors.labels("validate").inc()
-                continue
+            checked = (document, address_shapes(view.selected(pool)))
+            if self._validated.get(pool.uid) != checked:
+                try:
+                    validate_for_nodes(pool.role, document, view.selected(pool))
+                except ConfigError as err:
+                    # The previous ConfigMap stays: agents keep the last good configuration.
+                    problems[key] = Problem("InvalidDataplaneConfig", str(err))
+                    self.metrics.errors.labels("validate").inc()
+                    continue
+                self._validated[pool.uid] = checked
             if self._documents.get(pool.uid) != document:
                 changed.append((key, pool, document))
         # The pools' ConfigMaps at once: the API server spends its time on each large one.

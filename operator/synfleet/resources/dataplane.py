@@ -408,11 +408,21 @@ class ServiceInterest:
         return (meta.get("namespace"), (meta.get("labels") or {}).get("kubernetes.io/service-name")) in self.named
 
 
+def _shape(node: NodeInfo) -> tuple[bool, bool]:
+    return bool(node.ipv4), bool(node.ipv6)
+
+
+def address_shapes(nodes: list[NodeInfo]) -> frozenset[tuple[bool, bool]]:
+    """Which address families the nodes have (IPv4, IPv6, both): all that
+    validate_for_nodes' verdict depends on besides the document."""
+    return frozenset(_shape(n) for n in nodes if n.addresses)
+
+
 def validate_for_nodes(role: Role, document: dict, nodes: list[NodeInfo]) -> None:
     """Check the document as every node's agent will: raises schema.ConfigError
     naming the node whose agent would reject it."""
     placeholder_keys = [MasterKey(1, 0, bytes(MASTER_KEY_BYTES))] if role is Role.PROXY else None
-    shapes = {(bool(n.ipv4), bool(n.ipv6)): n for n in nodes if n.addresses}
+    shapes = {_shape(n): n for n in nodes if n.addresses}
     if not shapes:   # no node yet: check the document alone
         shapes = {(True, True): NodeInfo("(any node)", {}, "192.0.2.1", "2001:db8::1", True)}
     for n in shapes.values():
