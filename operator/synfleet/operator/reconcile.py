@@ -360,8 +360,12 @@ class Reconciler:
                                    rollouts.get((Role.BACKEND, p.spec.backend_pool), missing),
                                    generations.get(p.spec.proxy_pool), self._conditions(obj))
             reports.append((obj, status, outcome.problem is not None))
-        # Side by side, like the ConfigMaps: a burst of policy changes is as many status patches.
-        ready_count = Counter(self._writers.map(lambda report: self._report(*report), reports))
+        # Side by side, like the ConfigMaps: a burst of policy changes is as
+        # many status patches. Only those that change something go to the
+        # writers: a thousand policies are a thousand tasks otherwise.
+        changed_reports = [r for r in reports if self._differs(r[0], r[1])]
+        list(self._writers.map(lambda report: self._report(*report), changed_reports))
+        ready_count = Counter(_ready(status)["status"] for _, status, _ in reports)
         for state in ("True", "False"):
             self.metrics.policies.labels(state).set(ready_count[state])
 
@@ -394,15 +398,21 @@ class Reconciler:
     def _conditions(self, obj: dict) -> list[dict]:
         return self._status(obj).get("conditions") or []
 
+    def _differs(self, obj: dict, status: dict) -> bool:
+        """Whether writing `status` changes the object's (a new Ready status or
+        reason, which _report posts an Event for, is a change too)."""
+        current = self._status(obj)
+        return any(current.get(k) != v for k, v in status.items())
+
     def _report(self, obj: dict, status: dict, degraded: bool) -> str:
         """Write the status if it changed, with an Event when Ready changes
         status or reason; returns the Ready status."""
-        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        ready = _ready(status)
         current = self._status(obj)
         before = next((c for c in current.get("conditions") or [] if c["type"] == "Ready"), {})
         if (before.get("status"), before.get("reason")) != (ready["status"], ready["reason"]):
             self.post_event(obj, "Warning" if degraded else "Normal", ready["reason"], ready["message"])
-        if any(current.get(k) != v for k, v in status.items()):
+        if self._differs(obj, status):
             try:
                 self.kube.patch_status(obj, status)
             except ApiException as err:
@@ -411,6 +421,10 @@ class Reconciler:
                 return ready["status"]     # deleted since the cache saw it: its DELETED event renders again
             self._statuses[obj["metadata"]["uid"]] = (obj["metadata"].get("resourceVersion"), {**current, **status})
         return ready["status"]
+
+
+def _ready(status: dict) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == "Ready")
 
 
 def _names_policy(configmap: dict | None, key: str) -> bool:
