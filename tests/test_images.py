@@ -63,7 +63,7 @@ def test_dockerfile_build_steps_produce_a_package_with_the_bpf_objects(tmp_path)
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA"))).decode()
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     runtime = {r.split(">")[0].split("=")[0].strip() for r in requires if "extra ==" not in r}
-    assert runtime == {"pydantic", "PyYAML", "prometheus-client", "kopf", "kubernetes", "pyroute2"}
+    assert runtime == {"pydantic", "PyYAML", "aiohttp", "prometheus-client", "kopf", "kubernetes", "pyroute2"}
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies():
