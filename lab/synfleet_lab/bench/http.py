@@ -14,7 +14,10 @@ The baseline is the same lab with the service taken out of every node's
 configuration (`FleetLab.set_protected(False)`): the proxies route it to both
 backends (ECMP on the 4-tuple) and the backends' kernels defend with their own
 SYN cookies. Both are measured in one run, alternating, per address family,
-`rounds` times each; a figure is the median of its rounds, the errors their sum.
+`rounds` times each; a figure is the median of its rounds, the errors their sum,
+a ratio the median of the rounds' ratios (each synfleet round over the
+baseline round run next to it: this VM's speed drifts by 15 % within seconds,
+and a pair sees the same drift).
 """
 
 from __future__ import annotations
@@ -147,10 +150,10 @@ def run(seconds: float = 5.0, flood_pps: int = FLOOD_PPS, connections: int = 32,
                 rps = {k: round(statistics.median(r.rps for r in v), 1) for k, v in runs.items()}
                 results[f"ipv{family}"] = asdict(FamilyResult(
                     synfleet_rps=rps["synfleet"], baseline_rps=rps["baseline"],
-                    ratio=_ratio(rps["synfleet"], rps["baseline"]),
+                    ratio=paired_ratio(runs["synfleet"], runs["baseline"]),
                     synfleet_rps_under_flood=rps["synfleet_under_flood"],
                     baseline_rps_under_flood=rps["baseline_under_flood"],
-                    ratio_under_flood=_ratio(rps["synfleet_under_flood"], rps["baseline_under_flood"]),
+                    ratio_under_flood=paired_ratio(runs["synfleet_under_flood"], runs["baseline_under_flood"]),
                     errors={k: sum(r.errors for r in v) for k, v in runs.items()},
                     timeouts={k: sum(r.timeouts for r in v) for k, v in runs.items()}))
             proxy = lab.counters(("proxy-a",))
@@ -165,5 +168,6 @@ def run(seconds: float = 5.0, flood_pps: int = FLOOD_PPS, connections: int = 32,
     }
 
 
-def _ratio(a: float, b: float) -> float:
-    return round(a / b, 3) if b else 0.0
+def paired_ratio(runs: list[WrkResult], baseline: list[WrkResult]) -> float:
+    """The median of each round's requests/s over its baseline round's."""
+    return round(statistics.median(r.rps / b.rps if b.rps else 0.0 for r, b in zip(runs, baseline)), 3)
