@@ -1,4 +1,4 @@
-"""What the handlers call: read the cluster (kopf's indexes, through
+"""What the handlers call: read the cluster (the informers of
 synfleet.operator.cache), build with synfleet.resources, write back. Every
 write is a server-side apply or a status patch made only when the content
 changed, so repeating any step is harmless."""
