@@ -363,7 +363,7 @@ class Reconciler:
         # Side by side, like the ConfigMaps: a burst of policy changes is as
         # many status patches. Only those that change something go to the
         # writers: a thousand policies are a thousand tasks otherwise.
-        changed_reports = [r for r in reports if self._differs(r[0], r[1])]
+        changed_reports = [r for r in reports if _differs(self._status(r[0]), r[1])]
         list(self._writers.map(lambda report: self._report(*report), changed_reports))
         ready_count = Counter(_ready(status)["status"] for _, status, _ in reports)
         for state in ("True", "False"):
@@ -398,12 +398,6 @@ class Reconciler:
     def _conditions(self, obj: dict) -> list[dict]:
         return self._status(obj).get("conditions") or []
 
-    def _differs(self, obj: dict, status: dict) -> bool:
-        """Whether writing `status` changes the object's (a new Ready status or
-        reason, which _report posts an Event for, is a change too)."""
-        current = self._status(obj)
-        return any(current.get(k) != v for k, v in status.items())
-
     def _report(self, obj: dict, status: dict, degraded: bool) -> str:
         """Write the status if it changed, with an Event when Ready changes
         status or reason; returns the Ready status."""
@@ -412,7 +406,7 @@ class Reconciler:
         before = next((c for c in current.get("conditions") or [] if c["type"] == "Ready"), {})
         if (before.get("status"), before.get("reason")) != (ready["status"], ready["reason"]):
             self.post_event(obj, "Warning" if degraded else "Normal", ready["reason"], ready["message"])
-        if self._differs(obj, status):
+        if _differs(current, status):
             try:
                 self.kube.patch_status(obj, status)
             except ApiException as err:
@@ -421,6 +415,12 @@ class Reconciler:
                 return ready["status"]     # deleted since the cache saw it: its DELETED event renders again
             self._statuses[obj["metadata"]["uid"]] = (obj["metadata"].get("resourceVersion"), {**current, **status})
         return ready["status"]
+
+
+def _differs(current: dict, status: dict) -> bool:
+    """Whether writing `status` over `current` changes it (a new Ready status
+    or reason, which _report posts an Event for, is a change too)."""
+    return any(current.get(k) != v for k, v in status.items())
 
 
 def _ready(status: dict) -> dict:
